@@ -1,0 +1,402 @@
+"""Model loading and hook plumbing: the only module that touches TransformerLens.
+
+A model is loaded with Hugging Face ``transformers`` (hub name or local directory), then wrapped in a
+TransformerLens 4.x ``TransformerBridge`` built with ``build_bridge_from_module``. That route keeps
+the HF model's own attention implementation (SDPA, not the eager attention ``boot_transformers``
+forces), needs no tokenizer, and leaves every LayerNorm ``eps`` untouched, so LN-free checkpoints
+(eps = 1e12) give the same logits as plain HF.
+
+Architecture differences live in two declarative tables:
+
+* :data:`SITE_HOOKS` maps an abstract site (``resid_pre``, ``attn_out``, ``z`` ...) to the bridge's
+  hook name, the same for every family;
+* :data:`FAMILIES` maps an HF architecture to the facts the analyses need (normalisation kind,
+  parallel blocks, learned position embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+
+from .errors import NormgrowthError
+
+# Abstract site -> bridge hook name; "{layer}" is filled in for per-block sites.
+SITE_HOOKS: dict[str, str] = {
+    "embed": "hook_embed",  # token embedding write [batch, pos, d_model]
+    "pos_embed": "hook_pos_embed",  # learned position embedding write (families with one)
+    "resid_pre": "blocks.{layer}.hook_resid_pre",  # stream entering block `layer`
+    "resid_mid": "blocks.{layer}.hook_resid_mid",  # after attention, before MLP (sequential blocks)
+    "resid_post": "blocks.{layer}.hook_resid_post",  # stream leaving block `layer`
+    "attn_out": "blocks.{layer}.hook_attn_out",  # attention write, bias b_O included
+    "mlp_out": "blocks.{layer}.hook_mlp_out",  # MLP write, bias b_out included
+    "z": "blocks.{layer}.attn.hook_z",  # per-head mixed values [batch, pos, n_heads, d_head]
+    "mlp_pre": "blocks.{layer}.mlp.hook_pre",  # MLP pre-activation [batch, pos, d_mlp]
+    "ln1_in": "blocks.{layer}.ln1.hook_in",  # input of the attention's norm (not the stream)
+    "ln2_in": "blocks.{layer}.ln2.hook_in",  # input of the MLP's norm (not the stream)
+    "final_in": "ln_final.hook_in",  # final stream, before the final norm
+}
+PER_LAYER_SITES = {k for k, v in SITE_HOOKS.items() if "{layer}" in v}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between supported architectures."""
+
+    name: str  # short family name used in reports
+    normalization: str  # "LN" (LayerNorm, subtracts the mean) or "RMS" (RMSNorm)
+    has_pos_embed: bool  # learned absolute position embeddings written into the stream
+    parallel_attr: Optional[str] = None  # config flag meaning "attention and MLP read the same stream"
+    parallel_default: bool = False  # value when the flag is absent from the config
+
+
+FAMILIES: dict[str, Family] = {
+    "GPT2LMHeadModel": Family("gpt2", "LN", has_pos_embed=True),
+    "GPTNeoXForCausalLM": Family(
+        "gpt-neox", "LN", has_pos_embed=False, parallel_attr="use_parallel_residual", parallel_default=True
+    ),
+    "LlamaForCausalLM": Family("llama", "RMS", has_pos_embed=False),
+    "OPTForCausalLM": Family("opt", "LN", has_pos_embed=True),
+    "GPTNeoForCausalLM": Family("gpt-neo", "LN", has_pos_embed=True),
+}
+
+LN_FREE_MIN_EPS = 1e6  # published LN-free checkpoints store eps = 1e12
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model plus the facts every analysis needs (one place, documented field by field)."""
+
+    spec: str  # hub name or local directory, as given
+    revision: Optional[str]  # hub revision, or None for a local directory / default branch
+    architecture: str  # HF architecture class name, e.g. "GPT2LMHeadModel"
+    family: str  # short family name, e.g. "gpt2", "gpt-neox", "llama"
+    n_layers: int  # number of transformer blocks
+    d_model: int  # width of the residual stream
+    n_heads: int  # query heads per attention layer
+    n_kv_heads: int  # key/value heads (< n_heads for grouped-query attention)
+    d_head: int  # width of one head
+    d_mlp: int  # MLP hidden width
+    n_ctx: int  # longest sequence the model accepts
+    vocab_size: int
+    normalization: str  # "LN", "RMS", or "none" for an LN-free checkpoint (divides by a constant)
+    ln_free: bool  # LayerNorms stored in the published LN-free format (eps >= 1e6, scaled weights)
+    centers: bool  # the normalisation subtracts the per-token mean (LayerNorm, LN-free included)
+    norm_eps: float  # eps of the blocks' normalisation (1e12 for LN-free checkpoints)
+    parallel_blocks: bool  # attention and MLP both read resid_pre; there is no resid_mid
+    has_pos_embed: bool  # a learned position embedding is written into the stream
+    bos_token_id: Optional[int]
+    tokenizer: Any  # HF tokenizer, or None when the checkpoint ships none
+    device: torch.device
+    dtype: torch.dtype
+    hf_model: torch.nn.Module = field(repr=False)
+    bridge: Any = field(repr=False)  # transformer_lens TransformerBridge (use the methods below)
+
+    # ----- sites and hooks -------------------------------------------------------------------
+    def has_site(self, site: str) -> bool:
+        """Whether ``site`` exists in this architecture (``resid_mid`` is absent in parallel blocks)."""
+        if site == "resid_mid":
+            return not self.parallel_blocks
+        if site == "pos_embed":
+            return self.has_pos_embed
+        return site in SITE_HOOKS
+
+    def hook_name(self, site: str, layer: Optional[int] = None) -> str:
+        if not self.has_site(site):
+            raise KeyError(f"site {site!r} does not exist in {self.family} models")
+        template = SITE_HOOKS[site]
+        if "{layer}" in template:
+            if layer is None or not 0 <= layer < self.n_layers:
+                raise KeyError(f"site {site!r} needs a layer in [0, {self.n_layers})")
+            return template.format(layer=layer)
+        return template
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Iterable[tuple[str, Optional[int], Callable[[torch.Tensor], Optional[torch.Tensor]]]]
+              ) -> Iterator[None]:
+        """Attach ``fn(activation) -> None | replacement`` at each (site, layer); always removed on exit.
+
+        Results should be keyed by the caller's own (site, layer) label: inside TransformerLens the
+        hook's ``name`` is the bridge's canonical name, not the alias registered here.
+        """
+        fwd = []
+        for site, layer, fn in hooks:
+            fwd.append((self.hook_name(site, layer), _tl_hook(fn)))
+        with self.bridge.hooks(fwd_hooks=fwd):
+            yield
+
+    def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` through the bridge (hooks attached with :meth:`hooks` fire)."""
+        tokens = tokens.to(self.input_device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.input_device).long()
+        return self.bridge(tokens, attention_mask=attention_mask)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.hf_model.get_input_embeddings().weight.device
+
+    # ----- weights ------------------------------------------------------------------------------
+    def stacked_weights(self) -> dict[str, Optional[torch.Tensor]]:
+        """Raw (unprocessed) weights stacked over layers, in TransformerLens orientation.
+
+        Keys: W_Q, W_O [layer, head, d_head, d_model] / W_K, W_V [layer, head, d_model, d_head] with
+        K/V repeated to the query heads for grouped-query attention; W_K_stored/W_V_stored with the
+        stored (un-repeated) K/V heads; b_O, W_in, W_gate (gated MLPs, else None), W_out, b_in,
+        b_out; ln1_w, ln1_b, ln2_w, ln2_b, lnf_w, lnf_b (the stored gains: for LN-free checkpoints
+        they carry the 1e6 storage factor). A bias the checkpoint lacks is None.
+        """
+        b = self.bridge
+        out: dict[str, Optional[torch.Tensor]] = {}
+        with torch.no_grad():
+            for key in ["W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out"]:
+                try:
+                    out[key] = getattr(b, key).detach()
+                except AttributeError:
+                    out[key] = None
+            out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+            for key in ["W_K", "W_V"]:
+                out[key + "_stored"] = out[key]
+                if out[key] is not None:
+                    out[key] = b._expand_kv_heads(out[key])
+            for name, mods in (("ln1", self.norm_modules("ln1")), ("ln2", self.norm_modules("ln2")),
+                               ("lnf", self.norm_modules("ln_final"))):
+                ws = [m.weight.detach() for m in mods]
+                bs = [getattr(m, "bias", None) for m in mods]
+                out[name + "_w"] = torch.stack(ws)
+                out[name + "_b"] = None if any(x is None for x in bs) else torch.stack([x.detach() for x in bs])
+        return out
+
+    def norm_modules(self, which: str) -> list[torch.nn.Module]:
+        """The HF normalisation modules behind ``ln1`` / ``ln2`` (one per block) or ``ln_final``."""
+        b = self.bridge
+        if which == "ln_final":
+            return [b.ln_final.original_component]
+        return [getattr(blk, which).original_component for blk in b.blocks]
+
+
+def _tl_hook(fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Callable:
+    def hook(activation: torch.Tensor, hook: Any) -> Optional[torch.Tensor]:
+        return fn(activation)
+
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise NormgrowthError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16.")
+    return DTYPES[key]
+
+
+def resolve_device(device: Any) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NormgrowthError(f"unknown device {device!r}: use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NormgrowthError(f"device {device!r} was asked for but no CUDA GPU is available: use --device cpu.")
+    return dev
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub names are ``name`` or ``owner/name``; anything else is meant as a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap check that the hub's host resolves and accepts a connection (avoids minutes of retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    port = 443 if endpoint.startswith("https") else 80
+    if ":" in host:
+        host, port_s = host.rsplit(":", 1)
+        port = int(port_s)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_config(spec: str, revision: Optional[str] = None) -> Any:
+    """The HF config for a local directory or hub name, or a one-sentence :class:`NormgrowthError`."""
+    from transformers import AutoConfig
+
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NormgrowthError(
+                f"model directory {spec!r} has no config.json: pass a directory holding a Hugging Face "
+                "checkpoint (config.json plus weights)."
+            )
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (ValueError, KeyError, OSError) as err:
+            raise NormgrowthError(f"cannot read the config of model {spec!r} ({_first_line(err)}): "
+                                  "check that it is a Hugging Face checkpoint.") from None
+    if path.exists() or _looks_like_path(spec):
+        raise NormgrowthError(f"model directory {spec!r} does not exist: check the path, or give a Hugging Face hub name.")
+    try:  # a copy in the local HF cache works offline
+        return AutoConfig.from_pretrained(spec, revision=revision, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise NormgrowthError(
+            f"model {spec!r} is not a local directory and the Hugging Face hub cannot be reached: "
+            "pass a local checkpoint directory, or run where the hub is reachable."
+        )
+    try:
+        return AutoConfig.from_pretrained(spec, revision=revision)
+    except (OSError, ValueError) as err:
+        raise NormgrowthError(f"cannot load model {spec!r} from the Hugging Face hub ({_first_line(err)}): "
+                              "check the name and revision, or pass a local directory.") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optional[str] = None,
+               device_map: Any = None) -> LoadedModel:
+    """Load ``spec`` (hub name or local HF checkpoint directory) and wrap it in a TransformerLens bridge.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a model over several GPUs through accelerate; then
+    ``device`` is ignored and inputs go to the embedding's device.
+    """
+    spec = str(spec)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device) if device_map is None else None
+    config = load_config(spec, revision)
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = next((a for a in archs if a in FAMILIES), None)
+    if arch is None:
+        raise NormgrowthError(
+            f"model {spec!r} has architecture {archs[0] if archs else config.model_type!r}, which normgrowth does "
+            f"not support: use a GPT-2, GPT-NeoX/Pythia, Llama, OPT or GPT-Neo checkpoint."
+        )
+    fam = FAMILIES[arch]
+    if arch == "OPTForCausalLM" and not getattr(config, "do_layer_norm_before", True):
+        raise NormgrowthError(f"model {spec!r} is a post-LayerNorm OPT model (like opt-350m), whose residual "
+                              "stream is re-normalised after every layer: use a pre-LN OPT model.")
+
+    from transformers import AutoModelForCausalLM
+
+    local = Path(os.path.expanduser(spec)).is_dir()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if not local:
+        kwargs["revision"] = revision
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise NormgrowthError(f"cannot load the weights of model {spec!r} ({_first_line(err)}): "
+                              "check that the checkpoint is complete.") from None
+    if dev is not None:
+        hf_model = hf_model.to(dev)
+    hf_model.eval()
+    tokenizer = _load_tokenizer(spec if not local else os.path.expanduser(spec), revision)
+    bridge = _build_bridge(hf_model, arch)
+
+    model = LoadedModel(
+        spec=spec, revision=revision, architecture=arch, family=fam.name,
+        n_layers=int(bridge.cfg.n_layers), d_model=int(bridge.cfg.d_model), n_heads=int(bridge.cfg.n_heads),
+        n_kv_heads=int(getattr(bridge.cfg, "n_key_value_heads", None) or bridge.cfg.n_heads),
+        d_head=int(bridge.cfg.d_head), d_mlp=int(bridge.cfg.d_mlp), n_ctx=int(bridge.cfg.n_ctx),
+        vocab_size=int(bridge.cfg.d_vocab), normalization=fam.normalization, ln_free=False,
+        centers=fam.normalization == "LN", norm_eps=0.0,
+        parallel_blocks=bool(getattr(config, fam.parallel_attr, fam.parallel_default)) if fam.parallel_attr else False,
+        has_pos_embed=fam.has_pos_embed, bos_token_id=_bos_id(config, tokenizer), tokenizer=tokenizer,
+        device=hf_model.get_input_embeddings().weight.device, dtype=torch_dtype, hf_model=hf_model, bridge=bridge,
+    )
+    _check_norms(model, config)
+    return model
+
+
+def _load_tokenizer(spec: str, revision: Optional[str]) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(spec, revision=revision)
+    except Exception:  # no tokenizer files: token-id data still works
+        return None
+
+
+def _bos_id(config: Any, tokenizer: Any) -> Optional[int]:
+    if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is not None:
+        return int(tokenizer.bos_token_id)
+    bos = getattr(config, "bos_token_id", None)
+    return int(bos) if isinstance(bos, int) else None
+
+
+def _build_bridge(hf_model: torch.nn.Module, arch: str) -> Any:
+    import logging
+
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    tl_logger = logging.getLogger("transformer_lens")
+    level = tl_logger.level
+    tl_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build_bridge_from_module(hf_model, arch, hf_config=hf_model.config)
+    finally:
+        tl_logger.setLevel(level)
+
+
+def _norm_eps(module: torch.nn.Module) -> float:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(module, attr):
+            return float(getattr(module, attr))
+    raise NormgrowthError(f"cannot find the eps of normalisation module {type(module).__name__}.")
+
+
+def _check_norms(model: LoadedModel, config: Any) -> None:
+    """Read eps from the live modules (never overwritten), and detect the LN-free storage format.
+
+    LN-free (published format): every LayerNorm has eps >= 1e6 (1e12 in practice) and weights scaled
+    by about sqrt(eps)/sigma_avg, so LN(x) = (x - mean) * w / sqrt(var + eps) ~ (x - mean) * w / sqrt(eps).
+    """
+    mods = model.norm_modules("ln1") + model.norm_modules("ln2") + model.norm_modules("ln_final")
+    eps = [_norm_eps(m) for m in mods]
+    model.norm_eps = eps[0]
+    if model.normalization != "LN":
+        return
+    huge = [e >= LN_FREE_MIN_EPS for e in eps]
+    if all(huge):
+        scales = torch.cat([m.weight.detach().abs().float().flatten().cpu() for m in mods])
+        median_gain = float(scales.median()) / (eps[0] ** 0.5)
+        if median_gain < 1e-4:
+            warnings.warn(f"model {model.spec!r}: LayerNorm eps is {eps[0]:g} but the weights are not scaled "
+                          "to compensate; its normalised inputs are close to zero.")
+        model.ln_free, model.normalization = True, "none"
+    elif any(huge):
+        warnings.warn(f"model {model.spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
+                      "LN-free); it is treated as an ordinary LayerNorm model.")
