@@ -1,0 +1,26 @@
+"""normgrowth: measure, fit and explain residual-stream norm growth in transformers.
+
+Public entry points (imported lazily so that ``normgrowth --help`` stays fast):
+``load_model``, ``load_tokens``, ``collect``, ``Results``.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": ("normgrowth.models", "load_model"),
+    "load_tokens": ("normgrowth.data", "load_tokens"),
+    "collect": ("normgrowth.collect", "collect"),
+    "Results": ("normgrowth.results", "Results"),
+    "NormgrowthError": ("normgrowth.errors", "NormgrowthError"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'normgrowth' has no attribute {name!r}")

@@ -1,0 +1,271 @@
+"""Streaming norm collectors: hooks that reduce each activation to per-token scalars at once.
+
+For every requested (site, layer) a hook turns the activation ``x [batch, pos, d_model]`` into three
+per-token numbers, in float32 whatever the model's dtype:
+
+* ``||x||`` (L2 norm), ``||x - mean(x)||`` (centred norm: what LayerNorm divides by, times sqrt(d)),
+* ``std(x) = ||x - mean(x)|| / sqrt(d_model)`` (population std over the d_model entries).
+
+Per-head write norms ``||z_h W_O^h||`` come from ``attn.hook_z`` with the per-layer Gram matrices
+``G_h = W_O^h W_O^h^T`` (``[n_heads, d_head, d_head]``): ``||z_h W_O^h||^2 = z_h G_h z_h^T``, so no
+``[batch, pos, head, d_model]`` tensor is ever built. The MLP activation rate is the fraction of the
+pre-activation entries that are > 0.
+
+The per-token numbers of one batch (``[K, batch, pos]``, a few floats per token) are then folded into
+:class:`normgrowth.stats.TokenStats`; nothing of size ``d_model`` outlives its hook.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import TokenBatch
+from .errors import NonFiniteNormError, NormgrowthError
+from .models import LoadedModel
+from .results import EMBED_SITES, SITES, HeadStats, Results, RunMeta, SiteStats
+from .stats import TokenStats, hist_quantile
+
+DEFAULT_SITES = SITES
+METRICS = ("norm", "centered", "std")  # per-token numbers kept for every (site, layer)
+
+
+def norm_metrics(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [3, ...]: ||x||, ||x - mean(x)||, std(x) = ||x - mean(x)|| / sqrt(d), in float32."""
+    x = x.float()
+    centered = (x - x.mean(-1, keepdim=True)).norm(dim=-1)
+    return torch.stack([x.norm(dim=-1), centered, centered / math.sqrt(x.shape[-1])])
+
+
+def head_write_norms(z: torch.Tensor, wo_gram: torch.Tensor) -> torch.Tensor:
+    """||z_h W_O^h|| per head: sqrt(z_h G_h z_h^T) with G_h = W_O^h W_O^h^T.
+
+    z [batch, pos, n_heads, d_head], wo_gram [n_heads, d_head, d_head] -> [n_heads, batch, pos] (float32).
+    """
+    z = z.float()
+    sq = torch.einsum("bphd,hde,bphe->hbp", z, wo_gram, z)
+    return sq.clamp(min=0).sqrt()
+
+
+def wo_gram_matrices(w_o: torch.Tensor) -> torch.Tensor:
+    """W_O [n_layers, n_heads, d_head, d_model] -> G [n_layers, n_heads, d_head, d_head] in float32."""
+    w = w_o.float()
+    return torch.einsum("lhdm,lhem->lhde", w, w)
+
+
+@dataclass
+class _Series:
+    """Where one (site, layer)'s rows live in the per-batch value buffer."""
+
+    site: str
+    layer: int
+    row: int  # first of len(METRICS) rows
+
+
+class NormCollector:
+    """Owns the hooks and the streaming statistics of one collection run.
+
+    Usage: ``with model.hooks(c.hooks()): model.forward(...)`` then ``c.end_batch(mask)`` per batch,
+    and ``c.results(...)`` at the end. :func:`collect` does all of this.
+    """
+
+    def __init__(self, model: LoadedModel, sites: Sequence[str], heads: bool, act_rate: bool, n_positions: int):
+        self.model = model
+        self.sites = [s for s in sites if model.has_site(s)]
+        self.missing = [s for s in sites if not model.has_site(s)]
+        self.series: list[_Series] = []
+        row = 0
+        # norm series first (they get histograms and log-means), then heads, then activation rates
+        for site in [s for s in EMBED_SITES if model.has_site(s)]:
+            self.series.append(_Series(site, 0, row))
+            row += len(METRICS)
+        for site in self.sites:
+            for layer in range(model.n_layers):
+                self.series.append(_Series(site, layer, row))
+                row += len(METRICS)
+        self.n_norm_rows = row
+        self.head_row = row
+        if heads:
+            row += model.n_layers * model.n_heads
+            w_o = model.stacked_weights()["W_O"]
+            self.wo_gram = wo_gram_matrices(w_o)  # on the weights' device(s)
+        self.heads = heads
+        self.act_row = row
+        self.act_rate = act_rate
+        if act_rate:
+            row += model.n_layers
+        self.n_rows = row
+        self.n_positions = n_positions
+        self.device = model.input_device
+        self.stats = TokenStats(row, n_positions, self.device, hist_series=self.n_norm_rows,
+                                log_series=self.n_norm_rows)
+        self._values: Optional[torch.Tensor] = None
+        self._filled = torch.zeros(row, dtype=torch.bool)
+
+    # ----- hooks --------------------------------------------------------------------------------
+    def hooks(self) -> list[tuple[str, Optional[int], Callable]]:
+        hooks: list[tuple[str, Optional[int], Callable]] = []
+        for s in self.series:
+            hooks.append((s.site, s.layer if s.site not in EMBED_SITES else None, self._norm_hook(s.row)))
+        if self.heads:
+            for layer in range(self.model.n_layers):
+                hooks.append(("z", layer, self._head_hook(layer)))
+        if self.act_rate:
+            for layer in range(self.model.n_layers):
+                hooks.append(("mlp_pre", layer, self._act_hook(layer)))
+        return hooks
+
+    def _buffer(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if self._values is None:
+            self._values = torch.zeros(self.n_rows, shape[0], shape[1], dtype=torch.float32, device=self.device)
+        return self._values
+
+    def _norm_hook(self, row: int) -> Callable:
+        def hook(x: torch.Tensor) -> None:
+            buf = self._buffer(x.shape, x.device)
+            buf[row:row + len(METRICS)] = norm_metrics(x).to(buf.device)
+            self._filled[row:row + len(METRICS)] = True
+
+        return hook
+
+    def _head_hook(self, layer: int) -> Callable:
+        row = self.head_row + layer * self.model.n_heads
+
+        def hook(z: torch.Tensor) -> None:
+            if z.dim() == 3:  # [batch, pos, n_heads * d_head] in some adapters
+                z = z.view(*z.shape[:2], self.model.n_heads, -1)
+            buf = self._buffer(z.shape, z.device)
+            gram = self.wo_gram[layer].to(z.device)
+            buf[row:row + self.model.n_heads] = head_write_norms(z, gram).to(buf.device)
+            self._filled[row:row + self.model.n_heads] = True
+
+        return hook
+
+    def _act_hook(self, layer: int) -> Callable:
+        row = self.act_row + layer
+
+        def hook(pre: torch.Tensor) -> None:
+            buf = self._buffer(pre.shape, pre.device)
+            buf[row] = (pre > 0).float().mean(-1).to(buf.device)
+            self._filled[row] = True
+
+        return hook
+
+    # ----- per batch ------------------------------------------------------------------------------
+    def end_batch(self, valid: torch.Tensor) -> None:
+        """Fold this batch's per-token values into the streaming statistics; check for inf/NaN first."""
+        values = self._values
+        if values is None or not bool(self._filled.all()):
+            missing = [self.row_label(int(i)) for i in torch.nonzero(~self._filled).flatten()[:3]]
+            raise RuntimeError(f"hooks did not fire for {missing}: the bridge's hook layout changed")
+        valid = valid.to(values.device)
+        bad = (~torch.isfinite(values) & valid[None]).sum((1, 2))
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad).flatten()[0])
+            site, layer = self.row_label(row)
+            raise NonFiniteNormError(site, layer, int(bad[row]), str(self.model.dtype).replace("torch.", ""))
+        self.stats.update(values, valid)
+        self._values = None
+        self._filled[:] = False
+
+    def row_label(self, row: int) -> tuple[str, int]:
+        if row < self.n_norm_rows:
+            s = self.series[row // len(METRICS)]
+            return s.site, s.layer
+        if row < self.act_row:
+            return "head_write", (row - self.head_row) // self.model.n_heads
+        return "mlp_act_rate", row - self.act_row
+
+    # ----- read-out -------------------------------------------------------------------------------
+    def site_stats(self, rows: list[int]) -> SiteStats:
+        st = self.stats
+        norm = np.array(rows)
+        cen = norm + 1
+        std = norm + 2
+        mean = st.main.mean.cpu().numpy()
+        var = st.main.variance().cpu().numpy()
+        bos_mean = st.bos.mean.cpu().numpy()
+        bos_var = st.bos.variance().cpu().numpy()
+        hist = st.hist_counts()
+        seq = st.seq_means()
+        pos = st.position_mean()
+        log_mean = st.log_mean()
+        return SiteStats(
+            mean=mean[norm], std=np.sqrt(var[norm]), centered_mean=mean[cen], centered_std=np.sqrt(var[cen]),
+            token_std_mean=mean[std], log_mean=log_mean[norm], median=hist_quantile(hist[norm], 0.5),
+            centered_median=hist_quantile(hist[cen], 0.5), bos_mean=bos_mean[norm],
+            bos_centered_mean=bos_mean[cen], bos_std=np.sqrt(bos_var[norm]), position_mean=pos[norm],
+            seq_mean=seq[:, norm], seq_centered_mean=seq[:, cen], hist=hist[norm],
+        )
+
+    def results(self, batch: TokenBatch, batch_size: int, seq_len: Optional[int]) -> Results:
+        m = self.model
+        sites: dict[str, Optional[SiteStats]] = {}
+        for site in DEFAULT_SITES:
+            rows = [s.row for s in self.series if s.site == site]
+            sites[site] = self.site_stats(rows) if rows else None
+        embed = {s.site: self.site_stats([s.row]) for s in self.series if s.site in EMBED_SITES}
+        st = self.stats
+        heads = None
+        if self.heads:
+            sl = slice(self.head_row, self.head_row + m.n_layers * m.n_heads)
+            shape = (m.n_layers, m.n_heads)
+            heads = HeadStats(
+                mean=st.main.mean[sl].cpu().numpy().reshape(shape),
+                std=np.sqrt(st.main.variance()[sl].cpu().numpy()).reshape(shape),
+                bos_mean=st.bos.mean[sl].cpu().numpy().reshape(shape),
+                seq_mean=st.seq_means()[:, sl].reshape(-1, *shape),
+            )
+        act = st.main.mean[self.act_row:self.act_row + m.n_layers].cpu().numpy() if self.act_rate else None
+        meta = RunMeta(
+            model=m.spec, revision=m.revision, architecture=m.architecture, family=m.family,
+            dtype=str(m.dtype).replace("torch.", ""), device=str(self.device), ln_free=m.ln_free,
+            normalization=m.normalization, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+            d_head=m.d_head, parallel_blocks=m.parallel_blocks, n_seqs=len(batch), n_tokens=st.count,
+            n_bos_tokens=st.bos_count, data_source=batch.source, seq_len=seq_len, batch_size=batch_size,
+            sites=list(self.sites), version=__version__,
+        )
+        return Results(meta=meta, sites=sites, embed=embed, heads=heads, mlp_act_rate=act,
+                       seq_n_tokens=st.seq_counts(), position_count=st.pos_count.cpu().numpy())
+
+
+def collect(model: LoadedModel, batch: TokenBatch, batch_size: int = 8, sites: Sequence[str] = DEFAULT_SITES,
+            heads: bool = True, act_rate: bool = True, seq_len: Optional[int] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> Results:
+    """Run ``model`` over ``batch`` and return streamed norm statistics (see the module docstring).
+
+    ``sites`` that the architecture lacks (``resid_mid`` in parallel blocks) are reported as None.
+    ``progress(n_done, n_total)`` is called after each batch with sequence counts.
+    """
+    unknown = [s for s in sites if s not in DEFAULT_SITES]
+    if unknown:
+        raise NormgrowthError(f"unknown site(s) {unknown}: choose from {', '.join(DEFAULT_SITES)}.")
+    if batch_size < 1:
+        raise NormgrowthError(f"batch size must be at least 1, got {batch_size}.")
+    collector = NormCollector(model, sites, heads, act_rate, n_positions=batch.tokens.shape[1])
+    done = 0
+    with torch.inference_mode(), model.hooks(collector.hooks()):
+        for tokens, mask in batch.batches(batch_size):
+            model.forward(tokens, attention_mask=mask)
+            collector.end_batch(mask)
+            done += tokens.shape[0]
+            if progress is not None:
+                progress(done, len(batch))
+    return collector.results(batch, batch_size, seq_len)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``normgrowth.collect(...)`` call :func:`collect` although ``normgrowth.collect`` is this module."""
+
+    def __call__(self, *args, **kwargs) -> Results:
+        return collect(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

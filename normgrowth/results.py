@@ -1,0 +1,222 @@
+"""Collected statistics and run metadata, saved as JSON + .npz (atomically) and loaded back exactly.
+
+Token conventions for every statistic here: "main" statistics average over real (non-padding) tokens
+at positions >= 1; position 0 is reported apart as "bos"; ``position_mean`` covers all positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import NormgrowthError
+
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+EMBED_SITES = ("embed", "pos_embed")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SiteStats:
+    """Per-layer statistics of one site's per-token L2 norm ||x|| and centred norm ||x - mean(x)||.
+
+    Arrays are [n_layers] unless noted; means are over real tokens at positions >= 1.
+    """
+
+    mean: np.ndarray  # mean ||x||
+    std: np.ndarray  # standard deviation of ||x|| over tokens (population)
+    centered_mean: np.ndarray  # mean ||x - mean_i(x_i)||  (what LayerNorm sees)
+    centered_std: np.ndarray  # its standard deviation over tokens
+    token_std_mean: np.ndarray  # mean over tokens of the per-token std of the d_model entries
+    log_mean: np.ndarray  # mean of log ||x||  (exp of it = geometric mean)
+    median: np.ndarray  # median ||x||, from a log-spaced histogram (0.58 % bins)
+    centered_median: np.ndarray
+    bos_mean: np.ndarray  # ||x|| at position 0, mean over sequences
+    bos_centered_mean: np.ndarray
+    bos_std: np.ndarray
+    position_mean: np.ndarray  # [n_layers, n_positions] mean ||x|| per position (position 0 included)
+    seq_mean: np.ndarray  # [n_seqs, n_layers] per-sequence mean ||x|| over that sequence's tokens >= 1
+    seq_centered_mean: np.ndarray  # [n_seqs, n_layers]
+    hist: np.ndarray  # [n_layers, HIST_BINS] counts of ||x|| in log-spaced bins (stats.hist_edges())
+
+    def summary_json(self) -> dict[str, list]:
+        """The stable ``S`` object of the report JSON."""
+        keys = ("mean", "std", "centered_mean", "centered_std", "token_std_mean", "median", "bos_mean",
+                "bos_centered_mean")
+        return {k: _tolist(getattr(self, k)) for k in keys}
+
+
+@dataclass
+class HeadStats:
+    """Per-head write norms ||z_h W_O^h|| (bias excluded), arrays [n_layers, n_heads]."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    bos_mean: np.ndarray
+    seq_mean: np.ndarray  # [n_seqs, n_layers, n_heads]
+
+
+@dataclass
+class RunMeta:
+    """What was run, on what, and how: enough to reproduce a result or to key a cache."""
+
+    model: str
+    revision: Optional[str]
+    architecture: str
+    family: str
+    dtype: str
+    device: str
+    ln_free: bool
+    normalization: str  # "LN" | "RMS" | "none"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    parallel_blocks: bool
+    n_seqs: int
+    n_tokens: int  # real tokens at positions >= 1 (the main statistics' count)
+    n_bos_tokens: int
+    data_source: str
+    seq_len: Optional[int]
+    batch_size: int
+    sites: list[str]
+    version: str
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass
+class Results:
+    meta: RunMeta
+    sites: dict[str, Optional[SiteStats]]  # SITES; None where the architecture has no such site
+    embed: dict[str, SiteStats]  # "embed" (token) and, where present, "pos_embed"; n_layers = 1
+    heads: Optional[HeadStats]
+    mlp_act_rate: Optional[np.ndarray]  # [n_layers] fraction of MLP pre-activations > 0
+    seq_n_tokens: np.ndarray  # [n_seqs] tokens >= 1 per sequence (weights of seq_mean rows)
+    position_count: np.ndarray  # [n_positions] sequences with a real token at each position
+    extra: dict[str, Any] = field(default_factory=dict)  # analyses attach their JSON here (e.g. "fit")
+
+    # ----- JSON view (stable interface) --------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        m = self.meta
+        out: dict[str, Any] = {
+            "model": m.model, "ln_free": m.ln_free, "normalization": m.normalization,
+            "n_layers": m.n_layers, "d_model": m.d_model, "n_seqs": m.n_seqs, "n_tokens": m.n_tokens,
+            "sites": {s: (st.summary_json() if st is not None else None) for s, st in self.sites.items()},
+            "embed": {s: st.summary_json() for s, st in self.embed.items()},
+            "heads": ({"mean": _tolist(self.heads.mean), "std": _tolist(self.heads.std),
+                       "bos_mean": _tolist(self.heads.bos_mean)} if self.heads is not None else None),
+            "mlp_act_rate": _tolist(self.mlp_act_rate) if self.mlp_act_rate is not None else None,
+            "meta": dataclasses.asdict(m),
+        }
+        out.update(self.extra)
+        return out
+
+    # ----- save / load ---------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {"seq_n_tokens": self.seq_n_tokens, "position_count": self.position_count}
+        for group, stats in (("site", self.sites), ("embed", self.embed)):
+            for name, st in stats.items():
+                if st is None:
+                    continue
+                for f in dataclasses.fields(SiteStats):
+                    arrays[f"{group}/{name}/{f.name}"] = getattr(st, f.name)
+        if self.heads is not None:
+            for f in dataclasses.fields(HeadStats):
+                arrays[f"heads/{f.name}"] = getattr(self.heads, f.name)
+        if self.mlp_act_rate is not None:
+            arrays["mlp_act_rate"] = self.mlp_act_rate
+        return arrays
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.npz`` then ``<path>.json`` (each atomically); the JSON records the npz's hash.
+
+        A reader only trusts a JSON whose recorded hash matches the npz next to it, so a crash between the
+        two writes never yields a mixed result.
+        """
+        base = _base(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        npz_bytes = _npz_bytes(self.arrays())
+        atomic_write_bytes(base.with_suffix(".npz"), npz_bytes)
+        doc = self.to_json()
+        doc["arrays"] = {"file": base.with_suffix(".npz").name, "sha256": hashlib.sha256(npz_bytes).hexdigest()}
+        atomic_write_json(base.with_suffix(".json"), doc)
+        return base.with_suffix(".json")
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Results":
+        base = _base(path)
+        jpath, npath = base.with_suffix(".json"), base.with_suffix(".npz")
+        if not jpath.is_file() or not npath.is_file():
+            raise NormgrowthError(f"no saved result at {str(base)!r} (need both .json and .npz): run "
+                                  "`normgrowth report` with --out first.")
+        doc = json.loads(jpath.read_text())
+        raw = npath.read_bytes()
+        if doc.get("arrays", {}).get("sha256") != hashlib.sha256(raw).hexdigest():
+            raise NormgrowthError(f"saved result {str(jpath)!r} does not match its .npz (interrupted write?): "
+                                  "delete both files and collect again.")
+        with np.load(npath, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = RunMeta(**doc["meta"])
+
+        def site(group: str, name: str) -> Optional[SiteStats]:
+            key = f"{group}/{name}/mean"
+            if key not in arrays:
+                return None
+            return SiteStats(**{f.name: arrays[f"{group}/{name}/{f.name}"] for f in dataclasses.fields(SiteStats)})
+
+        sites = {s: site("site", s) for s in doc["sites"]}
+        embed = {s: site("embed", s) for s in doc.get("embed", {})}
+        heads = (HeadStats(**{f.name: arrays[f"heads/{f.name}"] for f in dataclasses.fields(HeadStats)})
+                 if "heads/mean" in arrays else None)
+        known = set(Results.__dataclass_fields__) | {"model", "ln_free", "normalization", "n_layers", "d_model",
+                                                     "n_seqs", "n_tokens", "arrays"}
+        extra = {k: v for k, v in doc.items() if k not in known}
+        return Results(meta=meta, sites=sites, embed={k: v for k, v in embed.items() if v is not None},
+                       heads=heads, mlp_act_rate=arrays.get("mlp_act_rate"), seq_n_tokens=arrays["seq_n_tokens"],
+                       position_count=arrays["position_count"], extra=extra)
+
+
+def _base(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".json", ".npz") else p
+
+
+def _tolist(a: Any) -> Any:
+    arr = np.asarray(a, dtype=np.float64)
+    return [None if not np.isfinite(x) else float(x) for x in arr] if arr.ndim == 1 else [_tolist(r) for r in arr]
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())

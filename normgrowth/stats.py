@@ -1,0 +1,173 @@
+"""Streaming per-token statistics with O(1) memory in the number of tokens (pure tensor code).
+
+A *series* is one scalar per token (e.g. ``||resid_post_5||``). :class:`TokenStats` tracks ``K`` series
+at once from batches of values ``[K, batch, pos]`` and a validity mask ``[batch, pos]``:
+
+* main statistics over valid tokens at positions >= 1: count, mean and Welford M2 (merged per batch
+  with Chan et al.'s formula), mean of log(value), and a fixed log-spaced histogram for quantiles;
+* the same count / mean / M2 at position 0 ("bos"), kept apart;
+* a per-position mean curve (all positions, position 0 included);
+* per-sequence means over each sequence's valid positions >= 1 (``[n_seqs, K]``, kept on the CPU),
+  which the fitters bootstrap over.
+
+Accumulators are float64 and live on the device of the values; the caller synchronises once per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Histogram: HIST_BINS log10-spaced bins over [10**HIST_LOG10_MIN, 10**HIST_LOG10_MAX]; values outside
+# are clamped into the first/last bin. 400 bins per decade: relative bin width 0.58 %.
+HIST_LOG10_MIN = -8.0
+HIST_LOG10_MAX = 12.0
+HIST_BINS = 8000
+
+
+@dataclass
+class Moments:
+    """count, mean and M2 = sum((x - mean)^2) for each of K series (float64)."""
+
+    count: torch.Tensor  # [] or [K]
+    mean: torch.Tensor  # [K]
+    m2: torch.Tensor  # [K]
+
+    @staticmethod
+    def zeros(k: int, device: torch.device) -> "Moments":
+        z = torch.zeros(k, dtype=torch.float64, device=device)
+        return Moments(torch.zeros((), dtype=torch.float64, device=device), z.clone(), z.clone())
+
+    def merge_batch(self, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Merge values [K, N] where mask [N] (bool) is True: Chan et al. parallel update.
+
+        n = n_a + n_b; mean = mean_a + d n_b / n; M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a.
+        """
+        zero = torch.zeros((), dtype=torch.float64, device=values.device)
+        v = torch.where(mask, values.to(torch.float64), zero)  # padding may hold inf/NaN: never used
+        n_b = mask.to(torch.float64).sum()
+        mean_b = v.sum(-1) / n_b.clamp(min=1)
+        m2_b = torch.where(mask, (v - mean_b[:, None]) ** 2, zero).sum(-1)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        safe_n = n.clamp(min=1)
+        self.mean = self.mean + delta * n_b / safe_n
+        self.m2 = self.m2 + m2_b + delta**2 * self.count * n_b / safe_n
+        self.count = n
+
+    def variance(self) -> torch.Tensor:
+        """Population variance M2 / n (the spread of the per-token values)."""
+        return self.m2 / self.count.clamp(min=1)
+
+
+class TokenStats:
+    """Streaming statistics of K per-token series; see the module docstring."""
+
+    def __init__(self, n_series: int, n_positions: int, device: torch.device, hist_series: int = 0,
+                 log_series: int = 0):
+        """``hist_series``/``log_series``: the first that many series also get a histogram / log-mean."""
+        self.k, self.n_positions, self.device = n_series, n_positions, device
+        self.main = Moments.zeros(n_series, device)
+        self.bos = Moments.zeros(n_series, device)
+        self.log_sum = torch.zeros(log_series, dtype=torch.float64, device=device)
+        self.n_log = log_series
+        self.n_hist = hist_series
+        self.hist = torch.zeros(hist_series * HIST_BINS, dtype=torch.int64, device=device)
+        self.pos_sum = torch.zeros(n_series, n_positions, dtype=torch.float64, device=device)
+        self.pos_count = torch.zeros(n_positions, dtype=torch.float64, device=device)
+        self._seq_means: list[np.ndarray] = []
+        self._seq_counts: list[np.ndarray] = []
+
+    def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding)."""
+        k, b, p = values.shape
+        rest = valid.clone()
+        rest[:, 0] = False
+        flat = values.reshape(k, b * p)
+        rest_flat = rest.reshape(-1)
+        self.main.merge_batch(flat, rest_flat)
+        self.bos.merge_batch(values[:, :, 0], valid[:, 0])
+        v64 = torch.where(valid[None], values.to(torch.float64), torch.zeros((), dtype=torch.float64, device=values.device))
+        self.pos_sum[:, :p] += v64.sum(1)
+        self.pos_count[:p] += valid.to(torch.float64).sum(0)
+        if self.n_log:
+            logs = torch.log(values[: self.n_log].reshape(self.n_log, -1).to(torch.float64).clamp(min=1e-300))
+            self.log_sum += torch.where(rest_flat, logs, torch.zeros((), dtype=torch.float64, device=logs.device)).sum(-1)
+        if self.n_hist:
+            self.hist += histogram_counts(values[: self.n_hist].reshape(self.n_hist, -1)[:, rest_flat])
+        # per-sequence means over positions >= 1 (one small device->host copy per batch)
+        rest64 = rest.to(torch.float64)
+        seq_count = rest64.sum(1)  # [b]
+        seq_sum = (v64 * rest64[None]).sum(-1)  # [k, b]
+        seq_mean = (seq_sum / seq_count.clamp(min=1)).T
+        self._seq_means.append(seq_mean.float().cpu().numpy())
+        self._seq_counts.append(seq_count.cpu().numpy().astype(np.int64))
+
+    # ----- read-out (numpy) -----------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return int(self.main.count.item())
+
+    @property
+    def bos_count(self) -> int:
+        return int(self.bos.count.item())
+
+    def seq_means(self) -> np.ndarray:
+        return np.concatenate(self._seq_means, 0) if self._seq_means else np.zeros((0, self.k), np.float32)
+
+    def seq_counts(self) -> np.ndarray:
+        return np.concatenate(self._seq_counts, 0) if self._seq_counts else np.zeros((0,), np.int64)
+
+    def position_mean(self) -> np.ndarray:
+        return (self.pos_sum / self.pos_count.clamp(min=1)).cpu().numpy()
+
+    def hist_counts(self) -> np.ndarray:
+        return self.hist.reshape(self.n_hist, HIST_BINS).cpu().numpy()
+
+    def log_mean(self) -> np.ndarray:
+        return (self.log_sum / self.main.count.clamp(min=1)).cpu().numpy()
+
+
+def histogram_counts(values: torch.Tensor) -> torch.Tensor:
+    """Counts of values [K, N] in HIST_BINS log10-spaced bins per series, flattened to [K * HIST_BINS]."""
+    k = values.shape[0]
+    width = (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
+    idx = ((torch.log10(values.to(torch.float64).clamp(min=1e-300)) - HIST_LOG10_MIN) / width).floor()
+    idx = idx.clamp(0, HIST_BINS - 1).long()
+    idx = idx + torch.arange(k, device=values.device)[:, None] * HIST_BINS
+    return torch.bincount(idx.reshape(-1), minlength=k * HIST_BINS)
+
+
+def hist_edges() -> np.ndarray:
+    """The HIST_BINS + 1 bin edges (values, not logs)."""
+    return 10.0 ** np.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
+
+
+def hist_quantile(counts: np.ndarray, q: float) -> np.ndarray:
+    """Quantile q of each row of histogram counts [K, HIST_BINS], interpolating log-linearly inside a bin.
+
+    Exact up to the bin width (0.58 % relative); NaN for an empty row.
+    """
+    counts = np.atleast_2d(counts).astype(np.float64)
+    cum = np.cumsum(counts, axis=1)
+    total = cum[:, -1]
+    out = np.full(counts.shape[0], np.nan)
+    width = (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
+    for i in range(counts.shape[0]):
+        if total[i] <= 0:
+            continue
+        target = q * total[i]
+        j = int(np.searchsorted(cum[i], target, side="left"))
+        j = min(j, HIST_BINS - 1)
+        below = cum[i, j - 1] if j > 0 else 0.0
+        frac = (target - below) / counts[i, j] if counts[i, j] > 0 else 0.5
+        out[i] = 10.0 ** (HIST_LOG10_MIN + (j + min(max(frac, 0.0), 1.0)) * width)
+    return out
+
+
+def std_from_moments(m2: np.ndarray, count: float) -> np.ndarray:
+    """Population standard deviation sqrt(M2 / n)."""
+    return np.sqrt(np.asarray(m2) / max(count, 1))
+
