@@ -218,5 +218,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """Recursively turn numpy values into Python ones and non-finite floats into None (valid JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n").encode())
+
+
+def format_report_table(res: Results) -> str:
+    """Per-layer table: mean norms per site, resid_post growth ratio to the previous layer, position-0 norm."""
+    m = res.meta
+    head = (f"model {m.model}  ({m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, "
+            f"{m.n_layers} layers, d_model {m.d_model}, {m.dtype} on {m.device})\n"
+            f"data {m.data_source}: {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 "
+            f"(position 0 reported apart)\n"
+            "mean L2 norm per layer; ratio = resid_post[l] / resid_post[l-1]; bos = resid_post at position 0\n")
+    cols = [s for s in SITES]
+    lines = [f"{'layer':>5} " + " ".join(f"{c:>11}" for c in cols) + f" {'ratio':>7} {'bos':>11}"]
+    post = res.sites["resid_post"]
+    for layer in range(m.n_layers):
+        cells = []
+        for c in cols:
+            st = res.sites.get(c)
+            cells.append(f"{st.mean[layer]:>11.4g}" if st is not None else f"{'-':>11}")
+        ratio = f"{post.mean[layer] / post.mean[layer - 1]:>7.4f}" if post is not None and layer > 0 else f"{'':>7}"
+        bos = f"{post.bos_mean[layer]:>11.4g}" if post is not None else f"{'-':>11}"
+        lines.append(f"{layer:>5} " + " ".join(cells) + f" {ratio} {bos}")
+    missing = [s for s, st in res.sites.items() if st is None]
+    foot = f"\n(no {', '.join(missing)} in this architecture: reported as missing)" if missing else ""
+    return head + "\n".join(lines) + foot

@@ -1,0 +1,150 @@
+"""Command line: ``normgrowth report | weights | fit | deletion | compare | zoo build``.
+
+Heavy libraries (torch, transformers, TransformerLens) are imported inside the commands, so
+``normgrowth --help`` answers at once. A :class:`NormgrowthError` becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure, fit and explain residual-stream norm growth in transformers.")
+zoo_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The offline model pair (with / without LayerNorm).")
+app.add_typer(zoo_app, name="zoo")
+
+MODEL = typer.Argument(..., help="Hugging Face hub name or local checkpoint directory.")
+DATA = typer.Option("builtin", "--data", help="builtin | file.txt | file.jsonl | tokens.npy/.pt | HF dataset name.")
+N_SEQS = typer.Option(None, "--n-seqs", help="Use at most this many sequences.")
+SEQ_LEN = typer.Option(None, "--seq-len", help="Truncate sequences to this many tokens.")
+BATCH = typer.Option(8, "--batch-size", help="Sequences per forward pass.")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available).")
+DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (norms accumulate in float32).")
+OUT = typer.Option(None, "--out", help="Results directory: cached results are reused, new ones saved there.")
+JSON = typer.Option(None, "--json", help="Write the JSON summary here.")
+WINDOW = typer.Option(None, "--window", help="Fit window a:b (inclusive layer indices; default skips the first "
+                                              "layers and the last).")
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+def _progress(label: str):
+    """A progress callback ``(done, total)`` drawing a bar on stderr; returns (callback, close)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   transient=True, console=_stderr_console())
+    task = bar.add_task(label, total=None)
+    bar.start()
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return update, bar.stop
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, device, dtype, out, revision=None):
+    """Collected norm Results, reused from ``out`` when an identical run is cached there."""
+    from .cache import cache_key, cache_path
+    from .collect import DEFAULT_SITES
+    from .results import Results
+
+    path = None
+    if out is not None:
+        settings = {"n_seqs": n_seqs, "seq_len": seq_len, "dtype": dtype, "sites": list(DEFAULT_SITES)}
+        key = cache_key("report", model_spec, revision, data, settings)
+        path = cache_path(out, "report", model_spec, key)
+        if path.with_suffix(".json").is_file():
+            try:
+                res = Results.load(path)
+                typer.echo(f"reusing cached result {path}.json", err=True)
+                return res, None
+            except Exception:  # a stale or foreign entry is recomputed, never trusted
+                pass
+    from .collect import collect
+    from .data import load_tokens
+    from .models import load_model
+
+    model = load_model(model_spec, device=device, dtype=dtype, revision=revision)
+    batch = load_tokens(data, model, n_seqs=n_seqs, seq_len=seq_len)
+    update, close = _progress("collecting norms")
+    try:
+        res = collect(model, batch, batch_size=batch_size, seq_len=seq_len, progress=update)
+    finally:
+        close()
+    if path is not None:
+        res.save(path)
+        typer.echo(f"saved {path}.json", err=True)
+    return res, model
+
+
+@app.command()
+def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
+           batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+           json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
+           revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit).")):
+    """Collect residual-stream norms per layer and print the per-layer table and growth fits."""
+    from .results import atomic_write_json, format_report_table
+
+    res, _ = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision)
+    _echo(format_report_table(res))
+    fits = _site_fits(res, window)
+    if fits:
+        from .fit import format_fit_table
+
+        _echo("\ngrowth fits (log-linear over the window; 95 % CI by bootstrap over sequences):")
+        _echo(format_fit_table(fits))
+    if json_path is not None:
+        doc = res.to_json()
+        doc["fit"] = {site: f.to_json() for site, f in fits.items()}
+        atomic_write_json(json_path, doc)
+        typer.echo(f"wrote {json_path}", err=True)
+
+
+def _site_fits(res, window: Optional[str]) -> dict:
+    """A GrowthFit per residual site (resid_pre, resid_mid, resid_post), from the per-sequence curves."""
+    try:
+        from .fit import fit_growth, parse_window
+    except ImportError:  # fitters not installed in this build
+        return {}
+    n_layers = res.meta.n_layers
+    win = parse_window(window, n_layers) if window else None
+    fits = {}
+    for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        st = res.sites.get(site)
+        if st is None or n_layers < 2:
+            continue
+        fits[site] = fit_growth(st.seq_mean, window=win, weights=res.seq_n_tokens)
+    return fits
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    from .errors import NormgrowthError
+
+    warnings.showwarning = lambda message, category, *a, **k: typer.echo(f"warning: {message}", err=True)
+    try:
+        app()  # click's standalone mode handles usage errors (exit 2) and exits
+    except NormgrowthError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
