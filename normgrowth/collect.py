@@ -60,6 +60,15 @@ def wo_gram_matrices(w_o: torch.Tensor) -> torch.Tensor:
     return torch.einsum("lhdm,lhem->lhde", w, w)
 
 
+_FORWARD_RANK = {"embed": -2, "pos_embed": -1, "resid_pre": 0, "head_write": 1, "attn_out": 2, "resid_mid": 3,
+                 "mlp_act_rate": 4, "mlp_out": 5, "resid_post": 6}
+
+
+def _forward_order(site: str, layer: int) -> tuple[int, int]:
+    """Sort key: where (site, layer) is computed in the forward pass."""
+    return (layer if site not in ("embed", "pos_embed") else -1, _FORWARD_RANK[site])
+
+
 @dataclass
 class _Series:
     """Where one (site, layer)'s rows live in the per-batch value buffer."""
@@ -168,7 +177,8 @@ class NormCollector:
         valid = valid.to(values.device)
         bad = (~torch.isfinite(values) & valid[None]).sum((1, 2))
         if bool(bad.any()):
-            row = int(torch.nonzero(bad).flatten()[0])
+            rows = [int(r) for r in torch.nonzero(bad).flatten()]
+            row = min(rows, key=lambda r: _forward_order(*self.row_label(r)))  # the first to overflow
             site, layer = self.row_label(row)
             raise NonFiniteNormError(site, layer, int(bad[row]), str(self.model.dtype).replace("torch.", ""))
         self.stats.update(values, valid)
