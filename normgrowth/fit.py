@@ -1,0 +1,753 @@
+"""Growth-rate fits for residual-stream norm curves (pure numpy/scipy, no model code).
+
+A *curve* is a 1-D array ``n[l]`` of mean norms indexed by layer ``l = 0..n_layers-1`` (the array
+position is the layer index). Per-sequence curves are a 2-D array ``[n_seqs, n_layers]``; the fitted
+curve is their weighted mean ``m[l] = sum_s w_s n_s[l] / sum_s w_s`` (``w_s`` = tokens per sequence
+makes ``m`` the token mean).
+
+Growth factor over an inclusive window ``a..b``: least squares of ``log m[l] = alpha + beta * l``,
+``g = exp(beta)`` (so ``percent_per_layer = 100 (g - 1)``). 95% CIs: percentile bootstrap over
+sequences when there are several curves, otherwise the regression standard error with a t quantile.
+See docs/fit.md for every formula.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from scipy import stats
+
+from normgrowth.errors import NormgrowthError
+
+CI_BOOTSTRAP = "bootstrap over sequences"
+CI_SE = "regression standard error"
+CI_DIFF_BOOTSTRAP = "independent bootstraps over sequences"
+CI_DIFF_SE = "combined standard errors (Welch-Satterthwaite t)"
+MIN_BOOT = 100
+_BOOT_CHUNK_CELLS = 2_000_000  # resample-count matrix cells per chunk (n_boot_chunk * n_seqs)
+_HOLDS_RTOL = 1e-5  # relative slack for the appendix-1 bound check (float32 means)
+
+Window = tuple[int, int]
+WindowSpec = Union[Window, Sequence[int], str, None]
+
+
+def _json_float(x: float) -> float | None:
+    """Plain float for JSON; NaN/inf become None so the output is strict JSON."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _from_json_float(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@dataclass
+class GrowthFit:
+    """Result of :func:`fit_growth` on one norm curve (or the weighted mean of several).
+
+    growth_factor = exp(slope of log m[l] on l over window a..b); percent_per_layer = 100 (g - 1);
+    endpoint_growth_factor = (m[b] / m[a]) ** (1 / (b - a)); curvature = c in
+    log m[l] = alpha + beta l + c l^2 (natural log per layer^2). CIs are 95%; NaN when undefined.
+    """
+
+    window: Window
+    growth_factor: float
+    ci95: tuple[float, float]
+    percent_per_layer: float
+    r2: float
+    endpoint_growth_factor: float
+    curvature: float
+    curvature_ci95: tuple[float, float]
+    n_curves: int
+    ci_method: str
+    n_boot: int = 0
+
+    @property
+    def percent_per_layer_ci95(self) -> tuple[float, float]:
+        """100 (g - 1) at both CI ends."""
+        return (100.0 * (self.ci95[0] - 1.0), 100.0 * (self.ci95[1] - 1.0))
+
+    def to_json(self) -> dict:
+        """Strict-JSON dict (NaN -> None); keys: window, growth_factor, ci95, percent_per_layer,
+        percent_per_layer_ci95, r2, endpoint_growth_factor, curvature, curvature_ci95, n_curves,
+        ci_method, n_boot."""
+        return {
+            "window": [int(self.window[0]), int(self.window[1])],
+            "growth_factor": _json_float(self.growth_factor),
+            "ci95": [_json_float(self.ci95[0]), _json_float(self.ci95[1])],
+            "percent_per_layer": _json_float(self.percent_per_layer),
+            "percent_per_layer_ci95": [_json_float(v) for v in self.percent_per_layer_ci95],
+            "r2": _json_float(self.r2),
+            "endpoint_growth_factor": _json_float(self.endpoint_growth_factor),
+            "curvature": _json_float(self.curvature),
+            "curvature_ci95": [_json_float(self.curvature_ci95[0]), _json_float(self.curvature_ci95[1])],
+            "n_curves": int(self.n_curves),
+            "ci_method": self.ci_method,
+            "n_boot": int(self.n_boot),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GrowthFit":
+        """Inverse of :meth:`to_json` (None -> NaN; extra keys ignored)."""
+        try:
+            return cls(
+                window=(int(data["window"][0]), int(data["window"][1])),
+                growth_factor=_from_json_float(data["growth_factor"]),
+                ci95=(_from_json_float(data["ci95"][0]), _from_json_float(data["ci95"][1])),
+                percent_per_layer=_from_json_float(data["percent_per_layer"]),
+                r2=_from_json_float(data["r2"]),
+                endpoint_growth_factor=_from_json_float(data["endpoint_growth_factor"]),
+                curvature=_from_json_float(data["curvature"]),
+                curvature_ci95=(
+                    _from_json_float(data["curvature_ci95"][0]),
+                    _from_json_float(data["curvature_ci95"][1]),
+                ),
+                n_curves=int(data.get("n_curves", 1)),
+                ci_method=str(data.get("ci_method", "")),
+                n_boot=int(data.get("n_boot", 0)),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise NormgrowthError(
+                f"growth-fit JSON is malformed ({type(err).__name__}: {err}); regenerate it with normgrowth."
+            ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows
+# ----------------------------------------------------------------------------------------------
+
+
+def default_window(n_layers: int) -> Window:
+    """Default inclusive fit window: a = ceil(n/10), b = n - 1 - ceil(n/8).
+
+    Skips the early jump after the embedding (first ceil(n/10) layers) and the last ceil(n/8)
+    layers; n = 48 gives exactly the study's 5..41. If that leaves fewer than 3 layers, the first
+    of (1, n-2), (1, n-1), (0, n-1) with at least 3 layers is used; for n < 3, all layers (0, n-1).
+    """
+    n = int(n_layers)
+    if n < 1:
+        raise NormgrowthError(f"a norm curve needs at least 1 layer, got {n}; check the input curve.")
+    if n < 3:
+        return (0, n - 1)
+    candidates = [(math.ceil(n / 10), n - 1 - math.ceil(n / 8)), (1, n - 2), (1, n - 1), (0, n - 1)]
+    for a, b in candidates:
+        if b - a + 1 >= 3:
+            return (a, b)
+    return (0, n - 1)  # unreachable for n >= 3
+
+
+def _norm_index(i: int, n_layers: int, text: str) -> int:
+    j = i + n_layers if i < 0 else i
+    if not 0 <= j < n_layers:
+        raise NormgrowthError(
+            f"window {text!r} refers to layer {i}, outside 0..{n_layers - 1} (or -{n_layers}..-1) "
+            f"for a {n_layers}-layer curve; choose layers inside that range."
+        )
+    return j
+
+
+def parse_window(text: str, n_layers: int) -> Window:
+    """Parse "a:b" into an inclusive (a, b); negative indices count from the end like Python
+    (-1 = last layer), empty sides mean the first/last layer ("5:" = 5..n-1). Needs a < b."""
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise NormgrowthError(
+            f"window {text!r} is not of the form 'a:b' (inclusive layer indices, e.g. '5:41' or '2:-2')."
+        )
+    left, right = (s.strip() for s in text.split(":"))
+    try:
+        a = int(left) if left else 0
+        b = int(right) if right else n_layers - 1
+    except ValueError:
+        raise NormgrowthError(
+            f"window {text!r} has a non-integer side; use integer layer indices like '5:41' or '2:-2'."
+        ) from None
+    return _check_window((a, b), n_layers, text)
+
+
+def _check_window(window: Sequence[int], n_layers: int, text: str | None = None) -> Window:
+    text = text if text is not None else f"{window[0]}:{window[1]}"
+    a = _norm_index(int(window[0]), n_layers, text)
+    b = _norm_index(int(window[1]), n_layers, text)
+    if b <= a:
+        raise NormgrowthError(
+            f"window {text!r} resolves to layers {a}..{b}; a fit needs a < b (at least 2 layers), "
+            f"so give the start before the end."
+        )
+    return (a, b)
+
+
+def _resolve_window(window: WindowSpec, n_layers: int) -> Window:
+    if window is None:
+        a, b = default_window(n_layers)
+        if b <= a:
+            raise NormgrowthError(
+                f"a growth fit needs at least 2 layers but the curve has {n_layers}; supply a longer curve."
+            )
+        return (a, b)
+    if isinstance(window, str):
+        return parse_window(window, n_layers)
+    try:
+        if len(window) != 2:
+            raise TypeError
+        ints = (int(window[0]), int(window[1]))
+        if ints[0] != window[0] or ints[1] != window[1]:
+            raise TypeError
+    except (TypeError, ValueError):
+        raise NormgrowthError(
+            f"window {window!r} must be a pair of integer layer indices (a, b) or a string 'a:b'."
+        ) from None
+    return _check_window(ints, n_layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Internal numerics
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare(curves: Any, weights: Any, what: str = "curves") -> tuple[np.ndarray, np.ndarray]:
+    """Curves as float64 [n_rows, n_layers] and weights [n_rows] (> 0; zero-weight rows dropped)."""
+    try:
+        arr = np.asarray(curves, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise NormgrowthError(f"{what} must be numeric arrays of norms; got non-numeric values.") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+        raise NormgrowthError(
+            f"{what} must have shape [n_layers] or [n_seqs, n_layers] with at least one layer; got "
+            f"shape {tuple(np.shape(curves))}."
+        )
+    if weights is None:
+        w = np.ones(arr.shape[0])
+    else:
+        try:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise NormgrowthError(f"weights for {what} must be numbers (e.g. tokens per sequence).") from None
+        if w.shape[0] != arr.shape[0]:
+            raise NormgrowthError(
+                f"got {w.shape[0]} weights for {arr.shape[0]} {what} rows; give one weight per sequence."
+            )
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise NormgrowthError(
+                f"weights for {what} must be finite, non-negative and not all zero (e.g. tokens per sequence)."
+            )
+    keep = w > 0
+    return arr[keep], w[keep]
+
+
+def _check_positive(arr: np.ndarray, a: int, b: int, what: str = "norm curve") -> None:
+    """Raise naming the first layer in a..b with a non-positive or non-finite value."""
+    sub = arr[:, a : b + 1]
+    bad = ~np.isfinite(sub) | (sub <= 0)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        order = np.lexsort((rows, cols))  # lowest layer first
+        row, col = int(rows[order[0]]), int(cols[order[0]])
+        layer = a + col
+        seq = f" (sequence {row})" if arr.shape[0] > 1 else ""
+        raise NormgrowthError(
+            f"{what} value {sub[row, col]!r} at layer {layer}{seq} is not positive and finite; norms must be "
+            f"> 0 in layers {a}..{b}, so pick a window that excludes layer {layer} or fix the input."
+        )
+
+
+def _weighted_mean(arr: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """m[l] = sum_s w_s x[s, l] / sum_s w_s."""
+    return (w @ arr) / w.sum()
+
+
+def _check_n_boot(n_boot: int) -> int:
+    n_boot = int(n_boot)
+    if n_boot < MIN_BOOT:
+        raise NormgrowthError(f"n_boot={n_boot} is too few bootstrap resamples; use at least {MIN_BOOT} (default 1000).")
+    return n_boot
+
+
+def _boot_means(arr: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap weighted-mean curves [n_boot, n_layers]: each replicate draws n rows with
+    replacement (counts c_s), mean = sum_s c_s w_s x_s / sum_s c_s w_s. Vectorised in chunks."""
+    n = arr.shape[0]
+    chunk = max(1, min(n_boot, _BOOT_CHUNK_CELLS // max(n, 1)))
+    out = np.empty((n_boot, arr.shape[1]))
+    done = 0
+    while done < n_boot:
+        m = min(chunk, n_boot - done)
+        idx = rng.integers(0, n, size=(m, n))
+        flat = (idx + (np.arange(m) * n)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
+        cw = counts * w
+        out[done : done + m] = (cw @ arr) / cw.sum(axis=1, keepdims=True)
+        done += m
+    return out
+
+
+def _design(layers: np.ndarray, deg: int) -> np.ndarray:
+    """Columns 1, (l - lbar), (l - lbar)^2 ... (centering leaves the slope / top coefficient unchanged)."""
+    x = layers - layers.mean()
+    return np.stack([x**p for p in range(deg + 1)], axis=1)
+
+
+def _polyfit(layers: np.ndarray, y: np.ndarray, deg: int) -> np.ndarray:
+    """Least-squares coefficients for each row of y (shape [..., k]) -> [..., deg + 1]."""
+    return y @ np.linalg.pinv(_design(layers, deg)).T
+
+
+def _se_fit(layers: np.ndarray, y: np.ndarray, deg: int) -> tuple[float, float, int]:
+    """OLS top coefficient, its standard error sqrt(s^2 [(X'X)^-1]_kk), s^2 = RSS/(k - deg - 1), and df."""
+    design = _design(layers, deg)
+    coef = _polyfit(layers, y, deg)
+    df = len(y) - (deg + 1)
+    if df <= 0:
+        return float(coef[deg]), float("nan"), df
+    resid = y - design @ coef
+    s2 = float(resid @ resid) / df
+    cov = s2 * np.linalg.inv(design.T @ design)
+    return float(coef[deg]), float(math.sqrt(max(cov[deg, deg], 0.0))), df
+
+
+def _t_interval(est: float, se: float, df: float) -> tuple[float, float]:
+    if not (math.isfinite(se) and df > 0):
+        return (float("nan"), float("nan"))
+    t = float(stats.t.ppf(0.975, df))
+    return (est - t * se, est + t * se)
+
+
+def _quantiles(x: np.ndarray, axis: int = 0) -> tuple[Any, Any]:
+    lo, hi = np.quantile(x, [0.025, 0.975], axis=axis)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Fits
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_growth(
+    curves: Any,
+    window: WindowSpec = None,
+    weights: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> GrowthFit:
+    """Log-linear growth fit over an inclusive window a..b.
+
+    m = weighted mean of the rows of ``curves`` (``weights`` per row, default equal);
+    fit log m[l] = alpha + beta l (least squares, l = a..b), g = exp(beta), R^2 of that fit;
+    endpoint g_end = (m[b]/m[a])^(1/(b-a)); curvature c from log m[l] = alpha + beta l + c l^2.
+    CI: several rows -> percentile bootstrap over rows (n_boot resamples, rng = default_rng(seed));
+    one row -> exp(beta +- t_{0.975,k-2} SE(beta)) and c +- t_{0.975,k-3} SE(c).
+    """
+    arr, w = _prepare(curves, weights)
+    n_rows, n_layers = arr.shape
+    a, b = _resolve_window(window, n_layers)
+    _check_positive(arr, a, b)
+    layers = np.arange(a, b + 1, dtype=np.float64)
+    k = b - a + 1
+    sub = arr[:, a : b + 1]
+    mean_curve = _weighted_mean(sub, w)
+    y = np.log(mean_curve)
+
+    lin = _polyfit(layers, y, 1)
+    slope = float(lin[1])
+    resid = y - _design(layers, 1) @ lin
+    ss_res = float(resid @ resid)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    endpoint = float((mean_curve[-1] / mean_curve[0]) ** (1.0 / (b - a)))
+    curvature = float(_polyfit(layers, y, 2)[2]) if k >= 3 else float("nan")
+
+    if n_rows >= 2:
+        n_boot = _check_n_boot(n_boot)
+        rng = np.random.default_rng(seed)
+        boot_y = np.log(_boot_means(sub, w, n_boot, rng))
+        slope_lo, slope_hi = _quantiles(_polyfit(layers, boot_y, 1)[:, 1])
+        if k >= 3:
+            c_lo, c_hi = _quantiles(_polyfit(layers, boot_y, 2)[:, 2])
+        else:
+            c_lo = c_hi = float("nan")
+        method, used_boot = CI_BOOTSTRAP, n_boot
+    else:
+        _, se, df = _se_fit(layers, y, 1)
+        slope_lo, slope_hi = _t_interval(slope, se, df)
+        if k >= 3:
+            _, se_c, df_c = _se_fit(layers, y, 2)
+            c_lo, c_hi = _t_interval(curvature, se_c, df_c)
+        else:
+            c_lo = c_hi = float("nan")
+        method, used_boot = CI_SE, 0
+
+    g = math.exp(slope)
+    return GrowthFit(
+        window=(a, b),
+        growth_factor=g,
+        ci95=(float(np.exp(slope_lo)), float(np.exp(slope_hi))),
+        percent_per_layer=100.0 * (g - 1.0),
+        r2=float(r2),
+        endpoint_growth_factor=endpoint,
+        curvature=curvature,
+        curvature_ci95=(float(c_lo), float(c_hi)),
+        n_curves=int(n_rows),
+        ci_method=method,
+        n_boot=used_boot,
+    )
+
+
+def layer_ratios(
+    curves: Any, weights: Any = None, n_boot: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-layer growth ratio r[l-1] = m[l] / m[l-1], l = 1..n_layers-1, of the weighted mean curve m,
+    with 95% percentile-bootstrap CIs over rows (NaN CIs for a single curve)."""
+    arr, w = _prepare(curves, weights)
+    n_rows, n_layers = arr.shape
+    if n_layers < 2:
+        raise NormgrowthError(f"layer ratios need at least 2 layers, the curve has {n_layers}; supply a longer curve.")
+    _check_positive(arr, 0, n_layers - 1)
+    m = _weighted_mean(arr, w)
+    ratio = m[1:] / m[:-1]
+    if n_rows < 2:
+        nan = np.full(n_layers - 1, np.nan)
+        return ratio, nan, nan.copy()
+    n_boot = _check_n_boot(n_boot)
+    boot = _boot_means(arr, w, n_boot, np.random.default_rng(seed))
+    lo, hi = _quantiles(boot[:, 1:] / boot[:, :-1])
+    return ratio, np.asarray(lo), np.asarray(hi)
+
+
+def _slope_stats(
+    curves: Any, weights: Any, window: WindowSpec, n_boot: int, rng: np.random.Generator, what: str
+) -> dict:
+    """Point slope of log m over the window plus bootstrap slopes (several rows) or SE and df (one row)."""
+    arr, w = _prepare(curves, weights, what)
+    a, b = _resolve_window(window, arr.shape[1])
+    _check_positive(arr, a, b, what=f"norm curve of {what}")
+    layers = np.arange(a, b + 1, dtype=np.float64)
+    sub = arr[:, a : b + 1]
+    slope = float(_polyfit(layers, np.log(_weighted_mean(sub, w)), 1)[1])
+    out: dict = {"window": (a, b), "slope": slope, "n_curves": arr.shape[0], "boot": None}
+    if arr.shape[0] >= 2:
+        boot = _polyfit(layers, np.log(_boot_means(sub, w, n_boot, rng)), 1)[:, 1]
+        out.update(boot=boot, se=float(np.std(boot, ddof=1)), df=math.inf)
+    else:
+        _, se, df = _se_fit(layers, np.log(sub[0]), 1)
+        out.update(se=se, df=float(df) if df > 0 else float("nan"))
+    return out
+
+
+def _ws_df(variances: Sequence[float], dfs: Sequence[float]) -> float:
+    """Welch-Satterthwaite df = (sum v_i)^2 / sum (v_i^2 / df_i); infinite-df terms contribute 0."""
+    num = sum(variances) ** 2
+    den = sum(v * v / d for v, d in zip(variances, dfs) if math.isfinite(d))
+    return math.inf if den == 0 else num / den
+
+
+def growth_difference(
+    curves_a: Any,
+    curves_b: Any,
+    window: WindowSpec | tuple[WindowSpec, WindowSpec],
+    weights_a: Any = None,
+    weights_b: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Difference g_a - g_b and ratio g_a / g_b of log-linear growth factors with 95% CIs.
+
+    ``window``: (a, b) or "a:b" used for both curves, None for each curve's default window, or a
+    pair (window_a, window_b). Both sides with several rows: independent percentile bootstraps
+    (seeds spawned from ``seed``), CI from the quantiles of exp(beta_a*) - exp(beta_b*) and
+    exp(beta_a* - beta_b*). Otherwise: SE(g_a - g_b) = sqrt((g_a se_a)^2 + (g_b se_b)^2) (delta method),
+    SE(log ratio) = sqrt(se_a^2 + se_b^2), se = regression SE (one row) or bootstrap SD of beta
+    (several rows, df = inf), t quantile with Welch-Satterthwaite df. significant: CI of the
+    difference excludes 0.
+    """
+    if (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(w is None or isinstance(w, (str, tuple, list)) for w in window)
+    ):
+        window_a, window_b = window
+    else:
+        window_a = window_b = window
+    n_boot = _check_n_boot(n_boot)
+    rng_a, rng_b = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    sa = _slope_stats(curves_a, weights_a, window_a, n_boot, rng_a, "curves_a")
+    sb = _slope_stats(curves_b, weights_b, window_b, n_boot, rng_b, "curves_b")
+    g_a, g_b = math.exp(sa["slope"]), math.exp(sb["slope"])
+    diff, ratio = g_a - g_b, g_a / g_b
+
+    if sa["boot"] is not None and sb["boot"] is not None:
+        d_lo, d_hi = _quantiles(np.exp(sa["boot"]) - np.exp(sb["boot"]))
+        r_lo, r_hi = _quantiles(np.exp(sa["boot"] - sb["boot"]))
+        method = CI_DIFF_BOOTSTRAP
+    else:
+        var_a, var_b = (g_a * sa["se"]) ** 2, (g_b * sb["se"]) ** 2
+        d_lo, d_hi = _t_interval(diff, math.sqrt(var_a + var_b), _ws_df([var_a, var_b], [sa["df"], sb["df"]]))
+        lv_a, lv_b = sa["se"] ** 2, sb["se"] ** 2
+        lr_lo, lr_hi = _t_interval(
+            math.log(ratio), math.sqrt(lv_a + lv_b), _ws_df([lv_a, lv_b], [sa["df"], sb["df"]])
+        )
+        r_lo, r_hi = math.exp(lr_lo), math.exp(lr_hi)
+        method = CI_DIFF_SE
+    d_lo, d_hi, r_lo, r_hi = (float(v) for v in (d_lo, d_hi, r_lo, r_hi))
+    significant = bool(d_lo > 0 or d_hi < 0)  # False when the CI is NaN
+    return {
+        "window_a": list(sa["window"]),
+        "window_b": list(sb["window"]),
+        "growth_factor_a": g_a,
+        "growth_factor_b": g_b,
+        "difference": diff,
+        "difference_ci95": [_json_float(d_lo), _json_float(d_hi)],
+        "ratio": ratio,
+        "ratio_ci95": [_json_float(r_lo), _json_float(r_hi)],
+        "significant": significant,
+        "ci_method": method,
+        "n_curves_a": int(sa["n_curves"]),
+        "n_curves_b": int(sb["n_curves"]),
+        "n_boot": n_boot if (sa["boot"] is not None or sb["boot"] is not None) else 0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix-1 bound of the 2023 study
+# ----------------------------------------------------------------------------------------------
+
+
+def appendix1_bound(
+    resid_pre_mean: Any, attn_out_mean: Any, mlp_out_mean: Any, resid_post_mean: Any
+) -> dict[str, np.ndarray]:
+    """Per-layer growth bound from the triangle inequality, on token means of L2 norms.
+
+    growth_minus_1[l] = resid_post_mean[l] / resid_pre_mean[l] - 1;
+    bound[l] = (attn_out_mean[l] + mlp_out_mean[l]) / resid_pre_mean[l];
+    tightness = growth_minus_1 / bound (NaN where bound = 0); lower_bound = -bound;
+    holds[l] = -bound (1 + eps) <= growth_minus_1 <= bound (1 + eps) up to rtol 1e-5 of the total.
+    Valid exactly when all four means are over the same tokens (see docs/fit.md).
+    """
+    names = ("resid_pre_mean", "attn_out_mean", "mlp_out_mean", "resid_post_mean")
+    arrays = []
+    for name, val in zip(names, (resid_pre_mean, attn_out_mean, mlp_out_mean, resid_post_mean)):
+        try:
+            arr = np.asarray(val, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise NormgrowthError(f"{name} must be a numeric array of mean norms per layer.") from None
+        if arr.ndim != 1 or arr.size == 0:
+            raise NormgrowthError(f"{name} must be a 1-D array [n_layers]; got shape {arr.shape}.")
+        arrays.append(arr)
+    if len({arr.shape for arr in arrays}) != 1:
+        raise NormgrowthError(
+            "resid_pre_mean, attn_out_mean, mlp_out_mean and resid_post_mean must have the same length "
+            f"(got {[arr.size for arr in arrays]}); pass per-layer means from the same run."
+        )
+    for name, arr in zip(names, arrays):
+        bad = ~np.isfinite(arr) | (arr <= 0 if name == "resid_pre_mean" else arr < 0)
+        if bad.any():
+            layer = int(np.argmax(bad))
+            need = "positive" if name == "resid_pre_mean" else "non-negative"
+            raise NormgrowthError(
+                f"{name} at layer {layer} is {arr[layer]!r}; mean norms must be finite and {need}."
+            )
+    pre, attn, mlp, post = arrays
+    growth_minus_1 = post / pre - 1.0
+    bound = (attn + mlp) / pre
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tightness = np.where(bound > 0, growth_minus_1 / np.where(bound > 0, bound, 1.0), np.nan)
+    slack = _HOLDS_RTOL * (pre + attn + mlp) / pre
+    holds = (growth_minus_1 <= bound + slack) & (growth_minus_1 >= -bound - slack)
+    return {
+        "growth_minus_1": growth_minus_1,
+        "bound": bound,
+        "tightness": tightness,
+        "lower_bound": -bound,
+        "holds": holds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading curves
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _assemble(layers: list, values: list, path: Path) -> np.ndarray:
+    """Sort (layer, value) pairs by layer; layers must be exactly 0..n-1."""
+    layer_ints = []
+    for raw in layers:
+        try:
+            f = float(raw)
+        except (TypeError, ValueError):
+            raise NormgrowthError(f"{path}: layer {raw!r} is not an integer; number layers 0..n-1.") from None
+        if isinstance(raw, bool) or not math.isfinite(f) or f != int(f) or f < 0:
+            raise NormgrowthError(f"{path}: layer {raw!r} is not a non-negative integer; number layers 0..n-1.")
+        layer_ints.append(int(f))
+    seen: set[int] = set()
+    for layer in layer_ints:
+        if layer in seen:
+            raise NormgrowthError(f"{path}: layer {layer} appears more than once; give one value per layer.")
+        seen.add(layer)
+    missing = sorted(set(range(max(layer_ints) + 1)) - seen)
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise NormgrowthError(
+            f"{path}: layer(s) {shown} missing; layers must be numbered 0..n-1 with one value each."
+        )
+    order = np.argsort(layer_ints)
+    return np.asarray(values, dtype=np.float64)[order]
+
+
+def _check_values(values: list, path: Path, where: list[str], json_types: bool = False) -> list[float]:
+    out = []
+    for raw, loc in zip(values, where):
+        if isinstance(raw, bool) or raw is None or (json_types and not isinstance(raw, (int, float))):
+            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.")
+        try:
+            f = float(raw)
+        except (TypeError, ValueError):
+            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.") from None
+        if not math.isfinite(f):
+            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not finite; give finite norms.")
+        out.append(f)
+    return out
+
+
+def _read_json_curve(text: str, path: Path) -> np.ndarray:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise NormgrowthError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
+    if isinstance(data, list):
+        if not data:
+            raise NormgrowthError(f"{path}: the JSON list is empty; give one norm per layer.")
+        return np.asarray(_check_values(data, path, [f"index {i}" for i in range(len(data))], json_types=True))
+    if isinstance(data, dict) and "layer" in data and "value" in data:
+        layers, values = data["layer"], data["value"]
+        if not isinstance(layers, list) or not isinstance(values, list) or len(layers) != len(values):
+            raise NormgrowthError(f"{path}: 'layer' and 'value' must be JSON lists of the same length.")
+        if not values:
+            raise NormgrowthError(f"{path}: 'layer' and 'value' are empty; give one norm per layer.")
+        vals = _check_values(values, path, [f"layer {layer!r}" for layer in layers], json_types=True)
+        return _assemble(layers, vals, path)
+    raise NormgrowthError(
+        f"{path}: JSON must be a list of numbers or an object with 'layer' and 'value' lists."
+    )
+
+
+def _read_csv_curve(text: str, path: Path) -> np.ndarray:
+    rows = []
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [c.strip() for c in row]
+        if not cells or all(c == "" for c in cells) or cells[0].startswith("#"):
+            continue
+        rows.append((lineno, cells))
+    if not rows:
+        raise NormgrowthError(f"{path}: the file has no data rows; give one norm per layer.")
+    header = None
+    first_line, first = rows[0]
+    if not all(_is_number(c) for c in first):
+        header = [c.lower() for c in first]
+        rows = rows[1:]
+        if not rows:
+            raise NormgrowthError(f"{path}: the file has a header but no data rows; give one norm per layer.")
+    n_cols = len(header) if header is not None else len(first)
+    for lineno, cells in rows:
+        if len(cells) != n_cols:
+            raise NormgrowthError(
+                f"{path}: line {lineno} has {len(cells)} column(s), expected {n_cols}; every row needs the same columns."
+            )
+    if n_cols == 1:
+        return np.asarray(_check_values([c[0] for _, c in rows], path, [f"line {ln}" for ln, _ in rows]))
+    if header is None:
+        raise NormgrowthError(
+            f"{path}: a CSV with {n_cols} columns needs a header naming 'layer' and 'value' columns."
+        )
+    if "layer" not in header or "value" not in header:
+        raise NormgrowthError(
+            f"{path}: the CSV header {','.join(header)!r} lacks a 'layer' or 'value' column; name them so."
+        )
+    li, vi = header.index("layer"), header.index("value")
+    layers = [c[li] for _, c in rows]
+    vals = _check_values([c[vi] for _, c in rows], path, [f"line {ln}" for ln, _ in rows])
+    return _assemble(layers, vals, path)
+
+
+def read_curve(path: str | Path) -> np.ndarray:
+    """Read a norm curve [n_layers] (float64) from CSV or JSON.
+
+    CSV: one column of values (optional one-word header), or a header with 'layer' and 'value'
+    columns (rows in any order, sorted by layer). JSON: a list of numbers, or {"layer": [...],
+    "value": [...]}. Format from the suffix (.json / .csv), otherwise sniffed from the first character.
+    Layers must be 0..n-1 exactly once; values finite.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise NormgrowthError(f"curve file {p} does not exist; check the path.")
+    if not p.is_file():
+        raise NormgrowthError(f"curve path {p} is not a file; give a CSV or JSON file.")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise NormgrowthError(f"cannot read curve file {p} ({err}); give a UTF-8 CSV or JSON file.") from None
+    stripped = text.strip()
+    if not stripped:
+        raise NormgrowthError(f"curve file {p} is empty; give one norm per layer as CSV or JSON.")
+    suffix = p.suffix.lower()
+    is_json = suffix == ".json" or (suffix != ".csv" and stripped[0] in "[{")
+    return _read_json_curve(stripped, p) if is_json else _read_csv_curve(stripped, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------
+
+
+def curvature_flag(fit: GrowthFit) -> str:
+    """'faster than exponential' if the curvature CI is above 0, 'slower ...' if below, else ''."""
+    lo, hi = fit.curvature_ci95
+    if math.isfinite(lo) and lo > 0:
+        return "faster than exponential"
+    if math.isfinite(hi) and hi < 0:
+        return "slower than exponential"
+    return ""
+
+
+def _fmt(x: float, spec: str) -> str:
+    return format(x, spec) if math.isfinite(x) else "nan"
+
+
+def format_fit_table(fits: dict[str, GrowthFit]) -> str:
+    """Plain-text table, one row per site: g [95% CI], % per layer, endpoint g, R^2,
+    curvature [95% CI], window, curves, and a curvature flag when its CI excludes 0."""
+    header = ["site", "g/layer [95% CI]", "%/layer", "endpoint g", "R^2", "curvature [95% CI]", "window", "curves", "note"]
+    rows = [header]
+    for site, fit in fits.items():
+        rows.append([
+            str(site),
+            f"{_fmt(fit.growth_factor, '.4f')} [{_fmt(fit.ci95[0], '.4f')}, {_fmt(fit.ci95[1], '.4f')}]",
+            _fmt(fit.percent_per_layer, "+.2f"),
+            _fmt(fit.endpoint_growth_factor, ".4f"),
+            _fmt(fit.r2, ".4f"),
+            f"{_fmt(fit.curvature, '+.2e')} [{_fmt(fit.curvature_ci95[0], '+.2e')}, {_fmt(fit.curvature_ci95[1], '+.2e')}]",
+            f"{fit.window[0]}:{fit.window[1]}",
+            str(fit.n_curves),
+            curvature_flag(fit),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    ci_methods = sorted({fit.ci_method for fit in fits.values()})
+    if ci_methods:
+        lines.append(f"CI: {'; '.join(ci_methods)}. curvature = c in log n = a + b*l + c*l^2 (per layer^2).")
+    return "\n".join(lines)
