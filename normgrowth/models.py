@@ -337,15 +337,25 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _load_tokenizer(spec: str, revision: Optional[str]) -> Any:
+    """The checkpoint's tokenizer, or None when it ships none (token-id data still works).
+
+    A local directory needs tokenizer files: recent ``transformers`` otherwise builds an empty tokenizer.
+    """
     from transformers import AutoTokenizer
 
+    if Path(spec).is_dir() and not any((Path(spec) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(spec, revision=revision)
-    except Exception:  # no tokenizer files: token-id data still works
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+    except Exception:  # no usable tokenizer files
         return None
+    return tokenizer if len(tokenizer) > 0 else None
 
 
 def _bos_id(config: Any, tokenizer: Any) -> Optional[int]:

@@ -1,0 +1,173 @@
+"""Data sources, results round trip, and the report CLI (schema, errors, exit codes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from normgrowth.collect import collect
+from normgrowth.data import builtin_prompts, load_tokens
+from normgrowth.errors import NormgrowthError
+from normgrowth.results import Results
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (mod 90) + 10, so ids never collide with BOS = 0."""
+
+    bos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [10 + (ord(c) % 90) for c in text]}
+
+
+def test_builtin_prompts_are_many_and_varied():
+    prompts = builtin_prompts()
+    assert len(prompts) >= 50
+    assert len(set(prompts)) == len(prompts)
+    assert any("def " in p for p in prompts) and any("?" in p for p in prompts)
+
+
+def test_text_gets_bos_and_mask_not_pad_id(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("first doc\nstill first\n\nsecond\n\n\nthird one here")
+    batch = load_tokens(str(path), tokenizer=CharTokenizer(), bos_token_id=0, n_ctx=64)
+    assert len(batch) == 3
+    assert (batch.tokens[:, 0] == 0).all()
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert lengths == [1 + len("first doc\nstill first"), 1 + len("second"), 1 + len("third one here")]
+    assert batch.n_tokens == sum(lengths) - 3
+
+
+def test_jsonl_and_bad_jsonl(tmp_path):
+    good = tmp_path / "d.jsonl"
+    good.write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "hello"}) + "\n")
+    batch = load_tokens(str(good), tokenizer=CharTokenizer(), bos_token_id=0)
+    assert batch.attention_mask.sum(1).tolist() == [4, 6]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    with pytest.raises(NormgrowthError, match='line 1 .*"text" field'):
+        load_tokens(str(bad), tokenizer=CharTokenizer(), bos_token_id=0)
+
+
+def test_token_array_used_exactly(tmp_path):
+    ids = np.random.RandomState(0).randint(1, 100, size=(6, 9))
+    np.save(tmp_path / "t.npy", ids)
+    torch.save(torch.from_numpy(ids), tmp_path / "t.pt")
+    for name in ("t.npy", "t.pt"):
+        batch = load_tokens(str(tmp_path / name), vocab_size=100, n_ctx=64)
+        np.testing.assert_array_equal(batch.tokens.numpy(), ids)  # no BOS added, every row
+        assert batch.attention_mask.all()
+    assert len(load_tokens(str(tmp_path / "t.npy"), n_seqs=2, vocab_size=100)) == 2
+
+
+def test_truncation_beyond_context_warns_once(tmp_path):
+    np.save(tmp_path / "long.npy", np.ones((3, 40), dtype=np.int64))
+    with pytest.warns(UserWarning, match="longer than the model's context") as record:
+        batch = load_tokens(str(tmp_path / "long.npy"), n_ctx=16, vocab_size=100)
+    assert batch.tokens.shape == (3, 16) and len(record) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.ones((2, 3), dtype=np.float32), "integer array"),
+    (np.ones(5, dtype=np.int64), "integer array"),
+    (np.full((2, 3), 500, dtype=np.int64), "vocabulary"),
+])
+def test_bad_token_files(tmp_path, content, message):
+    np.save(tmp_path / "bad.npy", content)
+    with pytest.raises(NormgrowthError, match=message):
+        load_tokens(str(tmp_path / "bad.npy"), vocab_size=100)
+
+
+def test_text_without_tokenizer_says_token_ids_needed(loaded):
+    model = loaded("gpt2")  # the tiny test checkpoints ship no tokenizer
+    assert model.tokenizer is None
+    with pytest.raises(NormgrowthError, match="no tokenizer.*token ids"):
+        load_tokens("builtin", model)
+
+
+def test_missing_data_file():
+    with pytest.raises(NormgrowthError, match="does not exist"):
+        load_tokens("./nope.txt", tokenizer=CharTokenizer(), bos_token_id=0)
+
+
+def test_results_round_trip_exact(loaded, token_file, tmp_path):
+    res = collect(loaded("neox"), load_tokens(str(token_file), loaded("neox")), batch_size=4)
+    res.extra["fit"] = {"resid_post": {"growth_factor": 1.5}}
+    path = res.save(tmp_path / "r")
+    back = Results.load(path)
+    assert back.meta == res.meta
+    assert back.sites["resid_mid"] is None
+    for key, arr in res.arrays().items():
+        np.testing.assert_array_equal(back.arrays()[key], arr, err_msg=key)
+    assert back.extra["fit"] == res.extra["fit"]
+    doc = json.loads(path.read_text())
+    for key in ("model", "ln_free", "normalization", "n_layers", "d_model", "n_seqs", "n_tokens", "sites", "heads"):
+        assert key in doc
+    assert set(doc["sites"]) == {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
+    for key in ("mean", "std", "centered_mean", "bos_mean", "median"):
+        assert len(doc["sites"]["resid_post"][key]) == 3
+    assert np.array(doc["heads"]["mean"]).shape == (3, 4)
+    # a torn write (npz replaced after the JSON) is detected, never read
+    np.savez(tmp_path / "r.npz", junk=np.zeros(1))
+    with pytest.raises(NormgrowthError, match="does not match"):
+        Results.load(path)
+
+
+def run_cli(*args, env_extra=None):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "normgrowth.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_report_writes_schema(tiny_dirs, token_file, tmp_path):
+    out = tmp_path / "report.json"
+    proc = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--json", str(out),
+                   "--batch-size", "3", "--out", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resid_post" in proc.stdout and "layer" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["ln_free"] is True and doc["normalization"] == "none" and doc["n_layers"] == 3
+    assert doc["n_tokens"] == 7 * 12 and doc["n_seqs"] == 7
+    assert set(doc["fit"]) >= {"resid_pre", "resid_post"}
+    # a second identical run reuses the cached result; a changed setting computes a new one
+    again = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--batch-size", "3",
+                    "--out", str(tmp_path / "cache"))
+    assert "reusing cached result" in again.stderr
+    changed = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--n-seqs", "3",
+                      "--out", str(tmp_path / "cache"))
+    assert changed.returncode == 0 and "reusing" not in changed.stderr
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("report", "/no/such/dir"), "does not exist"),
+    (("report", "someone/unknown-model"), "hub cannot be reached"),
+])
+def test_cli_errors_are_one_line_exit_2(args, message, tmp_path):
+    out = tmp_path / "x.json"
+    proc = run_cli(*args, "--json", str(out))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_bad_data_exit_2(tiny_dirs, tmp_path):
+    out = tmp_path / "x.json"
+    proc = run_cli("report", str(tiny_dirs["gpt2"]), "--data", "builtin", "--json", str(out))
+    assert proc.returncode == 2 and "token ids" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_help_imports_no_heavy_library():
+    code = ("import sys; from normgrowth import cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
