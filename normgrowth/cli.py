@@ -97,38 +97,19 @@ def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS,
            json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
            revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit).")):
     """Collect residual-stream norms per layer and print the per-layer table and growth fits."""
+    from .fit import format_fit_table
+    from .report import report_document, site_fits
     from .results import atomic_write_json, format_report_table
 
     res, _ = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision)
     _echo(format_report_table(res))
-    fits = _site_fits(res, window)
+    fits = site_fits(res, window)
     if fits:
-        from .fit import format_fit_table
-
         _echo("\ngrowth fits (log-linear over the window; 95 % CI by bootstrap over sequences):")
         _echo(format_fit_table(fits))
     if json_path is not None:
-        doc = res.to_json()
-        doc["fit"] = {site: f.to_json() for site, f in fits.items()}
-        atomic_write_json(json_path, doc)
+        atomic_write_json(json_path, report_document(res, window, fits))
         typer.echo(f"wrote {json_path}", err=True)
-
-
-def _site_fits(res, window: Optional[str]) -> dict:
-    """A GrowthFit per residual site (resid_pre, resid_mid, resid_post), from the per-sequence curves."""
-    try:
-        from .fit import fit_growth, parse_window
-    except ImportError:  # fitters not installed in this build
-        return {}
-    n_layers = res.meta.n_layers
-    win = parse_window(window, n_layers) if window else None
-    fits = {}
-    for site in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-        st = res.sites.get(site)
-        if st is None or n_layers < 2:
-            continue
-        fits[site] = fit_growth(st.seq_mean, window=win, weights=res.seq_n_tokens)
-    return fits
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""The ``report`` document: collected statistics plus their growth fits, ratios and the Appendix-1 bound.
+
+``report_document(results)`` is what ``normgrowth report --json`` writes and what ``compare`` and the
+figure scripts read. On top of :meth:`Results.to_json` it adds:
+
+* ``fit``: a :class:`~normgrowth.fit.GrowthFit` per site (log-linear fit of the token-weighted mean of the
+  per-sequence curves; 95 % CI by bootstrap over sequences);
+* ``layer_ratios``: per site, norm[l] / norm[l-1] with bootstrap CIs;
+* ``appendix1``: the study's bound g_l - 1 <= (||attn_out_l|| + ||mlp_out_l||) / ||resid_pre_l|| (means);
+* ``position``: mean ||x|| per position for resid_pre and resid_post (position 0 included), and the
+  number of sequences reaching each position;
+* ``head_seq_count``: the number of per-sequence curves behind each fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .fit import GrowthFit, appendix1_bound, fit_growth, layer_ratios, parse_window
+from .results import SITES, Results
+
+N_BOOT = 1000
+
+
+def site_fits(res: Results, window: Optional[str] = None, seed: int = 0) -> dict[str, GrowthFit]:
+    """A GrowthFit per site, from the per-sequence mean curves weighted by their token counts."""
+    n_layers = res.meta.n_layers
+    if n_layers < 2:
+        return {}
+    win = parse_window(window, n_layers) if window else None
+    return {site: fit_growth(st.seq_mean, window=win, weights=res.seq_n_tokens, n_boot=N_BOOT, seed=seed)
+            for site, st in res.sites.items() if st is not None}
+
+
+def report_document(res: Results, window: Optional[str] = None, fits: Optional[dict[str, GrowthFit]] = None
+                    ) -> dict[str, Any]:
+    doc = res.to_json()
+    fits = site_fits(res, window) if fits is None else fits
+    doc["fit"] = {site: f.to_json() for site, f in fits.items()}
+    ratios = {}
+    if res.meta.n_layers >= 2:
+        for site, st in res.sites.items():
+            if st is None:
+                continue
+            ratio, lo, hi = layer_ratios(st.seq_mean, weights=res.seq_n_tokens, n_boot=N_BOOT)
+            ratios[site] = {"ratio": ratio, "ci95_lo": lo, "ci95_hi": hi}
+    doc["layer_ratios"] = ratios
+    s = res.sites
+    bound = appendix1_bound(s["resid_pre"].mean, s["attn_out"].mean, s["mlp_out"].mean, s["resid_post"].mean)
+    doc["appendix1"] = {k: np.asarray(v) for k, v in bound.items()}
+    doc["position"] = {site: res.sites[site].position_mean for site in ("resid_pre", "resid_post")}
+    doc["position_count"] = res.position_count
+    doc["sites_order"] = list(SITES)
+    return doc
