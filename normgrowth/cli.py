@@ -112,6 +112,26 @@ def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS,
         typer.echo(f"wrote {json_path}", err=True)
 
 
+@app.command("fit")
+def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or columns layer,value) or JSON list of per-layer norms."),
+                window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON,
+                n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (only for several curves).")):
+    """Fit a per-layer norm curve measured elsewhere (e.g. a published one)."""
+    from .fit import fit_growth, format_fit_table, parse_window, read_curve
+    from .results import atomic_write_json
+
+    values = read_curve(curve)
+    win = parse_window(window, len(values)) if window else None
+    fit = fit_growth(values, window=win, n_boot=n_boot)
+    _echo(f"{curve}: {len(values)} layers")
+    _echo(format_fit_table({curve.stem: fit}))
+    a, b = fit.window
+    _echo(f"endpoint estimate (n[{b}]/n[{a}])^(1/{b - a}) = {fit.endpoint_growth_factor:.6f}")
+    if json_path is not None:
+        atomic_write_json(json_path, fit.to_json())
+        typer.echo(f"wrote {json_path}", err=True)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     from .errors import NormgrowthError
