@@ -1,0 +1,505 @@
+"""Do the weights themselves grow with depth? Weight norms per layer, and layer gains on random inputs.
+
+Two analyses, both documented formula by formula in ``docs/weights.md``:
+
+* :func:`weight_norms` (no data): Frobenius norms of every layer's weights, with the preceding
+  normalisation's gain folded into the matrices that read the normalised stream
+  (``W_OV^h = diag(g1) W_V^h W_O^h``, ``diag(g2) W_in``), plus a growth fit of each per-layer series.
+* :func:`random_input_gains` (one forward pass): the norm of each attention and MLP output when the
+  block's norms see seeded random vectors instead of the stream; :func:`compare_gains` sets them
+  next to the real outputs from a collected :class:`~normgrowth.results.Results`.
+
+The math lives in small pure functions on tensors (``effective_gain``, ``folded_ov_norms``,
+``folded_frobenius``, ``standardised_normal``); the model plumbing calls them layer by layer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import NormgrowthError
+
+# Per-layer scalar series of WeightNorms, in table order (W_OV_heads is the per-head list).
+LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
+                               "gain_attn", "gain_mlp")
+# Series that get a growth fit: the head mean of ||W_OV^h|| first, then every scalar series.
+FIT_SERIES: tuple[str, ...] = ("W_OV_mean",) + LAYER_KEYS
+
+# Random-input pass: which norm a hook site feeds, and its index in the seed.
+RANDOM_SITES: tuple[tuple[str, str, int], ...] = (("ln1_in", "attn", 0), ("ln2_in", "mlp", 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# pure math
+# ----------------------------------------------------------------------------------------------
+def effective_gain(gain_stored: torch.Tensor, eps: float, ln_free: bool) -> torch.Tensor:
+    """The gain that multiplies the normalised input: ``g`` for LN/RMS, ``g_stored / sqrt(eps)`` LN-free.
+
+    An LN-free norm computes ``(x - mean) * g_stored / sqrt(var + eps) + b`` with ``var << eps``,
+    i.e. ``(x - mean) * g_eff + b`` with ``g_eff = g_stored / sqrt(eps)`` (``= g_orig / sigma_avg``
+    for the published format, whose ``g_stored = g_orig * sqrt(eps) / sigma_avg``).
+    """
+    g = gain_stored.to(torch.float64)
+    return g / math.sqrt(eps) if ln_free else g
+
+
+def frobenius(t: Optional[torch.Tensor]) -> Optional[float]:
+    """``||t||_F = sqrt(sum t_ij^2)`` accumulated in float64; ``None`` for a missing tensor."""
+    if t is None:
+        return None
+    return float(torch.linalg.vector_norm(t.detach().to(torch.float64)))
+
+
+def folded_frobenius(gain: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[float]:
+    """``||diag(gain) W||_F`` for ``W`` of shape ``[d_model, n]`` (rows read the normalised stream)."""
+    if weight is None:
+        return None
+    w = weight.detach().to(torch.float64)
+    return float(torch.linalg.vector_norm(gain.to(w.device, torch.float64)[:, None] * w))
+
+
+def folded_ov_norms(gain: torch.Tensor, W_V: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """``||diag(gain) W_V^h W_O^h||_F`` per head, float64 ``[n_heads]``.
+
+    ``W_V`` is ``[n_heads, d_model, d_head]`` (query heads; K/V already repeated for GQA), ``W_O``
+    ``[n_heads, d_head, d_model]``. With ``A = diag(gain) W_V^h`` and ``B = W_O^h``,
+    ``||A B||_F^2 = sum_ij (A^T A)_ij (B B^T)_ij``: two ``d_head x d_head`` Gram matrices instead of
+    a ``d_model x d_model`` product per head.
+    """
+    a = gain.to(W_V.device, torch.float64)[None, :, None] * W_V.detach().to(torch.float64)
+    b = W_O.detach().to(torch.float64)
+    gram_a = torch.einsum("hdi,hdj->hij", a, a)
+    gram_b = torch.einsum("hid,hjd->hij", b, b)
+    sq = (gram_a * gram_b).sum(dim=(1, 2))
+    return sq.clamp_min(0.0).sqrt().cpu()
+
+
+def standardised_normal(shape: Sequence[int], std: float, seed: int) -> torch.Tensor:
+    """Seeded float32 ``z ~ N(0, 1)``, each last-axis vector centred and scaled to population std ``std``.
+
+    ``z_t <- std * (z_t - mean(z_t)) / sqrt(mean((z_t - mean(z_t))^2))``: every token then has mean 0
+    and centred std (= RMS) exactly ``std``, the quantity a LayerNorm, an RMSNorm and an LN-free norm
+    divide by (or, LN-free, do not divide by).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(*shape, generator=gen, dtype=torch.float32)
+    z = z - z.mean(dim=-1, keepdim=True)
+    z = z / z.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return z * float(std)
+
+
+def _random_seed(seed: int, layer: int, site_index: int) -> int:
+    """A distinct, reproducible torch seed for each (seed, layer, norm)."""
+    return int(np.random.SeedSequence([int(seed), int(layer), int(site_index)]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# weight norms
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class WeightNorms:
+    """Per-layer weight norms of one model and the growth fit of each per-layer series."""
+
+    model: str  # model spec as loaded
+    ln_free: bool  # gains are the effective gains g_stored / sqrt(eps)
+    normalization: str  # "LN", "RMS" or "none"
+    W_OV_heads: np.ndarray  # [n_layers, n_heads]: ||diag(g1) W_V^h W_O^h||_F per query head
+    layers: dict[str, list[Optional[float]]]  # LAYER_KEYS -> per-layer values (None: not in the checkpoint)
+    gain_final: float  # ||g_f||_2 of the final norm (effective gain for LN-free)
+    fit: dict[str, Any] = field(default_factory=dict)  # series -> GrowthFit
+    fit_skipped: dict[str, str] = field(default_factory=dict)  # series -> why it was not fitted
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.W_OV_heads.shape[0])
+
+    def series(self, name: str) -> Optional[np.ndarray]:
+        """Per-layer values of series ``name`` (``W_OV_mean`` or a LAYER_KEYS name); None if absent."""
+        if name == "W_OV_mean":
+            return self.W_OV_heads.mean(axis=1)
+        values = self.layers[name]
+        if any(v is None for v in values):
+            return None
+        return np.asarray(values, dtype=np.float64)
+
+    def to_json(self) -> dict:
+        layers = []
+        for i in range(self.n_layers):
+            row: dict[str, Any] = {"W_OV_heads": [float(x) for x in self.W_OV_heads[i]]}
+            for key in LAYER_KEYS:
+                v = self.layers[key][i]
+                row[key] = None if v is None else float(v)
+            layers.append(row)
+        return {
+            "layers": layers,
+            "gain_final": float(self.gain_final),
+            "fit": {name: f.to_json() for name, f in self.fit.items()},
+            "fit_skipped": dict(self.fit_skipped),
+            "model": self.model,
+            "ln_free": bool(self.ln_free),
+        }
+
+
+def _norm_eps_of(module: torch.nn.Module) -> float:
+    from .models import _norm_eps
+
+    return _norm_eps(module)
+
+
+def _layer_gains(model: Any, which: str, stored: torch.Tensor) -> list[torch.Tensor]:
+    """Effective gain vectors (float64) of the ``ln1``/``ln2``/``ln_final`` norms, one per module."""
+    mods = model.norm_modules(which)
+    return [effective_gain(stored[i], _norm_eps_of(mods[i]), model.ln_free) for i in range(stored.shape[0])]
+
+
+def check_finite_gains(model: Any) -> None:
+    """Raise when a normalisation gain is inf/NaN (an LN-free checkpoint's 1e6-scaled gains overflow float16)."""
+    for which in ("ln1", "ln2", "ln_final"):
+        for i, mod in enumerate(model.norm_modules(which)):
+            w = getattr(mod, "weight", None)
+            if w is not None and not bool(torch.isfinite(w.detach()).all()):
+                hint = (" (LN-free gains are stored x1e6 and overflow float16: load it in float32 or bfloat16)"
+                        if model.ln_free or model.norm_eps >= 1e6 else "")
+                raise NormgrowthError(f"the {which} gain of {model.spec!r} (module {i}) is not finite{hint}; "
+                                      "reload the model in float32.")
+
+
+def weight_norms(model: Any, window: Any = None) -> WeightNorms:
+    """Frobenius norms of every layer's weights (norm gains folded in) and their growth fits.
+
+    Per layer ``l`` (``g1``/``g2`` the effective gains of the attention's / MLP's norm):
+    ``W_OV_heads[h] = ||diag(g1) W_V^h W_O^h||_F`` (query head h reads K/V head
+    ``h // (n_heads // n_kv_heads)``); ``W_Q, W_K, W_V, W_O`` = Frobenius norm of the whole layer's
+    raw matrix (stored K/V heads for GQA); ``W_in = ||diag(g2) W_in||_F``, ``W_gate`` likewise
+    (gated MLPs); ``W_out``, ``b_O``, ``b_in``, ``b_out`` raw (None when the checkpoint has no such
+    bias); ``gain_attn = ||g1||``, ``gain_mlp = ||g2||``. Every series is fitted with
+    ``fit_growth(series, window)``; a series with a missing or zero value is skipped.
+    """
+    check_finite_gains(model)
+    sw = model.stacked_weights()
+    n_layers = model.n_layers
+    g1 = _layer_gains(model, "ln1", sw["ln1_w"])
+    g2 = _layer_gains(model, "ln2", sw["ln2_w"])
+    gf = _layer_gains(model, "ln_final", sw["lnf_w"])[0]
+
+    ov = np.zeros((n_layers, model.n_heads), dtype=np.float64)
+    layers: dict[str, list[Optional[float]]] = {k: [] for k in LAYER_KEYS}
+
+    def at(key: str, l: int) -> Optional[torch.Tensor]:
+        t = sw.get(key)
+        return None if t is None else t[l]
+
+    with torch.no_grad():
+        for l in range(n_layers):
+            ov[l] = folded_ov_norms(g1[l], sw["W_V"][l], sw["W_O"][l]).numpy()
+            layers["W_Q"].append(frobenius(at("W_Q", l)))
+            layers["W_K"].append(frobenius(at("W_K_stored", l)))
+            layers["W_V"].append(frobenius(at("W_V_stored", l)))
+            layers["W_O"].append(frobenius(at("W_O", l)))
+            layers["b_O"].append(frobenius(at("b_O", l)))
+            layers["W_in"].append(folded_frobenius(g2[l], at("W_in", l)))
+            layers["W_gate"].append(folded_frobenius(g2[l], at("W_gate", l)))
+            layers["W_out"].append(frobenius(at("W_out", l)))
+            layers["b_in"].append(frobenius(at("b_in", l)))
+            layers["b_out"].append(frobenius(at("b_out", l)))
+            layers["gain_attn"].append(frobenius(g1[l]))
+            layers["gain_mlp"].append(frobenius(g2[l]))
+
+    wn = WeightNorms(model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
+                     W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)))
+    wn.fit, wn.fit_skipped = fit_series({name: wn.series(name) for name in FIT_SERIES}, window)
+    return wn
+
+
+def fit_series(series: Mapping[str, Optional[np.ndarray]], window: Any = None
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``fit_growth`` on each single per-layer curve; returns (fits, {skipped series: reason}).
+
+    A series is skipped (not fitted) when it is absent (None: the checkpoint has no such weight),
+    has a zero value (log-linear fit impossible) or a non-finite value.
+    """
+    from .fit import fit_growth
+
+    fits: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, values in series.items():
+        if values is None:
+            skipped[name] = "not in this checkpoint"
+            continue
+        arr = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            skipped[name] = "has a non-finite value"
+            continue
+        if np.any(arr <= 0):
+            skipped[name] = "has a zero value (no log-linear fit)"
+            continue
+        try:
+            fits[name] = fit_growth(arr, window)
+        except NormgrowthError as err:
+            skipped[name] = str(err)
+    return fits, skipped
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    if v == 0 or 1e-3 <= abs(v) < 1e5:
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _fit_table(fits: Mapping[str, Any], skipped: Mapping[str, str]) -> str:
+    from .fit import format_fit_table
+
+    out = format_fit_table(dict(fits)) if fits else "(no series fitted)"
+    if skipped:
+        out += "\nnot fitted: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+    return out
+
+
+def format_weight_table(wn: WeightNorms) -> str:
+    """Per-layer table of the weight norms, then the growth-fit table (and the series not fitted)."""
+    keys = [k for k in LAYER_KEYS if any(v is not None for v in wn.layers[k])]
+    header = ["layer", "W_OV_mean", "W_OV_max"] + keys
+    rows = []
+    for l in range(wn.n_layers):
+        rows.append([str(l), _fmt(float(wn.W_OV_heads[l].mean())), _fmt(float(wn.W_OV_heads[l].max()))]
+                    + [_fmt(wn.layers[k][l]) for k in keys])
+    gain_note = ("gains are effective gains g_stored/sqrt(eps) (LN-free)" if wn.ln_free
+                 else "gains as stored")
+    title = (f"weight norms of {wn.model} (Frobenius; W_OV, W_in, W_gate with their norm's gain folded in; "
+             f"{gain_note}; final-norm gain {_fmt(wn.gain_final)})")
+    return title + "\n" + _table(header, rows) + "\n\ngrowth fits per layer\n" + _fit_table(wn.fit, wn.fit_skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# random-input gains
+# ----------------------------------------------------------------------------------------------
+StdSpec = Union[None, float, Sequence[float], Mapping[str, Any]]
+
+
+def _resolve_input_std(model: Any, input_std: StdSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-layer centred std of the random vectors fed to (attention norm, MLP norm), and its source."""
+    n = model.n_layers
+
+    def as_layers(v: Any, what: str) -> np.ndarray:
+        arr = np.asarray(v, dtype=np.float64)
+        if arr.ndim == 0:
+            arr = np.full(n, float(arr))
+        if arr.shape != (n,):
+            raise NormgrowthError(f"input_std {what} has shape {arr.shape}: give one value per layer ({n}).")
+        if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+            raise NormgrowthError(f"input_std {what} must be positive and finite: pass the real inputs' stds.")
+        return arr
+
+    if input_std is None:
+        if model.ln_free:
+            warnings.warn(f"model {model.spec!r} is LN-free: its norms do not remove the input scale, so the "
+                          "random-input gains are for unit-std inputs; pass input_std (e.g. "
+                          "input_std_from_results(results, model)) to use the real inputs' scale.")
+            return np.ones(n), np.ones(n), "unit (LN-free without input_std: outputs depend on this scale)"
+        return np.ones(n), np.ones(n), "unit (the norm removes the scale)"
+    if isinstance(input_std, Mapping):
+        missing = {"attn", "mlp"} - set(input_std)
+        if missing:
+            raise NormgrowthError(f"input_std lacks {sorted(missing)}: give {{'attn': [..], 'mlp': [..]}} per layer.")
+        return as_layers(input_std["attn"], "['attn']"), as_layers(input_std["mlp"], "['mlp']"), "given"
+    arr = as_layers(input_std, "")
+    return arr, arr.copy(), "given"
+
+
+def input_std_from_results(results: Any, model: Any) -> dict[str, np.ndarray]:
+    """Typical centred std of each norm's real input: ``centered_mean / sqrt(d_model)`` per layer.
+
+    ``centered_mean`` is the mean over tokens of ``||x - mean(x)||``, so dividing by ``sqrt(d_model)``
+    gives the (token-averaged) centred std. The attention norm reads ``resid_pre``; the MLP norm reads
+    ``resid_mid``, or ``resid_pre`` for parallel blocks.
+    """
+    d = math.sqrt(model.d_model)
+    pre = results.sites["resid_pre"]
+    mid_site = "resid_pre" if model.parallel_blocks else "resid_mid"
+    mid = results.sites.get(mid_site) if isinstance(results.sites, Mapping) else results.sites[mid_site]
+    if pre is None or mid is None:
+        raise NormgrowthError(f"results lack resid_pre/{mid_site} statistics: collect them before computing input_std.")
+    return {"attn": np.asarray(pre.centered_mean, dtype=np.float64) / d,
+            "mlp": np.asarray(mid.centered_mean, dtype=np.float64) / d}
+
+
+def random_token_ids(model: Any, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[n_seqs, seq_len]`` seeded random ids, BOS at position 0 when the model has one."""
+    gen = torch.Generator().manual_seed(int(seed))
+    tokens = torch.randint(0, model.vocab_size, (n_seqs, seq_len), generator=gen)
+    if model.bos_token_id is not None and 0 <= model.bos_token_id < model.vocab_size:
+        tokens[:, 0] = model.bos_token_id
+    return tokens
+
+
+def random_input_gains(model: Any, n_seqs: int = 8, seq_len: int = 64, seed: int = 0,
+                       input_std: StdSpec = None) -> dict:
+    """Attention/MLP output norms per layer when every block's norms see random vectors (one forward).
+
+    Hooks on ``ln1_in``/``ln2_in`` replace each norm's argument by ``standardised_normal`` vectors
+    (seeded per layer and norm; centred std ``input_std``, 1 by default) without touching the
+    stream. Returned per layer: ``attn_out``/``mlp_out`` = mean over non-position-0 tokens of the
+    L2 norm of the attention/MLP write; ``mlp_act_rate`` = fraction of ``mlp_pre`` entries > 0 over
+    the same tokens. ``input_std`` is a number, one value per layer, or ``{"attn": [..], "mlp": [..]}``;
+    it only matters for LN-free models (see :func:`input_std_from_results`).
+    """
+    if n_seqs < 1:
+        raise NormgrowthError(f"n_seqs is {n_seqs}: use at least 1 random sequence.")
+    if seq_len < 2 or seq_len > model.n_ctx:
+        raise NormgrowthError(f"seq_len is {seq_len}: use 2 to {model.n_ctx} tokens (position 0 is left out).")
+    check_finite_gains(model)
+    std_attn, std_mlp, source = _resolve_input_std(model, input_std)
+    stds = {"attn": std_attn, "mlp": std_mlp}
+    n_layers = model.n_layers
+    sums = {k: np.zeros(n_layers) for k in ("attn_out", "mlp_out")}
+    active = np.zeros(n_layers)
+    pre_count = np.zeros(n_layers)
+    n_tokens = n_seqs * (seq_len - 1)
+
+    def replace(layer: int, kind: str, site_index: int):
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            z = standardised_normal(act.shape, float(stds[kind][layer]), _random_seed(seed, layer, site_index))
+            return z.to(device=act.device, dtype=act.dtype)
+        return fn
+
+    def record_norm(layer: int, key: str):
+        def fn(act: torch.Tensor) -> None:
+            norms = torch.linalg.vector_norm(act[:, 1:].to(torch.float32), dim=-1)
+            sums[key][layer] += float(norms.sum(dtype=torch.float64))
+        return fn
+
+    def record_pre(layer: int):
+        def fn(act: torch.Tensor) -> None:
+            body = act[:, 1:]
+            active[layer] += float((body > 0).sum())
+            pre_count[layer] += body.numel()
+        return fn
+
+    hooks = []
+    for l in range(n_layers):
+        for site, kind, idx in RANDOM_SITES:
+            hooks.append((site, l, replace(l, kind, idx)))
+        hooks.append(("attn_out", l, record_norm(l, "attn_out")))
+        hooks.append(("mlp_out", l, record_norm(l, "mlp_out")))
+        hooks.append(("mlp_pre", l, record_pre(l)))
+    tokens = random_token_ids(model, n_seqs, seq_len, seed)
+    with torch.no_grad(), model.hooks(hooks):
+        model.forward(tokens)
+    if np.any(pre_count == 0):
+        raise NormgrowthError("the mlp_pre hook did not fire in every layer: this architecture is not supported.")
+    return {
+        "attn_out": (sums["attn_out"] / n_tokens).tolist(),
+        "mlp_out": (sums["mlp_out"] / n_tokens).tolist(),
+        "mlp_act_rate": (active / pre_count).tolist(),
+        "input_std": {"attn": std_attn.tolist(), "mlp": std_mlp.tolist()},
+        "input_std_source": source,
+        "n_seqs": int(n_seqs), "seq_len": int(seq_len), "seed": int(seed), "n_tokens": int(n_tokens),
+        "model": str(model.spec), "ln_free": bool(model.ln_free),
+    }
+
+
+def compare_gains(random_gains: Mapping[str, Any], results: Any, window: Any = None) -> dict:
+    """Random-input outputs next to the real ones, per layer, plus growth fits of the random series.
+
+    ``ratio_attn = real attn_out / random attn_out`` (``results.sites["attn_out"].mean``), likewise
+    ``ratio_mlp``; activation rates side by side (``results.mlp_act_rate``). Per-layer values are
+    lists; ``"fit"`` maps ``random_attn_out``/``random_mlp_out`` to GrowthFit objects (use
+    :func:`comparison_to_json` for a JSON-ready copy).
+    """
+    rnd_attn = np.asarray(random_gains["attn_out"], dtype=np.float64)
+    rnd_mlp = np.asarray(random_gains["mlp_out"], dtype=np.float64)
+    n = rnd_attn.shape[0]
+    real_attn = _site_mean(results, "attn_out", n)
+    real_mlp = _site_mean(results, "mlp_out", n)
+    real_rate = None if results.mlp_act_rate is None else np.asarray(results.mlp_act_rate, dtype=np.float64)
+    if real_rate is not None and real_rate.shape != (n,):
+        raise NormgrowthError(f"results.mlp_act_rate has shape {real_rate.shape} but the random pass has {n} layers: "
+                              "compare a model with its own results.")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_attn = np.where(rnd_attn > 0, real_attn / rnd_attn, np.nan)
+        ratio_mlp = np.where(rnd_mlp > 0, real_mlp / rnd_mlp, np.nan)
+    fits, skipped = fit_series({"random_attn_out": rnd_attn, "random_mlp_out": rnd_mlp}, window)
+    return {
+        "random_attn_out": rnd_attn.tolist(), "real_attn_out": real_attn.tolist(), "ratio_attn": ratio_attn.tolist(),
+        "random_mlp_out": rnd_mlp.tolist(), "real_mlp_out": real_mlp.tolist(), "ratio_mlp": ratio_mlp.tolist(),
+        "random_act_rate": list(map(float, random_gains["mlp_act_rate"])), "real_act_rate": None if real_rate is None else real_rate.tolist(),
+        "fit": fits, "fit_skipped": skipped,
+    }
+
+
+def comparison_to_json(comparison: Mapping[str, Any]) -> dict:
+    """A :func:`compare_gains` dict with its GrowthFit objects replaced by their ``to_json()``."""
+    out = dict(comparison)
+    out["fit"] = {k: f.to_json() for k, f in comparison["fit"].items()}
+    return out
+
+
+def _site_mean(results: Any, site: str, n: int) -> np.ndarray:
+    stats = results.sites[site]
+    if stats is None:
+        raise NormgrowthError(f"results have no {site} statistics: collect {site} to compare with random inputs.")
+    arr = np.asarray(stats.mean, dtype=np.float64)
+    if arr.shape != (n,):
+        raise NormgrowthError(f"results {site} has {arr.shape} layers but the random pass has {n}: "
+                              "compare a model with its own results.")
+    return arr
+
+
+def format_gain_table(comparison_or_gains: Mapping[str, Any]) -> str:
+    """Per-layer table of random-input gains (with the real values when given a compare_gains dict)."""
+    c = comparison_or_gains
+    if "random_attn_out" in c:
+        cols = [("rand_attn", c["random_attn_out"]), ("real_attn", c["real_attn_out"]), ("real/rand", c["ratio_attn"]),
+                ("rand_mlp", c["random_mlp_out"]), ("real_mlp", c["real_mlp_out"]), ("real/rand", c["ratio_mlp"]),
+                ("rand_act", c["random_act_rate"])]
+        if c["real_act_rate"] is not None:
+            cols.append(("real_act", c["real_act_rate"]))
+    else:
+        cols = [("rand_attn", c["attn_out"]), ("rand_mlp", c["mlp_out"]), ("rand_act", c["mlp_act_rate"])]
+    n = len(cols[0][1])
+    rows = [[str(l)] + [_fmt(float(v[l])) for _, v in cols] for l in range(n)]
+    out = _table(["layer"] + [name for name, _ in cols], rows)
+    if "fit" in c:
+        out += "\n\ngrowth fits of the random-input outputs\n" + _fit_table(c["fit"], c.get("fit_skipped", {}))
+    return out
+
+
+def run_weights(model: Any, results: Any = None, random_inputs: bool = True, n_seqs: int = 8, seq_len: int = 64,
+                seed: int = 0, window: Any = None) -> tuple[dict, str]:
+    """Everything ``normgrowth weights MODEL`` reports: (JSON-ready dict, printable text).
+
+    JSON: ``{"weights": WeightNorms.to_json(), "random_inputs": random_input_gains(...) or None,
+    "comparison": compare_gains(...) without its fit objects, or None when no results are given}``.
+    With ``results`` of an LN-free model, the random inputs get the real inputs' stds.
+    """
+    wn = weight_norms(model, window)
+    out: dict[str, Any] = {"weights": wn.to_json(), "random_inputs": None, "comparison": None}
+    text = format_weight_table(wn)
+    if random_inputs:
+        std = input_std_from_results(results, model) if (results is not None and model.ln_free) else None
+        gains = random_input_gains(model, n_seqs=n_seqs, seq_len=seq_len, seed=seed, input_std=std)
+        out["random_inputs"] = gains
+        if results is not None:
+            comp = compare_gains(gains, results, window)
+            out["comparison"] = comparison_to_json(comp)
+            text += "\n\nrandom-input gains vs real (input std: " + gains["input_std_source"] + ")\n"
+            text += format_gain_table(comp)
+        else:
+            text += "\n\nrandom-input gains (input std: " + gains["input_std_source"] + ")\n"
+            text += format_gain_table(gains)
+    return out, text
