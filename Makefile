@@ -1,18 +1,51 @@
-# normgrowth: every target sets up its own environment first.
+# normgrowth: every target sets up its own environment first (python3 -m venv + pip), nothing else needed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+NG := $(VENV)/bin/normgrowth
 STAMP := $(VENV)/.installed
-# Override to install another torch build, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for CUDA wheels.
+# Override to install another torch build, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test figures bench clean help
+# ---- figures pipeline -------------------------------------------------------------------------
+# MODELS: hub names or local checkpoint directories. Default: the offline pair built by `normgrowth zoo build`.
+ZOO ?= zoo
+RESULTS ?= results
+FIGURES ?= figures
+DATA ?= builtin
+N_SEQS ?= 64
+SEQ_LEN ?= 128
+PAPER_MODELS := distilgpt2 gpt2 gpt2-medium gpt2-large gpt2-xl \
+	facebook/opt-125m facebook/opt-1.3b facebook/opt-2.7b \
+	EleutherAI/gpt-neo-125M EleutherAI/gpt-neo-1.3B EleutherAI/gpt-neo-2.7B \
+	EleutherAI/pythia-70m EleutherAI/pythia-160m EleutherAI/pythia-410m EleutherAI/pythia-1b \
+	EleutherAI/pythia-1.4b EleutherAI/pythia-2.8b \
+	apollo-research/gpt2_noLN schaeff/gpt2-small_LNFree300 schaeff/gpt2-medium_LNFree500 \
+	schaeff/gpt2-large_LNFree600 schaeff/gpt2-xl_LNFree800
+ifeq ($(PRESET),paper)
+MODELS ?= $(PAPER_MODELS)
+COMPARE ?= gpt2 apollo-research/gpt2_noLN
+endif
+MODELS ?= $(ZOO)/ln $(ZOO)/noln
+COMPARE ?= $(word 1,$(MODELS)) $(word 2,$(MODELS))
+COMMON := --data $(DATA) --n-seqs $(N_SEQS) --seq-len $(SEQ_LEN) --out $(RESULTS)/cache
+
+slug = $(subst /,__,$(1))
+unslug = $(subst __,/,$(1))
+MODEL_DIRS := $(foreach m,$(MODELS),$(RESULTS)/models/$(call slug,$(m)))
+REPORTS := $(addsuffix /report.json,$(MODEL_DIRS))
+WEIGHTS := $(addsuffix /weights.json,$(MODEL_DIRS))
+DELETIONS := $(addsuffix /deletion.json,$(MODEL_DIRS))
+ZOO_DEP := $(if $(filter $(ZOO)/%,$(MODELS) $(COMPARE)),$(ZOO)/zoo.json,)
+
+.PHONY: setup test figures results bench zoo clean help
 
 help:
-	@echo "make test     set up .venv and run the test suite (offline)"
-	@echo "make figures  set up, build the offline model pair, collect results, draw figures/"
-	@echo "make bench    benchmark collection against plain forward passes (QUICK=1 for a short run)"
-	@echo "make clean    remove generated output"
+	@echo "make test      set up .venv and run the test suite (offline)"
+	@echo "make figures   set up, build the offline model pair, collect results, draw figures/"
+	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models (needs the hub)"
+	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
+	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
 
 setup: $(STAMP)
 
@@ -29,5 +62,30 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(if $(QUICK),--quick,)
 
+zoo: $(ZOO)/zoo.json
+
+$(ZOO)/zoo.json: | $(STAMP)
+	$(NG) zoo build --out $(ZOO)
+
+$(RESULTS)/models/%/report.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) report $(call unslug,$*) $(COMMON) --json $@
+
+$(RESULTS)/models/%/weights.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) weights $(call unslug,$*) $(COMMON) --json $@
+
+$(RESULTS)/models/%/deletion.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) deletion $(call unslug,$*) $(COMMON) --json $@
+
+$(RESULTS)/compare.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) compare $(COMPARE) $(COMMON) --json $@ --figure $(FIGURES)/compare_cli.png
+
+results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json
+
+figures: $(FIGURES)/.done
+
+$(FIGURES)/.done: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(wildcard analyses/*.py) | $(STAMP)
+	$(PY) analyses/all.py --results $(RESULTS) --out $(FIGURES)
+	touch $@
+
 clean:
-	rm -rf figures/*.png figures/*.pdf results/ .pytest_cache
+	rm -rf $(RESULTS) $(FIGURES)/*.png $(FIGURES)/*.pdf $(FIGURES)/.done .pytest_cache
