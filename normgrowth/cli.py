@@ -112,6 +112,43 @@ def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS,
         typer.echo(f"wrote {json_path}", err=True)
 
 
+@app.command()
+def weights(model: str = MODEL,
+            data: Optional[str] = typer.Option(None, "--data", help="Also collect real statistics on this data "
+                                                                    "to compare random-input gains with (see report)."),
+            n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN, batch_size: int = BATCH,
+            device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+            json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
+            random_inputs: bool = typer.Option(True, "--random/--no-random", help="Feed N(0,1) inputs through "
+                                                                                 "every attention and MLP."),
+            random_seqs: int = typer.Option(8, "--random-seqs", help="Sequences of random inputs."),
+            random_len: int = typer.Option(64, "--random-len", help="Positions per random sequence."),
+            revision: Optional[str] = typer.Option(None, "--revision")):
+    """Weight norms per layer (W_OV per head, W_in, W_out, biases, gains) with growth fits; random-input gains."""
+    from .models import load_model
+    from .results import atomic_write_json
+    from .weights import run_weights
+
+    results = None
+    loaded = None
+    if data is not None:
+        results, loaded = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision)
+    if loaded is None:
+        loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+    win = None
+    if window:
+        from .fit import parse_window
+
+        win = parse_window(window, loaded.n_layers)
+    doc, text = run_weights(loaded, results=results, random_inputs=random_inputs, n_seqs=random_seqs,
+                            seq_len=random_len, window=win)
+    _echo(text)
+    if json_path is not None:
+        atomic_write_json(json_path, {**doc["weights"], "random_inputs": doc["random_inputs"],
+                                      "comparison": doc["comparison"]})
+        typer.echo(f"wrote {json_path}", err=True)
+
+
 @app.command("fit")
 def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or columns layer,value) or JSON list of per-layer norms."),
                 window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON,

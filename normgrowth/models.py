@@ -381,7 +381,7 @@ def _build_bridge(hf_model: torch.nn.Module, arch: str) -> Any:
         tl_logger.setLevel(level)
 
 
-def _norm_eps(module: torch.nn.Module) -> float:
+def norm_eps_of(module: torch.nn.Module) -> float:
     for attr in ("eps", "variance_epsilon", "epsilon"):
         if hasattr(module, attr):
             return float(getattr(module, attr))
@@ -395,7 +395,7 @@ def _check_norms(model: LoadedModel, config: Any) -> None:
     by about sqrt(eps)/sigma_avg, so LN(x) = (x - mean) * w / sqrt(var + eps) ~ (x - mean) * w / sqrt(eps).
     """
     mods = model.norm_modules("ln1") + model.norm_modules("ln2") + model.norm_modules("ln_final")
-    eps = [_norm_eps(m) for m in mods]
+    eps = [norm_eps_of(m) for m in mods]
     model.norm_eps = eps[0]
     if model.normalization != "LN":
         return
@@ -407,6 +407,9 @@ def _check_norms(model: LoadedModel, config: Any) -> None:
             warnings.warn(f"model {model.spec!r}: LayerNorm eps is {eps[0]:g} but the weights are not scaled "
                           "to compensate; its normalised inputs are close to zero.")
         model.ln_free, model.normalization = True, "none"
+        if model.dtype == torch.float16:
+            raise NormgrowthError(f"model {model.spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
+                                  "(about 1e6) overflow float16: use --dtype float32 or bfloat16.")
     elif any(huge):
         warnings.warn(f"model {model.spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
                       "LN-free); it is treated as an ordinary LayerNorm model.")

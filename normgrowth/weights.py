@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import NormgrowthError
+from .models import norm_eps_of
 
 # Per-layer scalar series of WeightNorms, in table order (W_OV_heads is the per-head list).
 LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
@@ -146,16 +147,10 @@ class WeightNorms:
         }
 
 
-def _norm_eps_of(module: torch.nn.Module) -> float:
-    from .models import _norm_eps
-
-    return _norm_eps(module)
-
-
 def _layer_gains(model: Any, which: str, stored: torch.Tensor) -> list[torch.Tensor]:
     """Effective gain vectors (float64) of the ``ln1``/``ln2``/``ln_final`` norms, one per module."""
     mods = model.norm_modules(which)
-    return [effective_gain(stored[i], _norm_eps_of(mods[i]), model.ln_free) for i in range(stored.shape[0])]
+    return [effective_gain(stored[i], norm_eps_of(mods[i]), model.ln_free) for i in range(stored.shape[0])]
 
 
 def check_finite_gains(model: Any) -> None:
