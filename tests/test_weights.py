@@ -467,11 +467,6 @@ def test_input_std_from_results_and_run_weights(loaded):
 
 
 def test_ln_free_in_float16_is_refused(ln_free):
-    """LN-free gains are stored x1e6/sigma (~3e5 here), beyond float16's 65504: say so instead of inf/NaN."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = load_model(ln_free[0], device="cpu", dtype="float16")
-    with pytest.raises(NormgrowthError, match="float16"):
-        weight_norms(m)
-    with pytest.raises(NormgrowthError, match="float16"):
-        random_input_gains(m, n_seqs=1, seq_len=8)
+    """LN-free gains are stored x1e6/sigma (~3e5 here), beyond float16's 65504: loading says so instead of inf/NaN."""
+    with pytest.raises(NormgrowthError, match="overflow float16"):
+        load_model(ln_free[0], device="cpu", dtype="float16")
