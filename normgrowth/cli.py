@@ -91,6 +91,57 @@ def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, de
     return res, model
 
 
+def _cached_json(kind: str, model_spec: str, revision, data, settings: dict, out, compute):
+    """A JSON result from ``out`` when an identical run is cached there, else ``compute()`` (then cached)."""
+    import json
+
+    from .cache import cache_key, cache_path
+    from .results import atomic_write_json
+
+    path = None
+    if out is not None:
+        path = cache_path(out, kind, model_spec, cache_key(kind, model_spec, revision, data, settings)).with_suffix(".json")
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                typer.echo(f"reusing cached result {path}", err=True)
+                return doc
+            except ValueError:  # unreadable entries are recomputed
+                pass
+    doc = compute()
+    if path is not None:
+        atomic_write_json(path, doc)
+        doc = json.loads(path.read_text())  # the same JSON-safe form a cache hit returns
+    return doc
+
+
+def _deletion_doc(model_spec, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate, model=None):
+    """(deletion JSON, printable report) — cached like the other results."""
+    from .deletion import DeletionResults  # noqa: F401  (fail early if the module is missing)
+
+    text: list[str] = []
+
+    def compute():
+        from .data import load_tokens
+        from .deletion import collect_deletion, format_deletion_report, parse_ablate
+        from .models import load_model
+
+        loaded = model or load_model(model_spec, device=device, dtype=dtype, revision=revision)
+        batch = load_tokens(data, loaded, n_seqs=n_seqs, seq_len=seq_len)
+        writes = parse_ablate(ablate, loaded) if ablate else None
+        update, close = _progress("deletion statistics")
+        try:
+            res = collect_deletion(loaded, batch, batch_size=batch_size, ablate=writes, progress=update)
+        finally:
+            close()
+        text.append(format_deletion_report(res))
+        return res.to_json()
+
+    settings = {"n_seqs": n_seqs, "seq_len": seq_len, "dtype": dtype, "ablate": ablate}
+    doc = _cached_json("deletion", model_spec, revision, data, settings, out, compute)
+    return doc, (text[0] if text else None)
+
+
 @app.command()
 def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
            batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
@@ -147,6 +198,70 @@ def weights(model: str = MODEL,
         atomic_write_json(json_path, {**doc["weights"], "random_inputs": doc["random_inputs"],
                                       "comparison": doc["comparison"]})
         typer.echo(f"wrote {json_path}", err=True)
+
+
+@app.command()
+def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
+             batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+             json_path: Optional[Path] = JSON,
+             ablate: Optional[str] = typer.Option("default", "--ablate", help="Writes to mean-ablate: block numbers "
+                                                  "(0,3,6), labels (embed,mlp_out.3), 'default' (~6 spread blocks), "
+                                                  "'all', or 'none'."),
+             revision: Optional[str] = typer.Option(None, "--revision")):
+    """Deletion by magnitude: retention, dilution, visibility, reading shares, locality, ablations."""
+    from .results import atomic_write_json
+
+    ablate = None if ablate in (None, "", "none") else ablate
+    doc, text = _deletion_doc(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate)
+    if text is None:
+        from .deletion import format_deletion_json
+
+        text = format_deletion_json(doc)
+    _echo(text)
+    if json_path is not None:
+        atomic_write_json(json_path, doc)
+        typer.echo(f"wrote {json_path}", err=True)
+
+
+@app.command()
+def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNorm)."),
+            model_b: str = typer.Argument(..., help="Model B (e.g. its LN-free twin)."),
+            data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
+            batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+            json_path: Optional[Path] = JSON,
+            figure: Optional[Path] = typer.Option(None, "--figure", help="Write the comparison figure here (.png + .pdf)."),
+            with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include deletion summaries."),
+            window: Optional[str] = WINDOW):
+    """Compare two models side by side: growth with CIs and their difference, position 0, writes, weights, deletion."""
+    from .compare import compare_documents, format_comparison, plot_comparison
+    from .models import load_model
+    from .report import report_document
+    from .results import atomic_write_json
+    from .weights import run_weights
+
+    sides = []
+    for spec in (model_a, model_b):
+        res, loaded = _collect_or_load(spec, data, n_seqs, seq_len, batch_size, device, dtype, out)
+        rep = report_document(res, window)
+
+        def weights_doc(spec=spec, loaded=loaded, res=res):
+            m = loaded or load_model(spec, device=device, dtype=dtype)
+            return run_weights(m, results=res)[0]["weights"]
+
+        w = _cached_json("weights", spec, None, data, {"n_seqs": n_seqs, "seq_len": seq_len, "dtype": dtype}, out,
+                         weights_doc)
+        d = (_deletion_doc(spec, data, n_seqs, seq_len, batch_size, device, dtype, out, None, None, loaded)[0]
+             if with_deletion else None)
+        sides.append((res, rep, w, d))
+    (ra, pa, wa, da), (rb, pb, wb, db) = sides
+    doc = compare_documents(ra, rb, pa, pb, wa, wb, da, db)
+    _echo(format_comparison(doc))
+    if json_path is not None:
+        atomic_write_json(json_path, doc)
+        typer.echo(f"wrote {json_path}", err=True)
+    if figure is not None:
+        for path in plot_comparison(doc, figure):
+            typer.echo(f"wrote {path}", err=True)
 
 
 @app.command("fit")
