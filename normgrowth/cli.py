@@ -284,6 +284,20 @@ def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or colu
         typer.echo(f"wrote {json_path}", err=True)
 
 
+@zoo_app.command("build")
+def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for ln/, noln/ and zoo.json."),
+              tiny: bool = typer.Option(False, "--tiny", help="A seconds-long toy build (for tests and smoke runs)."),
+              force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached.")):
+    """Train the offline pair: a small GPT-2 on stdlib docstrings and its LN-free twin (cached)."""
+    from .zoo import ZooSettings, build_pair
+
+    settings = ZooSettings.tiny() if tiny else ZooSettings()
+    result = build_pair(out, settings, progress=lambda msg: typer.echo(msg, err=True), force=force)
+    _echo(f"LN model      {result['ln']}: held-out loss {result['ln_heldout_loss']:.4f} nats/token")
+    _echo(f"LN-free twin  {result['noln']}: held-out loss {result['noln_heldout_loss']:.4f} nats/token "
+          f"({100 * (result['noln_heldout_loss'] / result['ln_heldout_loss'] - 1):+.1f} %)")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     from .errors import NormgrowthError
