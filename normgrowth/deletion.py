@@ -452,43 +452,63 @@ def _with_ci(x: Any, ci: Any, spec: str = ".3f") -> str:
 
 def format_deletion_report(res: DeletionResults) -> str:
     """Plain-text report: distance table with 95% CIs, decay rates, dilution share, locality, ablation."""
-    summ = res.summary()
-    by, loc = summ["by_distance"], summ["locality"]
-    kind = "LN-free" if res.ln_free else res.normalization
-    lines = [f"deletion analysis: {res.model} ({kind}, P = {'centred' if res.centers else 'uncentred'} writes), "
-             f"{res.n_layers} layers, {res.n_seqs} sequences, {res.n_tokens} tokens",
-             f"writes sum to every reader within {res.max_write_sum_rel_error:.1e} (relative)",
-             "",
-             "by distance d = layer(reader) - layer(write); means over (reader, write) pairs, 95% CI over sequences",
-             f"{'d':>3} {'pairs':>5}  {'retention rho':<24}{'dilution delta':<24}{'visibility nu':<24}"
-             f"{'reading R':<24}{'null R0':<24}"]
-    for i, d in enumerate(by["distance"]):
-        cells = [_with_ci(by[q][i], by[q + "_ci95"][i]) for q in QUANTITIES]
-        lines.append(f"{int(d):>3} {int(by['n_pairs'][i]):>5}  " + "".join(f"{c:<24}" for c in cells))
-    lo, hi = by["fit_window"]
+    return format_deletion_json(res.to_json())
+
+
+def format_deletion_json(doc: dict) -> str:
+    """The report of :func:`format_deletion_report` from a :meth:`DeletionResults.to_json` document."""
+    by, loc = doc["by_distance"], doc["locality"]
+    kind = "LN-free" if doc.get("ln_free") else doc.get("normalization", "")
+    centred = "centred" if doc.get("centers", True) else "uncentred"
+    err = doc.get("max_write_sum_rel_error")
+    lines = [f"deletion analysis: {doc['model']} ({kind}, P = {centred} writes), {doc.get('n_layers', '?')} layers, "
+             f"{doc.get('n_seqs', '?')} sequences, {doc.get('n_tokens', '?')} tokens (position 0 and padding excluded)"]
+    if err is not None:
+        lines.append(f"check: the writes sum to every reader's stream within {err:.1e} (relative)")
     lines += ["",
-              f"decay per layer (log-linear fit over d = {lo}..{hi}; factor by which it falls per layer, >1 = falls):",
-              f"  visibility {_with_ci(by['visibility_decay_per_layer'], by['visibility_decay_per_layer_ci95'], '.4f')}",
-              f"  dilution   {_with_ci(by['dilution_decay_per_layer'], by['dilution_decay_per_layer_ci95'], '.4f')}",
-              f"  retention  {_with_ci(by['retention_decay_per_layer'], by['retention_decay_per_layer_ci95'], '.4f')}",
-              f"share of the fall of visibility explained by dilution: "
-              f"{_with_ci(by['share_explained_by_dilution'], by['share_explained_by_dilution_ci95'])}"
+              "by distance d = layer(reader) - layer(write); mean over (reader, write) pairs at that distance, "
+              "95% CI by bootstrap over sequences",
+              f"{'d':>3} {'pairs':>5}  {'retention rho':<24}{'dilution delta':<24}{'visibility nu':<24}"
+              f"{'reading R':<24}{'null R0':<24}"]
+    n_d = len(by["distance"])
+    no_ci = [[None, None]] * n_d
+    for i, d in enumerate(by["distance"]):
+        cells = [_with_ci(by[q][i], by.get(q + "_ci95", no_ci)[i]) for q in QUANTITIES]
+        pairs = by.get("n_pairs", [None] * n_d)[i]
+        lines.append(f"{int(d):>3} {_f(pairs, '.0f'):>5}  "
+                     + "".join(f"{c:<24}" for c in cells))
+    lo, hi = by.get("fit_window", [by["distance"][0], by["distance"][-1]])
+
+    def decay(key: str) -> str:
+        return _with_ci(by.get(key), by.get(key + "_ci95"), ".4f")
+
+    lines += ["",
+              f"decay per layer of distance (weighted log-linear fit over d = {lo}..{hi}; the factor by which the "
+              "mean falls per layer, > 1 = falls):",
+              f"  visibility {decay('visibility_decay_per_layer')}",
+              f"  dilution   {decay('dilution_decay_per_layer')}",
+              f"  retention  {decay('retention_decay_per_layer')}",
+              "share of the fall of visibility explained by dilution: "
+              f"{_with_ci(by.get('share_explained_by_dilution'), by.get('share_explained_by_dilution_ci95'))}"
               "  (1 = deletion by magnitude, 0 = deletion by erasure)"]
-    if res.ln_free:
+    if doc.get("ln_free"):
         lines.append("  note: this model is LN-free: nothing divides by the stream's size, so dilution does not "
-                     "reduce a write's effect here")
-    lines += ["", "locality: mean distance of what each reader reads (reading shares R, and equal-norm null R0)",
-              f"{'reader':<14}{'mean d':>8}{'null':>8}" + "".join(f"{'<=' + k:>8}" for k in loc["share_within_per_reader"])]
-    for r, name in enumerate(res.layout.readers):
+                     "reduce a write's effect here (see docs/deletion.md)")
+    per = loc.get("share_within_per_reader", {})
+    lines += ["", "locality: mean distance of what each reader reads (reading shares R; equal-norm null R0), and the "
+              "share of R within k layers",
+              f"{'reader':<14}{'mean d':>8}{'null':>8}" + "".join(f"{'<=' + k:>8}" for k in per)]
+    readers = doc.get("readers", [str(i) for i in range(len(loc["mean_distance"]))])
+    for r, name in enumerate(readers):
         lines.append(f"{name:<14}{_f(loc['mean_distance'][r], '.2f'):>8}{_f(loc['mean_distance_null'][r], '.2f'):>8}"
-                     + "".join(f"{_f(v[r]):>8}" for v in loc["share_within_per_reader"].values()))
+                     + "".join(f"{_f(v[r]):>8}" for v in per.values()))
+    null_within = loc.get("share_within_null", {})
     lines.append("share within k layers (mean over readers with writes farther than k): "
-                 + ", ".join(f"k={k}: {_f(v)} (null {_f(loc['share_within_null'][k])})"
-                             for k, v in loc["share_within"].items()))
-    ab = res.ablation
+                 + ", ".join(f"k={k}: {_f(v)} (null {_f(null_within.get(k))})" for k, v in loc["share_within"].items()))
+    ab = doc.get("ablation")
     if ab and ab.get("writes"):
-        lines += ["", "causal check: mean-ablate one write; relative change of the normalised input at the reader d "
-                  "layers later, and KL(clean || ablated) of the next-token distribution",
+        lines += ["", "causal check: mean-ablate one write (all positions but 0); relative change of the normalised "
+                  "input at the reader d layers later, and mean KL(clean || ablated) of the next-token distribution",
                   f"{'write':<12}" + "".join(f"{'d=' + str(d):>9}" for d in ab["distance"]) + f"{'KL':>11}"]
         for i, w in enumerate(ab["writes"]):
             lines.append(f"{w:<12}" + "".join(f"{_f(v):>9}" for v in ab["normalized_input_change"][i])

@@ -318,7 +318,7 @@ def _model(model_dirs, name):
     if name not in _LOADED:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _LOADED[name] = load_model(str(model_dirs[name]))
+            _LOADED[name] = load_model(str(model_dirs[name]), device="cpu")
     return _LOADED[name]
 
 
@@ -524,7 +524,7 @@ def test_bad_input(model_dirs):
 def test_stories260k_rmsnorm_real_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(str(STORIES))
+        model = load_model(str(STORIES), device="cpu")
     tokens = torch.from_numpy(np.load(STORIES / "samples.npy")[:2, :40]).long()
     batch = types.SimpleNamespace(tokens=tokens, attention_mask=torch.ones_like(tokens, dtype=torch.bool), source="s")
     res = collect_deletion(model, batch, batch_size=2, n_boot=20)
@@ -536,3 +536,35 @@ def test_stories260k_rmsnorm_real_model():
     direct = direct_quantities(W[:, 1:].reshape(-1, *W.shape[2:]).numpy(), res.layout.reader_index, center=False)
     for q in QUANTITIES:
         np.testing.assert_allclose(mean[q], np.nanmean(direct[q], 0), rtol=1e-4, atol=1e-5, err_msg=q)
+
+
+def test_ablation_kl_matches_plain_hf_hooks(model_dirs):
+    """Mean-ablate mlp_out.1 with a plain PyTorch hook on the HF module: same KL as ablation_check."""
+    from transformers import AutoModelForCausalLM
+
+    model = _model(model_dirs, "llama")
+    batch = _padded_batch(n=3, length=10, seed=7)
+    tokens, mask = batch.tokens, batch.attention_mask
+    valid = mask.clone()
+    valid[:, 0] = False
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dirs["llama"])).eval()
+    mlp = hf.model.layers[1].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    with torch.no_grad():
+        clean = torch.log_softmax(hf(tokens, attention_mask=mask.long()).logits.float(), -1)
+    handle.remove()
+    mean = seen[0][valid].double().mean(0).float()
+
+    def replace(mod, inp, out):
+        out = out.clone()
+        out[:, 1:] = mean
+        return out
+
+    handle = mlp.register_forward_hook(replace)
+    with torch.no_grad():
+        ablated = torch.log_softmax(hf(tokens, attention_mask=mask.long()).logits.float(), -1)
+    handle.remove()
+    kl = (clean.exp() * (clean - ablated)).sum(-1)[valid].mean()
+    out = ablation_check(model, batch, writes=["mlp_out.1"], batch_size=3)
+    assert out["final_kl"][0] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
