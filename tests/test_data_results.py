@@ -127,22 +127,27 @@ def run_cli(*args, env_extra=None):
 
 
 def test_cli_report_writes_schema(tiny_dirs, token_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from normgrowth.cli import app
+
+    def report(*extra):
+        args = ["report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--out", str(tmp_path / "cache"),
+                *extra]
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
     out = tmp_path / "report.json"
-    proc = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--json", str(out),
-                   "--batch-size", "3", "--out", str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resid_post" in proc.stdout and "layer" in proc.stdout
+    text = report("--json", str(out), "--batch-size", "3")
+    assert "resid_post" in text and "layer" in text
     doc = json.loads(out.read_text())
     assert doc["ln_free"] is True and doc["normalization"] == "none" and doc["n_layers"] == 3
     assert doc["n_tokens"] == 7 * 12 and doc["n_seqs"] == 7
     assert set(doc["fit"]) >= {"resid_pre", "resid_post"}
     # a second identical run reuses the cached result; a changed setting computes a new one
-    again = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--batch-size", "3",
-                    "--out", str(tmp_path / "cache"))
-    assert "reusing cached result" in again.stderr
-    changed = run_cli("report", str(tiny_dirs["gpt2_lnfree"]), "--data", str(token_file), "--n-seqs", "3",
-                      "--out", str(tmp_path / "cache"))
-    assert changed.returncode == 0 and "reusing" not in changed.stderr
+    assert "reusing cached result" in report("--batch-size", "3")
+    assert "reusing" not in report("--n-seqs", "3")
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
 
