@@ -25,6 +25,7 @@ Pure functions on tensors/arrays come first (:func:`gram_from_writes`, :func:`de
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -247,22 +248,11 @@ def _weighted_nanmean(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _ci(samples: np.ndarray) -> np.ndarray:
     """Percentile 95% interval along axis 0, ignoring NaN replicates -> ``[..., 2]``."""
-    with np.errstate(invalid="ignore"), _quiet_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN bounds
         lo = np.nanpercentile(samples, 2.5, axis=0)
         hi = np.nanpercentile(samples, 97.5, axis=0)
     return np.stack([lo, hi], -1)
-
-
-class _quiet_nan:
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def summarize_deletion(mean: dict[str, np.ndarray], write_layer: Sequence[int], reader_layer: Sequence[int],
