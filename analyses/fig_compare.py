@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from common import (NORM_LABEL, PAGE_WIDTH, ModelResults, arr, ci_band, cli, discover, fit_line, fnum, grid_axes,
+from common import (NORM_LABEL, PAGE_WIDTH, MissingInput, ModelResults, arr, ci_band, cli, discover, fit_line, fnum, grid_axes,
                     legend_below, log_axis, new_figure, note, positive, rate_text, read_json, require, run_figure,
                     save, with_report)
 
@@ -38,7 +38,8 @@ def pick_pair(models: list[ModelResults], compare: Optional[dict]) -> tuple[Mode
     free = [m for m in models if m.ln_free]
     normed = [m for m in models if not m.ln_free]
     if not free or not normed:
-        raise _missing("one report.json of an LN-free model and one of a model with normalisation")
+        raise MissingInput("no pair: needs the report.json of one LN-free model and of one model with "
+                           "normalisation")
     b = free[0]
 
     def shape(m: ModelResults) -> tuple:
@@ -48,12 +49,6 @@ def pick_pair(models: list[ModelResults], compare: Optional[dict]) -> tuple[Mode
     twins = [m for m in ln if shape(m) == shape(b)]
     a = (twins or ln or normed)[0]
     return a, b
-
-
-def _missing(what: str) -> Exception:
-    from common import MissingInput
-
-    return MissingInput(f"no {what}")
 
 
 def approx_difference(fa: dict, fb: dict) -> dict:
