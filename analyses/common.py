@@ -315,8 +315,12 @@ def model_legend_handles(models: Sequence[ModelResults]) -> list:
 
 def legend_below(ax: Any, **kw: Any) -> Any:
     """A legend under the axes (outside the data area; constrained layout makes room for it)."""
+    from matplotlib.transforms import ScaledTranslation
+
     kw.setdefault("fontsize", 7)
-    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), borderaxespad=0.0, **kw)
+    below_labels = ax.transAxes + ScaledTranslation(0, -0.48, ax.figure.dpi_scale_trans)  # 0.48 in under the axes
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below_labels,
+                     borderaxespad=0.0, **kw)
 
 
 def note(ax: Any, text: str) -> None:

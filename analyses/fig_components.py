@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
+from matplotlib.ticker import MaxNLocator
 
-from common import (NORM_LABEL, PAGE_WIDTH, arr, cli, discover, grid_axes, log_axis, new_figure, plain_log_ticks, positive, require,
+from common import (NORM_LABEL, PAGE_WIDTH, arr, cli, discover, grid_axes, legend_below, log_axis, new_figure, plain_log_ticks, positive, require,
                     run_figure, save, with_report)
 
 STEM = "fig_components"
@@ -44,7 +45,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     ax.set_xlabel("layer")
     ax.set_ylabel(NORM_LABEL)
     ax.set_title("block writes: attn_out (—), mlp_out (···)")
-    ax.legend(fontsize=7)
+    legend_below(ax)
 
     for ax, m in zip(axes[1:], head_models):
         heads = arr(m.report["heads"]["mean"])  # [n_layers, n_heads]
@@ -59,9 +60,8 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
                           norm=norm, interpolation="nearest")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        n_layers, n_heads = heads.shape
-        ax.set_xticks(np.arange(n_heads) if n_heads <= 16 else np.linspace(0, n_heads - 1, 9).round())
-        ax.set_yticks(np.arange(n_layers) if n_layers <= 16 else np.linspace(0, n_layers - 1, 9).round())
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
         ax.grid(False)
         ax.set_title(f"{m.name}: per-head ‖z_h W_O^h‖")
         bar = fig.colorbar(image, ax=ax, shrink=0.9)
