@@ -26,7 +26,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatterSciNotation
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 
 DPI = 150
 PAGE_WIDTH = 9.0  # inches: readable at page width (fonts >= 8 pt at this size)
@@ -253,15 +253,24 @@ class _PlainLogFormatter(LogFormatterSciNotation):
 
 
 def log_axis(ax: Any, which: str = "y") -> None:
-    """Log scale on ``which`` ("x" or "y") with plain-number tick labels."""
+    """Log scale on ``which`` ("x" or "y") with plain-number tick labels; call it after plotting (an axis
+    spanning less than 10^0.8 gets evenly spaced round ticks)."""
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    plain_log_ticks(ax.yaxis if which == "y" else ax.xaxis)
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    plain_log_ticks(axis)
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    if 0 < lo < hi < lo * 10 ** 0.8:  # under a decade: evenly spaced round ticks read better than 2, 3, ... 9 x 10^k
+        from matplotlib.ticker import MaxNLocator, NullLocator
+
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(FuncFormatter(lambda v, pos: f"{v:.3g}"))
+        axis.set_minor_locator(NullLocator())
 
 
 def plain_log_ticks(axis: Any) -> None:
     """Plain-number labels on an axis that is already logarithmic (e.g. ``colorbar.ax.yaxis`` of a LogNorm)."""
     axis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
-    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))
 
 
 def positive(y: np.ndarray) -> np.ndarray:
