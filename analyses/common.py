@@ -55,8 +55,6 @@ _RC = {
     "lines.markersize": 4,
     "legend.frameon": False,
     "savefig.dpi": DPI,
-    "pdf.fonttype": 42,
-    "svg.fonttype": "none",
 }
 
 
