@@ -1,0 +1,115 @@
+"""GPU correctness check: CUDA results against CPU results, half precision, LN-free parity on the GPU.
+
+Run on a machine with a CUDA GPU: ``python benchmarks/gpu_check.py --out DIR``. Writes ``DIR/gpu_check.json``
+and exits non-zero when a check fails. Random-init checkpoints are built in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from normgrowth.collect import collect  # noqa: E402
+from normgrowth.data import TokenBatch  # noqa: E402
+from normgrowth.deletion import collect_deletion  # noqa: E402
+from normgrowth.models import load_model  # noqa: E402
+
+
+def build(kind: str, path: Path, ln_free: bool = False) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)
+    else:
+        cfg = GPTNeoXConfig(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                            max_position_embeddings=2048)
+    if ln_free:
+        cfg.layer_norm_epsilon = 1e12
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg)
+    if ln_free:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    m.weight.mul_(1e6 / 2.0)
+    model.save_pretrained(path)
+    return path
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--device", default="cuda", help="cuda (the check); cpu only to dry-run this script")
+    args = parser.parse_args()
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to check")
+        return 1
+    checks: dict[str, dict] = {"device": {"name": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+                                          "torch": torch.__version__}}
+    ok = True
+    tmp = Path(tempfile.mkdtemp())
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50000, (16, 256), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[3, 100:] = False
+    batch = TokenBatch(tokens, mask, "random")
+    for kind in ("gpt2", "neox"):
+        path = build(kind, tmp / kind)
+        cpu = collect(load_model(str(path), device="cpu"), batch, batch_size=8)
+        t0 = time.perf_counter()
+        gpu = collect(load_model(str(path), device=dev), batch, batch_size=8)
+        t_gpu = time.perf_counter() - t0
+        bf16 = collect(load_model(str(path), device=dev, dtype="bfloat16"), batch, batch_size=8)
+        err = {site: rel(gpu.sites[site].mean, cpu.sites[site].mean) for site in ("resid_pre", "resid_post",
+                                                                                    "attn_out", "mlp_out")}
+        err_heads = rel(gpu.heads.mean, cpu.heads.mean)
+        err_bf16 = rel(bf16.sites["resid_post"].mean, cpu.sites["resid_post"].mean)
+        passed = max(err.values()) < 1e-4 and err_heads < 1e-4 and err_bf16 < 3e-2
+        checks[f"{kind}_cuda_vs_cpu"] = {"max_rel_err_sites": err, "max_rel_err_heads": err_heads,
+                                         "bf16_max_rel_err_resid_post": err_bf16, "cuda_collect_s": t_gpu,
+                                         "passed": passed}
+        ok &= passed
+        d_cpu = collect_deletion(load_model(str(path), device="cpu"), TokenBatch(tokens[:4, :64], mask[:4, :64], "r"),
+                                 batch_size=4, n_boot=100)
+        d_gpu = collect_deletion(load_model(str(path), device=dev), TokenBatch(tokens[:4, :64], mask[:4, :64], "r"),
+                                 batch_size=4, n_boot=100)
+        d_err = {q: float(np.nanmax(np.abs(d_gpu.mean[q] - d_cpu.mean[q]))) for q in d_cpu.mean}
+        passed = max(d_err.values()) < 1e-3
+        checks[f"{kind}_deletion_cuda_vs_cpu"] = {"max_abs_err": d_err, "passed": passed}
+        ok &= passed
+    free = build("gpt2", tmp / "gpt2_lnfree", ln_free=True)
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(free), device=dev)
+    hf = AutoModelForCausalLM.from_pretrained(free).to(dev).eval()
+    with torch.inference_mode():
+        diff = (model.forward(tokens[:4, :128]) - hf(tokens[:4, :128].to(dev)).logits).abs().max().item()
+    passed = model.ln_free and diff <= 1e-3
+    checks["ln_free_logits_cuda"] = {"ln_free": model.ln_free, "max_abs_logit_diff": diff, "passed": passed}
+    ok &= passed
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(checks, indent=1))
+    print(json.dumps(checks, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
