@@ -77,7 +77,7 @@ $(RESULTS)/models/%/deletion.json: $(ZOO_DEP) | $(STAMP)
 	$(NG) deletion $(call unslug,$*) $(COMMON) --json $@
 
 $(RESULTS)/compare.json: $(ZOO_DEP) | $(STAMP)
-	$(NG) compare $(COMPARE) $(COMMON) --json $@ --figure $(FIGURES)/compare_cli.png
+	$(NG) compare $(COMPARE) $(COMMON) --json $@
 
 results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json
 
