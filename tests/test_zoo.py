@@ -1,0 +1,309 @@
+"""The offline model pair: corpus, tokenizer, LN removal, LN-free storage format, cache.
+
+One tiny pair (ZooSettings.tiny(), a couple of seconds) is built per module and checked against
+plain Hugging Face and against normgrowth.models.load_model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normgrowth import zoo
+from normgrowth.errors import NormgrowthError
+from normgrowth.models import load_model
+from normgrowth.zoo import (FrozenLayerNorm, ZooSettings, build_pair, growth_per_layer, ln_sites,
+                            measure_sigma_avg, pack_sequences, remove_layernorm, resid_post_norms,
+                            to_ln_free_storage)
+
+TINY = ZooSettings.tiny()
+TEXT = "Return the number of items in the collection, counting duplicates."
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    messages: list[str] = []
+    result = build_pair(out, TINY, progress=messages.append)
+    return out, result, messages
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _tokens(tokenizer, text=TEXT):
+    """BOS + the tokens of ``text``, cut to the tiny model's context."""
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[:TINY.n_ctx]])
+
+
+def _tiny_gpt2(seed=0, n_layer=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+# ----- pure pieces ------------------------------------------------------------------------------
+def test_frozen_layernorm_formula_matches_numpy():
+    ln = nn.LayerNorm(6)
+    with torch.no_grad():
+        ln.weight.copy_(torch.linspace(0.5, 2.0, 6))
+        ln.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    frozen = FrozenLayerNorm(ln, sigma_avg=2.5)
+    x = torch.randn(3, 4, 6)
+    xn = x.numpy().astype(np.float64)
+    expected = (xn - xn.mean(-1, keepdims=True)) / 2.5 * ln.weight.detach().numpy() + ln.bias.detach().numpy()
+    np.testing.assert_allclose(frozen(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert frozen.weight is ln.weight and frozen.bias is ln.bias  # the optimiser keeps training them
+
+
+def test_growth_per_layer_recovers_planted_factor():
+    norms = 3.0 * 1.05 ** torch.arange(10, dtype=torch.float32)
+    assert growth_per_layer(norms) == pytest.approx(1.05, rel=1e-6)
+    assert growth_per_layer(torch.full((5,), 2.0)) == pytest.approx(1.0)
+
+
+def test_pack_sequences_starts_every_row_with_bos():
+    data = pack_sequences([[5, 6, 7], [8, 9]], bos_id=0, n_ctx=3)
+    # stream 5 6 7 0 8 9 0 cut into chunks of 2: (5,6) (7,0) (8,9); trailing (0) dropped
+    assert data.tolist() == [[0, 5, 6], [0, 7, 0], [0, 8, 9]]
+
+
+def test_docstrings_from_source_and_split():
+    source = ('"""Module docstring that is long enough to be kept by the filter."""\n'
+              'class A:\n    """Class docstring that is also long enough to be kept."""\n'
+              '    def f(self):\n        """Method docstring, long enough to be kept as well."""\n'
+              'def g():\n    """short"""\n')
+    docs = zoo.docstrings_from_source(source, min_chars=20)
+    assert docs == ["Module docstring that is long enough to be kept by the filter.",
+                    "Class docstring that is also long enough to be kept.",
+                    "Method docstring, long enough to be kept as well."]
+    assert zoo.docstrings_from_source("def broken(:\n") == []
+    many = [f"document number {i}" for i in range(400)]
+    train, held = zoo.split_docs(many, 0.1)
+    assert set(train).isdisjoint(held) and len(train) + len(held) == 400
+    assert 10 < len(held) < 80  # about 10%
+    assert zoo.split_docs(many, 0.1) == (train, held)
+
+
+def test_stdlib_corpus_is_deterministic_and_skips_tests():
+    files = zoo.stdlib_files()
+    assert files == sorted(files) and files
+    assert not any(set(f.parts) & {"test", "idlelib", "site-packages"} for f in files)
+    first, n_files = zoo.stdlib_docstrings(max_chars=20_000)
+    again, _ = zoo.stdlib_docstrings(max_chars=20_000)
+    assert first == again and sum(map(len, first)) >= 20_000 and n_files >= 1
+    assert len(set(first)) == len(first)
+
+
+def test_tokenizer_training_is_deterministic():
+    docs, _ = zoo.stdlib_docstrings(max_chars=20_000)
+    a = zoo.train_tokenizer(docs, 300)
+    b = zoo.train_tokenizer(docs, 300)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert a.bos_token == "<|endoftext|>" and a.bos_token_id == 0 == a.eos_token_id == a.pad_token_id
+
+
+def test_settings_validation():
+    with pytest.raises(NormgrowthError):
+        ZooSettings(d_model=30, n_head=4).validate()
+    with pytest.raises(NormgrowthError):
+        ZooSettings(vocab_size=100).validate()
+    with pytest.raises(NormgrowthError):
+        build_pair("/nonexistent-unused", dataclasses.replace(TINY, heldout_fraction=0.0))
+    assert zoo.settings_hash(TINY) == zoo.settings_hash(ZooSettings.tiny())
+    assert zoo.settings_hash(TINY) != zoo.settings_hash(dataclasses.replace(TINY, seed=1))
+
+
+def test_measure_sigma_avg_matches_hidden_states():
+    model = _tiny_gpt2()
+    batch = torch.randint(0, 50, (3, 10))
+    # h.0.ln_1 reads the embedding output, HF's hidden_states[0]
+    emb = model(batch, output_hidden_states=True).hidden_states[0].detach().double()
+    expected = torch.sqrt(emb.var(-1, unbiased=False) + model.config.layer_norm_epsilon).mean()
+    assert measure_sigma_avg(model, "h.0.ln_1", [batch]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_remove_layernorm_freezes_every_site_and_storage_matches():
+    model = _tiny_gpt2(n_layer=3)
+    data = torch.randint(1, 50, (32, 16))
+    data[:, 0] = 0
+    settings = dataclasses.replace(TINY, n_layer=3, ln_removal_steps_per_site=1, recovery_steps=1,
+                                   ln_removal_lr=1e-3, batch_size=4)
+    sigmas = remove_layernorm(model, zoo.batch_stream(data, 4, 0), settings)
+    assert list(sigmas) == ln_sites(3) == ["h.0.ln_2", "h.1.ln_2", "h.2.ln_2", "h.0.ln_1", "h.1.ln_1",
+                                           "h.2.ln_1", "ln_f"]
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert sum(isinstance(m, FrozenLayerNorm) for m in model.modules()) == 7
+    stored = to_ln_free_storage(model)
+    assert stored.config.layer_norm_epsilon == 1e12
+    with torch.no_grad():
+        for site, sigma in sigmas.items():
+            torch.testing.assert_close(stored.transformer.get_submodule(site).weight,
+                                       model.transformer.get_submodule(site).weight * 1e6 / sigma)
+        diff = (stored(data).logits - model(data).logits).abs().max()
+    assert float(diff) <= 1e-4
+    with pytest.raises(NormgrowthError):
+        to_ln_free_storage(_tiny_gpt2())  # LayerNorms not frozen yet
+
+
+# ----- the built pair ------------------------------------------------------------------------------
+def test_build_writes_both_checkpoints_and_record(pair):
+    out, result, messages = pair
+    assert result["cached"] is False
+    assert Path(result["ln"]) == out / "ln" and Path(result["noln"]) == out / "noln"
+    meta = json.loads((out / "zoo.json").read_text())
+    assert meta["settings"] == dataclasses.asdict(TINY)
+    assert meta["settings_hash"] == zoo.settings_hash(TINY) == result["settings_hash"]
+    assert meta["ln_heldout_loss"] == result["ln_heldout_loss"]
+    assert meta["noln_heldout_loss"] == pytest.approx(meta["frozen_ln_heldout_loss"], abs=1e-4)
+    assert len(meta["resid_post_norm"]["ln"]) == TINY.n_layer
+    assert any("step" in m and "loss" in m for m in messages)
+    assert not list(out.glob(".building-*"))  # temp build folder removed
+
+
+def test_checkpoints_load_with_transformers_and_have_bos(pair):
+    out, _, _ = pair
+    for name in ("ln", "noln"):
+        model, tok = _hf(out / name)
+        assert tok.bos_token == "<|endoftext|>" and tok.bos_token_id is not None
+        assert model.config.bos_token_id == tok.bos_token_id
+        assert model.config.n_layer == TINY.n_layer and model.config.n_embd == TINY.d_model
+        assert tok.decode(tok(TEXT, add_special_tokens=False)["input_ids"]) == TEXT
+    assert _hf(out / "ln")[0].config.layer_norm_epsilon == pytest.approx(1e-5)
+    assert _hf(out / "noln")[0].config.layer_norm_epsilon == 1e12
+
+
+def test_load_model_detects_ln_free_and_matches_hf(pair):
+    out, _, _ = pair
+    ln = load_model(str(out / "ln"), device="cpu")
+    assert not ln.ln_free and ln.normalization == "LN"
+    noln = load_model(str(out / "noln"), device="cpu")
+    assert noln.ln_free and noln.normalization == "none" and noln.norm_eps == 1e12
+    assert noln.bos_token_id == noln.tokenizer.bos_token_id
+    hf, tok = _hf(out / "noln")
+    tokens = _tokens(tok)
+    with torch.no_grad():
+        diff = (noln.forward(tokens).float() - hf(tokens).logits.float()).abs().max()
+    assert float(diff) <= 1e-4
+
+
+def test_stored_layernorms_are_linear_in_centred_input(pair):
+    """Every stored LN is affine in the centred input (float64 copies, so rounding does not blur it):
+    LN(c x_c) - b == c (LN(x_c) - b) and LN(x) == x_c * w_stored / 1e6 + b."""
+    out, _, _ = pair
+    noln, _ = _hf(out / "noln")
+    ln, _ = _hf(out / "ln")
+    torch.manual_seed(0)
+    x = torch.randn(7, TINY.d_model, dtype=torch.float64) * 5.0
+    x_centred = x - x.mean(-1, keepdim=True)
+    c = 10.0
+
+    def lns(model):
+        return [copy.deepcopy(m).double() for m in model.modules() if isinstance(m, nn.LayerNorm)]
+
+    assert len(lns(noln)) == 2 * TINY.n_layer + 1
+    with torch.no_grad():
+        for m in lns(noln):
+            assert m.eps >= 1e6
+            torch.testing.assert_close(m(c * x_centred) - m.bias, c * (m(x_centred) - m.bias), rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(m(x), x_centred * m.weight / 1e6 + m.bias, rtol=1e-7, atol=1e-9)
+        # the same check fails for an ordinary LayerNorm (scale-invariant, not linear)
+        m = lns(ln)[0]
+        assert not torch.allclose(m(c * x_centred) - m.bias, c * (m(x_centred) - m.bias), rtol=1e-3)
+
+
+def test_recorded_heldout_losses_recomputed_from_checkpoints(pair):
+    out, result, _ = pair
+    docs, _ = zoo.stdlib_docstrings(TINY.max_chars, TINY.min_doc_chars)
+    _, held = zoo.split_docs(docs, TINY.heldout_fraction)
+    for name in ("ln", "noln"):
+        model, tok = _hf(out / name)
+        data = pack_sequences(tok(held, add_special_tokens=False)["input_ids"], tok.bos_token_id,
+                              TINY.n_ctx)[:TINY.max_heldout_seqs]
+        with torch.no_grad():
+            loss = model(data, labels=data).loss  # HF's own shifted cross-entropy
+        assert float(loss) == pytest.approx(result[f"{name}_heldout_loss"], abs=1e-4)
+        if name == "ln":
+            norms = resid_post_norms(model, data)
+            assert norms.tolist() == pytest.approx(result["meta"]["resid_post_norm"]["ln"], rel=1e-4)
+
+
+def test_resid_post_norms_match_load_model_hooks(pair):
+    out, _, _ = pair
+    loaded = load_model(str(out / "ln"), device="cpu")
+    tokens = _tokens(loaded.tokenizer).repeat(2, 1)
+    tokens[1, 1:] = tokens[1, 1:].flip(0)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [("resid_post", layer, lambda act, layer=layer: captured.__setitem__(layer, act.detach()))
+             for layer in range(loaded.n_layers)]
+    with torch.no_grad(), loaded.hooks(hooks):
+        loaded.forward(tokens)
+    expected = torch.stack([captured[layer][:, 1:].float().norm(dim=-1).mean() for layer in range(loaded.n_layers)])
+    torch.testing.assert_close(resid_post_norms(loaded.hf_model, tokens), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_reused_then_rebuilt_when_settings_change(pair, tmp_path):
+    out, result, _ = pair
+    weights = out / "ln" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    messages: list[str] = []
+    again = build_pair(out, TINY, progress=messages.append)
+    assert again["cached"] is True and weights.stat().st_mtime_ns == mtime
+    assert any("reusing" in m for m in messages)
+    # the same settings in a fresh folder give bit-identical checkpoints (deterministic build)
+    first = build_pair(tmp_path, TINY, progress=None)
+    assert first["cached"] is False
+    assert first["meta"]["weights_sha256"] == result["meta"]["weights_sha256"]
+    assert first["ln_heldout_loss"] == result["ln_heldout_loss"]
+    # a changed setting rebuilds
+    changed = dataclasses.replace(TINY, seed=1)
+    rebuilt = build_pair(tmp_path, changed, progress=None)
+    assert rebuilt["cached"] is False and rebuilt["settings_hash"] != first["settings_hash"]
+    assert json.loads((tmp_path / "zoo.json").read_text())["settings"]["seed"] == 1
+    assert rebuilt["meta"]["weights_sha256"]["ln"] != first["meta"]["weights_sha256"]["ln"]
+    assert zoo.read_cache(tmp_path, TINY) is None and zoo.read_cache(tmp_path, changed) is not None
+
+
+def test_interrupted_or_corrupt_build_never_looks_valid(pair, tmp_path, monkeypatch):
+    out, _, _ = pair
+    for name in ("ln", "noln", "zoo.json"):
+        (shutil.copytree if name != "zoo.json" else shutil.copy)(out / name, tmp_path / name)
+    assert zoo.read_cache(tmp_path, TINY) is not None
+    # a build that dies half-way leaves no record for its settings, no temp folder, and the old pair intact
+    stale = tmp_path / ".building-999999999-x"  # left by a killed build whose process is gone
+    stale.mkdir()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "remove_layernorm", boom)
+    changed = dataclasses.replace(TINY, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        build_pair(tmp_path, changed, progress=None)
+    monkeypatch.undo()
+    assert zoo.read_cache(tmp_path, changed) is None
+    assert zoo.read_cache(tmp_path, TINY) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ln", "noln", "zoo.json"]
+    # a corrupted checkpoint invalidates the cache and is rebuilt
+    weights = tmp_path / "noln" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert zoo.read_cache(tmp_path, TINY) is None
+    rebuilt = build_pair(tmp_path, TINY, progress=None)
+    assert rebuilt["cached"] is False and zoo.read_cache(tmp_path, TINY) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ln", "noln", "zoo.json"]
