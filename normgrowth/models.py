@@ -6,6 +6,13 @@ the HF model's own attention implementation (SDPA, not the eager attention ``boo
 forces), needs no tokenizer, and leaves every LayerNorm ``eps`` untouched, so LN-free checkpoints
 (eps = 1e12) give the same logits as plain HF.
 
+Performance: for GPT-2, GPT-NeoX and Llama the bridge replaces the HF attention by its own eager
+re-implementation (it materialises the ``[batch, head, pos, pos]`` scores for ``hook_attn_scores`` /
+``hook_pattern``). None of our sites needs those hooks, so :func:`_use_native_attention` makes each
+such attention bridge run the wrapped HF attention module itself (SDPA as configured) with its
+output projection routed through the bridge's ``o`` so ``hook_z`` still fires; see
+:meth:`LoadedModel.reconstructed_attention` to get the bridge's own attention back.
+
 Architecture differences live in two declarative tables:
 
 * :data:`SITE_HOOKS` maps an abstract site (``resid_pre``, ``attn_out``, ``z`` ...) to the bridge's
@@ -100,6 +107,8 @@ class LoadedModel:
     dtype: torch.dtype
     hf_model: torch.nn.Module = field(repr=False)
     bridge: Any = field(repr=False)  # transformer_lens TransformerBridge (use the methods below)
+    # attention bridges switched to the HF module's own attention (see _use_native_attention)
+    native_attention: list = field(default_factory=list, repr=False)
 
     # ----- sites and hooks -------------------------------------------------------------------
     def has_site(self, site: str) -> bool:
@@ -134,20 +143,69 @@ class LoadedModel:
         with self.bridge.hooks(fwd_hooks=fwd):
             yield
 
-    def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[batch, pos, vocab]`` through the bridge (hooks attached with :meth:`hooks` fire)."""
+    def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                logits: bool = True) -> Optional[torch.Tensor]:
+        """Logits ``[batch, pos, vocab]`` through the bridge (hooks attached with :meth:`hooks` fire).
+
+        ``logits=False`` stops the pass once the final stream is formed (right after every ``final_in``
+        hook has fired), skipping the final norm and the unembedding, and returns None: for collectors
+        that only read the stream. No key/value cache is built either way.
+        """
         tokens = tokens.to(self.input_device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.input_device).long()
-        return self.bridge(tokens, attention_mask=attention_mask)
+        if logits:
+            return self.bridge(tokens, attention_mask=attention_mask, use_cache=False)
+        try:
+            with self.bridge.hooks(fwd_hooks=[(SITE_HOOKS["final_in"], _raise_stop)]):
+                self.bridge(tokens, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            return None
+        raise RuntimeError("the final_in hook did not fire: the bridge's hook layout changed")
+
+    def run_with_cache(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       sites: Optional[Iterable[tuple[str, Optional[int]]]] = None) -> tuple[torch.Tensor, dict]:
+        """TransformerLens ``run_with_cache`` on the bridge: ``(logits, cache)`` (the benchmarks' baseline).
+
+        ``sites``: (site, layer) pairs to keep (layer None for embed / pos_embed / final_in); the cache
+        is then keyed by those pairs. None keeps every hook the bridge fires, keyed by hook name. The
+        cache holds whole activations, so memory grows with batch x positions x width per hook.
+        """
+        tokens = tokens.to(self.input_device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.input_device).long()
+        if sites is None:
+            logits, cache = self.bridge.run_with_cache(tokens, attention_mask=attention_mask, use_cache=False)
+            return logits, {name: cache[name] for name in cache.keys()}
+        names = {self.hook_name(site, layer): (site, layer) for site, layer in sites}
+        logits, cache = self.bridge.run_with_cache(tokens, attention_mask=attention_mask, use_cache=False,
+                                                   names_filter=list(names))
+        return logits, {key: cache[name] for name, key in names.items()}
+
+    @contextlib.contextmanager
+    def reconstructed_attention(self) -> Iterator[None]:
+        """Run the bridge's own eager attention inside this block (``hook_pattern`` etc. fire again).
+
+        By default (see the module docstring) GPT-2/NeoX/Llama attention runs the HF module's SDPA.
+        """
+        saved = [(a, a.__dict__.pop("forward", None)) for a in self.native_attention]
+        try:
+            yield
+        finally:
+            for a, fwd in saved:
+                if fwd is not None:
+                    a.__dict__["forward"] = fwd
 
     @property
     def input_device(self) -> torch.device:
         return self.hf_model.get_input_embeddings().weight.device
 
     # ----- weights ------------------------------------------------------------------------------
-    def stacked_weights(self) -> dict[str, Optional[torch.Tensor]]:
+    def stacked_weights(self, keys: Optional[Iterable[str]] = None) -> dict[str, Optional[torch.Tensor]]:
         """Raw (unprocessed) weights stacked over layers, in TransformerLens orientation.
+
+        ``keys``: compute only these entries (stacking all of them takes about a second for a
+        GPT-2-small-sized model); None means all.
 
         Keys: W_Q, W_O [layer, head, d_head, d_model] / W_K, W_V [layer, head, d_model, d_head] with
         K/V repeated to the query heads for grouped-query attention; W_K_stored/W_V_stored with the
@@ -156,25 +214,36 @@ class LoadedModel:
         they carry the 1e6 storage factor). A bias the checkpoint lacks is None.
         """
         b = self.bridge
+        want = set(STACKED_WEIGHT_KEYS if keys is None else keys)
+        unknown = want - set(STACKED_WEIGHT_KEYS)
+        if unknown:
+            raise KeyError(f"unknown weight key(s) {sorted(unknown)}: choose from {', '.join(STACKED_WEIGHT_KEYS)}")
         out: dict[str, Optional[torch.Tensor]] = {}
         with torch.no_grad():
             for key in ["W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out"]:
+                if not want & {key, key + "_stored"}:
+                    continue
                 try:
                     out[key] = getattr(b, key).detach()
                 except AttributeError:
                     out[key] = None
-            out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+            if "W_gate" in want:
+                out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
             for key in ["W_K", "W_V"]:
+                if key not in out:
+                    continue
                 out[key + "_stored"] = out[key]
                 if out[key] is not None:
                     out[key] = b._expand_kv_heads(out[key])
-            for name, mods in (("ln1", self.norm_modules("ln1")), ("ln2", self.norm_modules("ln2")),
-                               ("lnf", self.norm_modules("ln_final"))):
+            for name, which in (("ln1", "ln1"), ("ln2", "ln2"), ("lnf", "ln_final")):
+                if not want & {name + "_w", name + "_b"}:
+                    continue
+                mods = self.norm_modules(which)
                 ws = [m.weight.detach() for m in mods]
                 bs = [getattr(m, "bias", None) for m in mods]
                 out[name + "_w"] = torch.stack(ws)
                 out[name + "_b"] = None if any(x is None for x in bs) else torch.stack([x.detach() for x in bs])
-        return out
+        return {k: v for k, v in out.items() if k in want}
 
     def norm_modules(self, which: str) -> list[torch.nn.Module]:
         """The HF normalisation modules behind ``ln1`` / ``ln2`` (one per block) or ``ln_final``."""
@@ -184,11 +253,23 @@ class LoadedModel:
         return [getattr(blk, which).original_component for blk in b.blocks]
 
 
+STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
+                       "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "lnf_w", "lnf_b")
+
+
 def _tl_hook(fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Callable:
     def hook(activation: torch.Tensor, hook: Any) -> Optional[torch.Tensor]:
         return fn(activation)
 
     return hook
+
+
+class _StopForward(Exception):
+    """Raised by the final_in hook of ``forward(logits=False)`` to end the pass early."""
+
+
+def _raise_stop(activation: torch.Tensor, hook: Any) -> None:
+    raise _StopForward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +413,7 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         parallel_blocks=bool(getattr(config, fam.parallel_attr, fam.parallel_default)) if fam.parallel_attr else False,
         has_pos_embed=fam.has_pos_embed, bos_token_id=_bos_id(config, tokenizer), tokenizer=tokenizer,
         device=hf_model.get_input_embeddings().weight.device, dtype=torch_dtype, hf_model=hf_model, bridge=bridge,
+        native_attention=_use_native_attention(bridge),
     )
     _check_norms(model, config)
     return model
@@ -413,3 +495,64 @@ def _check_norms(model: LoadedModel, config: Any) -> None:
     elif any(huge):
         warnings.warn(f"model {model.spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
                       "LN-free); it is treated as an ordinary LayerNorm model.")
+
+
+# ----------------------------------------------------------------------------------------------
+# fast attention: let the HF attention module run its own kernel (performance)
+# ----------------------------------------------------------------------------------------------
+# Attention bridges that re-implement attention eagerly instead of calling the HF module.
+_RECONSTRUCTING_ATTENTION = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
+                             "PositionEmbeddingsAttentionBridge")
+
+
+def _native_attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """Attention bridge forward that calls the wrapped HF attention module (its SDPA/eager kernel).
+
+    ``hook_in`` / ``hook_out`` (attn_out) fire as in the bridge; the output projection runs through the
+    bridge's ``o`` so ``hook_z`` (= ``o.hook_in``) fires on the mixed values and may replace them.
+    ``hook_q/k/v``, ``hook_attn_scores`` and ``hook_pattern`` do not fire (use
+    :meth:`LoadedModel.reconstructed_attention` for those).
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    hf_attn = self.original_component
+    o = self._modules["o"]
+    slot = getattr(self, "_ng_o_slot", None)  # HF child to route through ``o`` (GPT-2's c_proj)
+    if slot is not None:
+        hf_attn._modules[slot] = o
+    try:
+        return AttentionBridge.forward(self, *args, **kwargs)
+    finally:
+        if slot is not None:
+            hf_attn._modules[slot] = o.original_component
+
+
+def _use_native_attention(bridge: Any) -> list:
+    """Switch every reconstructing attention bridge to :func:`_native_attention_forward`.
+
+    Only where the HF attention's output projection is the bridge's ``o`` (or the module ``o`` wraps),
+    so that ``hook_z`` keeps firing. Returns the switched bridges.
+    """
+    import types
+
+    switched = []
+    for module in bridge.modules():
+        if type(module).__name__ not in _RECONSTRUCTING_ATTENTION:
+            continue
+        hf_attn = module._modules.get("_original_component")
+        o = module._modules.get("o")
+        if hf_attn is None or o is None or o._modules.get("_original_component") is None:
+            continue
+        children = dict(hf_attn.named_children())
+        if any(child is o for child in children.values()):
+            slot = None
+        else:
+            slots = [name for name, child in children.items() if child is o.original_component]
+            if len(slots) != 1:
+                continue
+            slot = slots[0]
+        object.__setattr__(module, "_ng_o_slot", slot)
+        # set on the instance dict: the bridge's __setattr__ would forward "forward" to the HF module
+        module.__dict__["forward"] = types.MethodType(_native_attention_forward, module)
+        switched.append(module)
+    return switched

@@ -1,0 +1,674 @@
+#!/usr/bin/env python
+"""Benchmark normgrowth's collectors against plain forward passes (method and results: README.md here).
+
+Configurations, all on the same random-weight checkpoint, tokens and device:
+
+  a       plain HF ``AutoModelForCausalLM`` forward (default attention: SDPA), logits, no KV cache: the limit
+  a0      plain HF model body only (no LM head): the limit for a pass that only reads the stream
+  b       normgrowth's bridge forward (``LoadedModel.forward``), no hooks, logits
+  b_tl    the same with TransformerLens' own (eager, reconstructed) attention
+  c       ``normgrowth.collect``: all default sites, per-head write norms, MLP activation rates
+  d       ``run_with_cache`` on the stock bridge (TL attention), caching the hooks c reads, then the
+          same reductions (per-token norms, per-head ||z_h W_O^h|| from explicit z_h W_O^h, rates)
+  d_full  the same with everything cached (TL's default ``names_filter=None``; only where it fits)
+  e       HF ``output_hidden_states=True`` followed by the stream norms it allows
+  f       ``normgrowth.deletion.collect_deletion`` (when importable)
+
+On the CPU each configuration runs in a fresh subprocess (so peak memory does not carry over): the
+model is loaded (every weight read once: safetensors are memory-mapped), one warm-up pass runs on one
+sequence, then ``--reps`` timed passes over all sequences, then one untimed memory pass: glibc's mmap
+threshold is fixed (so freed blocks leave the resident set), the resident-set high-water mark is reset
+(``/proc/self/clear_refs``) and peak memory = VmHWM after the pass minus VmRSS before it. On a GPU all
+configurations run in one process and peak memory = ``max_memory_allocated`` after
+``reset_peak_memory_stats`` minus the allocation before the pass. ``--rounds`` repeats the sweep,
+interleaving configurations; times are medians over all rounds and reps.
+
+Usage: ``python benchmarks/bench.py [--quick] [--device cpu|cuda] [--models gpt2-small,pythia-160m]
+[--seq-lens 128,1024] [--batch-size 8] [--reps 2] [--rounds 2] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# name -> (family, config kwargs); random weights, real shapes
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=512)),
+    "tiny-neox": ("neox", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                               vocab_size=1000, max_position_embeddings=512)),
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)),
+    "pythia-160m": ("neox", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                                 intermediate_size=3072, vocab_size=50304, max_position_embeddings=2048,
+                                 rotary_pct=0.25, use_parallel_residual=True)),
+    "pythia-410m": ("neox", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+                                 intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
+                                 rotary_pct=0.25, use_parallel_residual=True)),
+}
+
+CONFIGS = {
+    "a": "HF forward (SDPA), logits",
+    "a0": "HF body only (no LM head)",
+    "b": "bridge forward, no hooks",
+    "b_tl": "bridge forward, TL eager attention",
+    "c": "normgrowth.collect",
+    "d": "run_with_cache (TL) + reductions",
+    "d_full": "run_with_cache, all hooks",
+    "e": "HF hidden_states + norms",
+    "f": "deletion collector",
+}
+DEFAULT_CONFIGS = ("a", "a0", "b", "b_tl", "c", "d", "d_full", "e", "f")
+COLLECT_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+MEMORY_SHARE_FOR_FULL_CACHE = 0.4  # d_full runs only where its estimated cache fits in this share of free memory
+
+
+# ----------------------------------------------------------------------------------------------
+# machine, memory, checkpoints
+# ----------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _fix_mmap_threshold(threshold: int = 65536) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average": list(os.getloadavg()),
+    }
+    for pkg in ("transformers", "transformer-lens"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return info
+
+
+def machine_kind(info: dict[str, Any]) -> str:
+    if info["device"].startswith("cuda"):
+        name = info.get("gpu", "gpu")
+        return "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    name = re.sub(r"\(r\)|\(tm\)|processor|cpu", "", info["cpu_model"].lower())
+    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', name).strip('-')}-{info['cpu_count']}c"
+
+
+def checkpoint(name: str, cache_dir: Path) -> Path:
+    """Build (once) a random-init checkpoint of shape ``name`` with save_pretrained; return its directory."""
+    family, kwargs = MODELS[name]
+    key = hashlib.sha1(json.dumps([family, kwargs], sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir / f"{name}-{key}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+    cfg = GPT2Config(**kwargs) if family == "gpt2" else GPTNeoXConfig(**kwargs)
+    cfg.bos_token_id = cfg.eos_token_id = 0
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# one configuration (runs inside a worker process)
+# ----------------------------------------------------------------------------------------------
+def _reductions(model: Any, cache: dict, w_o: Any, valid: Any) -> list[float]:
+    """What c computes, from cached activations: per-token norms (3 each), per-head write norms from
+    explicit z_h W_O^h, MLP activation rates; reduced to token means over ``valid``."""
+    import torch
+
+    from normgrowth.collect import norm_metrics
+
+    out = []
+    vf = valid.to(torch.float32)
+    n = vf.sum().clamp(min=1)
+    for key, act in cache.items():
+        site = key[0]
+        if site == "z":
+            z = act if act.dim() == 4 else act.view(*act.shape[:2], model.n_heads, -1)
+            writes = torch.einsum("bphd,hdm->bphm", z.float(), w_o[key[1]].float())  # [b, p, h, d_model]
+            per_token = writes.norm(dim=-1)  # [b, p, h]
+            out.extend(((per_token * vf[..., None]).sum((0, 1)) / n).tolist())
+        elif site == "mlp_pre":
+            out.append(float(((act > 0).float().mean(-1) * vf).sum() / n))
+        else:
+            out.extend(((norm_metrics(act) * vf).sum((1, 2)) / n).tolist())
+    return out
+
+
+def _cache_sites(model: Any) -> list[tuple[str, Optional[int]]]:
+    sites: list[tuple[str, Optional[int]]] = [("embed", None)]
+    if model.has_site("pos_embed"):
+        sites.append(("pos_embed", None))
+    for layer in range(model.n_layers):
+        sites += [(s, layer) for s in COLLECT_SITES if model.has_site(s)]
+        sites += [("z", layer), ("mlp_pre", layer)]
+    return sites
+
+
+def _full_cache_key(model: Any, site: str, layer: Optional[int]) -> str:
+    return model.hook_name(site, layer)
+
+
+def _materialize(module: Any) -> None:
+    """Read every weight once: safetensors checkpoints are memory-mapped, so untouched weights are not
+    yet resident and would otherwise be counted in the first pass's peak."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel():
+                float(tensor.float().sum() if tensor.is_floating_point() else tensor.sum())
+
+
+def build_runner(config: str, model_dir: Path, device: str, dtype: str, n_seqs: int, seq_len: int, batch_size: int,
+                 seed: int = 0):
+    """Load what ``config`` needs; return (run(n_seqs) -> None, n_tokens(n_seqs))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from normgrowth.data import TokenBatch
+    from normgrowth.models import load_model, resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    if config in ("a", "a0", "e"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
+        vocab = hf.config.vocab_size
+    else:
+        model = load_model(str(model_dir), device=device, dtype=torch_dtype)
+        vocab = model.vocab_size
+    _materialize(hf if config in ("a", "a0", "e") else model.hf_model)
+    tokens = torch.randint(0, vocab, (n_seqs, seq_len), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+
+    def chunks(n: int):
+        for start in range(0, n, batch_size):
+            yield (tokens[start:min(n, start + batch_size)].to(device), mask[start:min(n, start + batch_size)].to(device))
+
+    if config == "a":
+        def run(n):
+            with torch.inference_mode():
+                for tok, m in chunks(n):
+                    hf(tok, attention_mask=m.long(), use_cache=False)
+    elif config == "a0":
+        body = hf.base_model
+
+        def run(n):
+            with torch.inference_mode():
+                for tok, m in chunks(n):
+                    body(tok, attention_mask=m.long(), use_cache=False)
+    elif config == "e":
+        from normgrowth.collect import norm_metrics
+
+        def run(n):
+            with torch.inference_mode():
+                for tok, m in chunks(n):
+                    hidden = hf(tok, attention_mask=m.long(), use_cache=False, output_hidden_states=True).hidden_states
+                    vf = m.float()
+                    [((norm_metrics(h) * vf).sum((1, 2)) / vf.sum()).tolist() for h in hidden]
+    elif config == "b":
+        def run(n):
+            with torch.inference_mode():
+                for tok, m in chunks(n):
+                    model.forward(tok, attention_mask=m)
+    elif config == "b_tl":
+        def run(n):
+            with torch.inference_mode(), model.reconstructed_attention():
+                for tok, m in chunks(n):
+                    model.forward(tok, attention_mask=m)
+    elif config == "c":
+        from normgrowth.collect import collect
+
+        def run(n):
+            collect(model, TokenBatch(tokens[:n], mask[:n], "random"), batch_size=batch_size)
+    elif config in ("d", "d_full"):
+        sites = _cache_sites(model)
+
+        def run(n):
+            w_o = model.stacked_weights(["W_O"])["W_O"]
+            with torch.inference_mode(), model.reconstructed_attention():
+                for tok, m in chunks(n):
+                    valid = m.clone()
+                    valid[:, 0] = False
+                    if config == "d":
+                        _logits, cache = model.run_with_cache(tok, attention_mask=m, sites=sites)
+                    else:
+                        _logits, full = model.run_with_cache(tok, attention_mask=m)
+                        cache = {(s, layer): full[_full_cache_key(model, s, layer)] for s, layer in sites}
+                    _reductions(model, cache, w_o, valid)
+                    del cache, _logits
+    elif config == "f":
+        from normgrowth.deletion import collect_deletion
+
+        def run(n):
+            collect_deletion(model, TokenBatch(tokens[:n], mask[:n], "random"), batch_size=batch_size)
+    else:
+        raise KeyError(config)
+    return run
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration: setup, warm-up on one sequence, ``reps`` timed passes, one memory pass."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    run = build_runner(spec["config"], Path(spec["model_dir"]), device, spec["dtype"], spec["n_seqs"],
+                       spec["seq_len"], spec["batch_size"])
+    run(1)  # warm-up (one sequence): kernels, allocator pools, lazy initialisation
+    walls, cpus = [], []
+    for _ in range(spec["reps"]):  # timed with the default allocator settings
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        run(spec["n_seqs"])
+        if cuda:
+            torch.cuda.synchronize(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    out: dict[str, Any] = {"wall_s": walls, "cpu_s": cpus, "threads": torch.get_num_threads()}
+    # memory: one more (untimed) pass from a reset peak
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run(spec["n_seqs"])
+        torch.cuda.synchronize(device)
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        out["memory_kind"] = "cuda max_memory_allocated - memory_allocated before the pass"
+        return out
+    # glibc raises its mmap threshold as large blocks are freed, so later passes keep freed memory
+    # on the heap and the high-water mark depends on allocation history; a fixed threshold returns
+    # every large block to the OS when it is freed, so VmHWM follows live memory. (It slows
+    # allocation-heavy code by page faults, hence only for this pass, not for the timed ones.)
+    fixed = _fix_mmap_threshold()
+    _trim()
+    base_rss = _status_kb("VmRSS") * 1024
+    if _reset_hwm():
+        run(spec["n_seqs"])
+        out["peak_bytes"] = _status_kb("VmHWM") * 1024 - base_rss
+    else:
+        out["peak_bytes"] = None
+    out["rss_base_bytes"] = base_rss
+    out["memory_kind"] = ("VmHWM - VmRSS before the pass" + (", glibc mmap threshold fixed at 64 KiB" if fixed else ""))
+    return out
+
+
+def inprocess_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same measurement in this process: exact for CUDA peaks (reset per configuration), only
+    indicative for CPU RSS (allocator caches carry over)."""
+    import torch
+
+    try:
+        result = worker(spec)
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not spec["device"].startswith("cuda"):
+        result["memory_note"] = "CPU peak measured in-process: only indicative"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration
+# ----------------------------------------------------------------------------------------------
+def launch(spec: dict[str, Any], in_process: bool, timeout: float) -> dict[str, Any]:
+    if in_process:
+        try:
+            return inprocess_worker(spec)
+        except Exception as err:  # a benchmark records a failing configuration and goes on
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)[-400:]}"}
+    return json.loads(lines[-1])
+
+
+def full_cache_estimate(family: str, kwargs: dict[str, Any], seq_len: int, batch: int, dtype_bytes: int) -> int:
+    """Rough bytes of a TL whole-activation cache: ~40 d_model-wide and ~4 d_mlp-wide hooks per layer,
+    plus [head, pos, pos] scores and pattern, for every token."""
+    if family == "gpt2":
+        layers, d, heads = kwargs["n_layer"], kwargs["n_embd"], kwargs["n_head"]
+        d_mlp = 4 * d
+    else:
+        layers, d, heads = kwargs["num_hidden_layers"], kwargs["hidden_size"], kwargs["num_attention_heads"]
+        d_mlp = kwargs["intermediate_size"]
+    per_token_layer = 40 * d + 4 * d_mlp + 2 * heads * seq_len
+    return dtype_bytes * batch * seq_len * layers * per_token_layer
+
+
+def available_bytes(device: str) -> int:
+    from normgrowth.batching import free_memory_bytes
+
+    return free_memory_bytes(device)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in runs if "error" not in r and "skipped" not in r]
+    if not good:
+        return runs[0] if runs else {"error": "no run"}
+    walls = [w for r in good for w in r["wall_s"]]
+    cpus = [c for r in good for c in r["cpu_s"]]
+    peaks = [r["peak_bytes"] for r in good if r.get("peak_bytes") is not None]
+    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "wall_all": walls, "cpu_all": cpus,
+            "peak_bytes": statistics.median(peaks) if peaks else None, "peak_all": peaks,
+            "rss_base_bytes": good[0].get("rss_base_bytes"), "memory_kind": good[0].get("memory_kind"),
+            "threads": good[0].get("threads")}
+
+
+def add_ratios(group: dict[str, Any]) -> None:
+    ref = group["configs"].get("a", {})
+    for res in group["configs"].values():
+        if "wall_s" not in res:
+            continue
+        res["tokens_per_s"] = group["n_tokens"] / res["wall_s"]
+        if "wall_s" in ref:
+            res["time_ratio_to_a"] = res["wall_s"] / ref["wall_s"]
+            res["cpu_ratio_to_a"] = res["cpu_s"] / ref["cpu_s"]
+            if ref.get("peak_bytes") and res.get("peak_bytes") is not None:
+                res["memory_ratio_to_a"] = res["peak_bytes"] / ref["peak_bytes"]
+
+
+def check_targets(groups: list[dict[str, Any]], scaling: list[dict[str, Any]], long_len: int) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated on the ratios of this run."""
+    out = []
+
+    def add(name, value, limit, ok, where):
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(ok) if value is not None else None,
+                    "where": where})
+
+    for g in groups:
+        cfg = g["configs"]
+        where = f"{g['model']} seq {g['seq_len']} batch {g['batch_size']}"
+        c, d, f = cfg.get("c", {}), cfg.get("d", {}), cfg.get("f", {})
+        if g["seq_len"] == long_len:
+            add("(c)/(a) time <= 1.15", c.get("time_ratio_to_a"), 1.15,
+                c.get("time_ratio_to_a", 9e9) <= 1.15, where)
+            add("(c)/(a) peak memory <= 1.2", c.get("memory_ratio_to_a"), 1.2,
+                c.get("memory_ratio_to_a", 9e9) <= 1.2, where)
+            if "wall_s" in c and "wall_s" in d:
+                add("(d)/(c) time >= 2", d["wall_s"] / c["wall_s"], 2.0, d["wall_s"] / c["wall_s"] >= 2, where)
+            if c.get("peak_bytes") and d.get("peak_bytes"):
+                ratio = d["peak_bytes"] / c["peak_bytes"]
+                add("(d)/(c) peak memory >= 5", ratio, 5.0, ratio >= 5, where)
+            if "time_ratio_to_a" in f:
+                add("(f)/(a) time <= 3", f["time_ratio_to_a"], 3.0, f["time_ratio_to_a"] <= 3, where)
+    for s in scaling:
+        if s.get("increase") is not None:
+            add("(c) peak memory +10x sequences < 5 %", s["increase"], 0.05, s["increase"] < 0.05,
+                f"{s['model']} seq {s['seq_len']} batch {s['batch_size']}: {s['n_seqs']} -> {10 * s['n_seqs']} sequences")
+    return out
+
+
+def fmt_bytes(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = []
+    for g in report["groups"]:
+        lines.append(f"\n{g['model']}  seq_len {g['seq_len']}  batch {g['batch_size']}  ({g['n_tokens']} tokens/pass, "
+                     f"{report['machine']['device']}, {report['settings']['dtype']})")
+        lines.append(f"  {'config':7s} {'what':36s} {'tok/s':>9s} {'wall s':>8s} {'t/(a)':>6s} {'cpu/(a)':>7s} "
+                     f"{'peak MiB':>9s} {'m/(a)':>6s}")
+        for name, res in g["configs"].items():
+            what = CONFIGS[name]
+            if "wall_s" not in res:
+                lines.append(f"  {name:7s} {what:36s} {res.get('error') or res.get('skipped', '')}"[:160])
+                continue
+            lines.append(f"  {name:7s} {what:36s} {res['tokens_per_s']:9.0f} {res['wall_s']:8.3f} "
+                         f"{res.get('time_ratio_to_a', float('nan')):6.2f} {res.get('cpu_ratio_to_a', float('nan')):7.2f} "
+                         f"{fmt_bytes(res.get('peak_bytes')):>9s} {res.get('memory_ratio_to_a', float('nan')):6.2f}")
+    for s in report.get("scaling", []):
+        lines.append(f"\nscaling (c) {s['model']} seq {s['seq_len']} batch {s['batch_size']}: peak "
+                     f"{fmt_bytes(s.get('peak_n'))} MiB for {s['n_seqs']} sequences, {fmt_bytes(s.get('peak_10n'))} MiB "
+                     f"for {10 * s['n_seqs']}: increase {100 * s['increase']:.1f} %" if s.get("increase") is not None
+                     else f"\nscaling (c) {s['model']}: {s.get('error', 'no result')}")
+    if report.get("targets"):
+        lines.append("\ntargets:")
+        for t in report["targets"]:
+            val = "-" if t["value"] is None else f"{t['value']:.3f}"
+            status = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+            lines.append(f"  {status:6s} {t['target']:40s} {val:>8s}  ({t['where']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized run: tiny models, short sequences, in-process")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--seq-lens", default=None, help="comma-separated sequence lengths (default 128,1024)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8)")
+    p.add_argument("--n-batches", type=int, default=1, help="batches per timed pass (default 1)")
+    p.add_argument("--configs", default=None, help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--reps", type=int, default=None, help="timed passes per worker (default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="sweeps over all configurations, interleaved (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    p.add_argument("--scaling-seq-len", type=int, default=128, help="sequence length of the 10x-sequences check")
+    p.add_argument("--scaling-n-seqs", type=int, default=16, help="N of the N vs 10N sequences check (0: skip)")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "normgrowth-bench"),
+                   help="where the random checkpoints are built (reused between runs)")
+    p.add_argument("--out", default=None, help="directory for the JSON result (default benchmarks/results; "
+                                               "--quick: the cache directory)")
+    p.add_argument("--tag", default="", help="appended to the result file name")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
+    p.add_argument("--isolation", choices=("auto", "subprocess", "in-process"), default="auto",
+                   help="one fresh process per configuration (auto: on the CPU, where RSS peaks would carry "
+                        "over) or all in this process (auto: on GPUs and with --quick; CUDA peaks are reset)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda asked for but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    quick = args.quick
+    in_process = args.isolation == "in-process" or (args.isolation == "auto" and (quick or device.startswith("cuda")))
+    models = (args.models or ("tiny-gpt2,tiny-neox" if quick else "gpt2-small,pythia-160m")).split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    seq_lens = [int(x) for x in (args.seq_lens or ("64" if quick else "128,1024")).split(",")]
+    batch = args.batch_size or (4 if quick else 8)
+    reps = args.reps or (1 if quick else 2)
+    if quick:
+        args.threads = args.threads or 1
+        args.scaling_seq_len = min(args.scaling_seq_len, max(seq_lens))
+        args.scaling_n_seqs = min(args.scaling_n_seqs, 4)
+    configs = (args.configs or ",".join(DEFAULT_CONFIGS)).split(",")
+    try:
+        import normgrowth.deletion  # noqa: F401
+        have_deletion = hasattr(normgrowth.deletion, "collect_deletion")
+    except ImportError:
+        have_deletion = False
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info(device)
+    if args.threads:
+        info["torch_threads"] = args.threads
+    dtype_bytes = torch.empty((), dtype=__import__("normgrowth.models", fromlist=["x"]).resolve_dtype(args.dtype)).element_size()
+    settings = {"isolation": "in-process" if in_process else "subprocess", "dtype": args.dtype, "reps": reps, "rounds": args.rounds, "batch_size": batch,
+                "n_batches": args.n_batches, "threads": args.threads, "quick": quick, "configs": configs}
+    print(f"normgrowth benchmark on {device} ({info.get('gpu') or info['cpu_model']}, {info['cpu_count']} cores, "
+          f"torch {info['torch']}, load {info['load_average'][0]:.2f})", flush=True)
+
+    def spec_for(model_dir, config, n_seqs, seq_len):
+        return {"config": config, "model_dir": str(model_dir), "device": device, "dtype": args.dtype,
+                "n_seqs": n_seqs, "seq_len": seq_len, "batch_size": batch, "reps": reps, "threads": args.threads}
+
+    groups: list[dict[str, Any]] = []
+    runs: dict[tuple, list] = {}
+    plan = []
+    for name in models:
+        model_dir = checkpoint(name, cache_dir)
+        family, kwargs = MODELS[name]
+        for seq_len in seq_lens:
+            n_seqs = batch * args.n_batches
+            group = {"model": name, "family": family, "model_config": kwargs, "seq_len": seq_len, "batch_size": batch,
+                     "n_seqs": n_seqs, "n_tokens": n_seqs * seq_len, "configs": {}}
+            groups.append(group)
+            for config in configs:
+                key = (name, seq_len, config)
+                runs[key] = []
+                if config == "f" and not have_deletion:
+                    runs[key].append({"skipped": "unavailable: normgrowth.deletion.collect_deletion not importable"})
+                    continue
+                if config == "d_full":
+                    need = full_cache_estimate(family, kwargs, seq_len, batch, dtype_bytes)
+                    free = available_bytes(device)
+                    if need > MEMORY_SHARE_FOR_FULL_CACHE * free:
+                        runs[key].append({"skipped": f"skipped: a full cache needs ~{need / 2**30:.1f} GiB, more than "
+                                                     f"{MEMORY_SHARE_FOR_FULL_CACHE:.0%} of the {free / 2**30:.1f} GiB free"})
+                        continue
+                plan.append((key, spec_for(model_dir, config, n_seqs, seq_len)))
+    for rnd in range(args.rounds):
+        for key, spec in plan:
+            t0 = time.time()
+            res = launch(spec, in_process, args.timeout)
+            runs[key].append(res)
+            msg = res.get("error") or f"wall {statistics.median(res['wall_s']):.3f} s, peak {fmt_bytes(res.get('peak_bytes'))} MiB"
+            print(f"  round {rnd + 1}/{args.rounds} {key[0]} seq {key[1]} {key[2]:6s}: {msg}  ({time.time() - t0:.0f} s)",
+                  flush=True)
+    for g in groups:
+        for config in configs:
+            g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
+        add_ratios(g)
+
+    scaling = []
+    if args.scaling_n_seqs > 0 and "c" in configs:
+        name = models[0]
+        model_dir = checkpoint(name, cache_dir)
+        n = args.scaling_n_seqs
+        entry: dict[str, Any] = {"model": name, "seq_len": args.scaling_seq_len, "batch_size": batch, "n_seqs": n}
+        small, large = [], []
+        for rnd in range(args.rounds):
+            small.append(launch(spec_for(model_dir, "c", n, args.scaling_seq_len), in_process, args.timeout))
+            large.append(launch(spec_for(model_dir, "c", 10 * n, args.scaling_seq_len), in_process, args.timeout))
+        s_small, s_large = summarize(small), summarize(large)
+        entry.update({"small": s_small, "large": s_large})
+        if s_small.get("peak_bytes") and s_large.get("peak_bytes") is not None:
+            entry["peak_n"], entry["peak_10n"] = s_small["peak_bytes"], s_large["peak_bytes"]
+            entry["increase"] = (s_large["peak_bytes"] - s_small["peak_bytes"]) / s_small["peak_bytes"]
+            if s_small.get("rss_base_bytes"):
+                total_small = s_small["rss_base_bytes"] + s_small["peak_bytes"]
+                total_large = s_large["rss_base_bytes"] + s_large["peak_bytes"]
+                entry["total_rss_increase"] = (total_large - total_small) / total_small
+        else:
+            entry["error"] = s_small.get("error") or s_large.get("error") or "no memory measurement"
+        scaling.append(entry)
+        print(f"  scaling {name}: {entry.get('increase', entry.get('error'))}", flush=True)
+
+    info["load_average_end"] = list(os.getloadavg())
+    report = {"machine": info, "settings": settings, "groups": groups, "scaling": scaling,
+              "configs": CONFIGS}
+    report["targets"] = check_targets(groups, scaling, long_len=max(seq_lens))
+    table = format_table(report)
+    print(table)
+    out_dir = Path(args.out) if args.out else (cache_dir if quick else REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = ("quick-" if quick else "") + machine_kind(info) + (f"-{args.tag}" if args.tag else "")
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Batch sizing, out-of-memory errors, multi-device loading, and the fast paths of issue 6.
+
+No timing assertions: every test checks a value against an independent computation or a planted case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_model
+from normgrowth.batching import (
+    auto_batch_size,
+    bytes_per_sequence,
+    cpu_available_bytes,
+    is_out_of_memory,
+    resolve_batch_size,
+    retry_on_oom,
+    run_with_oom_guard,
+)
+from normgrowth.collect import NormCollector, collect, norm_metrics
+from normgrowth.data import TokenBatch
+from normgrowth.errors import NormgrowthError
+from normgrowth.models import load_model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 100, (4, 14), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[2, 9:] = False
+    return TokenBatch(tokens, mask, "test")
+
+
+# ----- batch sizes ------------------------------------------------------------------------------
+def test_auto_batch_size_positive_and_shrinks_with_seq_len(loaded):
+    model = loaded("gpt2")
+    sizes = [auto_batch_size(model, n, free_bytes=2**30) for n in (16, 64, 256, 1024)]
+    assert all(s >= 1 for s in sizes)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert auto_batch_size(model, 64) >= 1  # with the machine's real free memory
+    # the estimate is the formula: half the free memory over the bytes of one sequence
+    per_seq = bytes_per_sequence(model.d_model, model.d_mlp, model.n_heads, 256,
+                                 n_series=3 * (5 * model.n_layers + 2) + model.n_layers * (model.n_heads + 1))
+    assert auto_batch_size(model, 256, free_bytes=1000 * per_seq) == 500
+
+
+def test_bytes_per_sequence_counts_what_it_says():
+    base = bytes_per_sequence(64, 256, 4, 100)
+    assert bytes_per_sequence(64, 256, 4, 200) == 2 * base  # linear in seq_len with SDPA
+    eager = bytes_per_sequence(64, 256, 4, 200, eager_attention=True)
+    assert eager - bytes_per_sequence(64, 256, 4, 200) == 4 * 3 * 4 * 200 * 200  # e * C_ATTN * heads * L^2
+    assert bytes_per_sequence(64, 256, 4, 100, dtype=torch.bfloat16) < base
+    assert bytes_per_sequence(64, 256, 4, 100, vocab_size=1000) > base
+
+
+def test_auto_batch_size_never_below_one(loaded):
+    assert auto_batch_size(loaded("neox"), 64, free_bytes=1) == 1
+    with pytest.raises(NormgrowthError, match="at least 1"):
+        auto_batch_size(loaded("neox"), 0)
+
+
+def test_resolve_batch_size(loaded):
+    model = loaded("gpt2")
+    assert resolve_batch_size(16, model, 64) == 16
+    assert resolve_batch_size(" 7 ", model, 64) == 7
+    assert resolve_batch_size("AUTO", model, 64) == auto_batch_size(model, 64)
+    for bad in ("0", "-3", "many", 0, 2.5, True):
+        with pytest.raises(NormgrowthError, match="--batch-size must be a positive integer or 'auto'"):
+            resolve_batch_size(bad, model, 64)
+
+
+def test_cpu_available_bytes_reads_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:         1000 kB\nMemAvailable:    2048 kB\n")
+    assert cpu_available_bytes(meminfo) == 2048 * 1024
+    assert cpu_available_bytes(tmp_path / "missing") > 0  # falls back to a default
+
+
+# ----- out of memory ----------------------------------------------------------------------------
+def _raiser(err):
+    def fn():
+        raise err
+    return fn
+
+
+@pytest.mark.parametrize("err", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+                                 RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 96000000000 bytes."),
+                                 MemoryError()])
+def test_oom_becomes_clear_error_with_smaller_batch(err):
+    with pytest.raises(NormgrowthError) as info:
+        run_with_oom_guard(_raiser(err), batch_size=8)
+    assert str(info.value) == "out of memory at batch size 8: rerun with --batch-size 4"
+
+
+def test_oom_at_batch_one_and_other_errors():
+    with pytest.raises(NormgrowthError, match="out of memory at batch size 1: use a shorter --seq-len"):
+        run_with_oom_guard(_raiser(torch.OutOfMemoryError("CUDA out of memory")), batch_size=1)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not an allocation failure: untouched
+        run_with_oom_guard(_raiser(RuntimeError("shape mismatch")), batch_size=8)
+    assert run_with_oom_guard(lambda: 42, batch_size=8) == 42
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_retry_on_oom_halves_until_it_fits():
+    tried, told = [], []
+
+    def fn(size):
+        tried.append(size)
+        if size > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return size
+
+    assert retry_on_oom(fn, 16, on_retry=lambda old, new: told.append((old, new))) == 2
+    assert tried == [16, 8, 4, 2] and told == [(16, 8), (8, 4), (4, 2)]
+    with pytest.raises(NormgrowthError, match="batch size 1"):
+        retry_on_oom(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")), 2)
+
+
+# ----- device_map ---------------------------------------------------------------------------------
+def test_device_map_cpu_loads_and_collects(tiny_dirs, batch):
+    model = load_model(str(tiny_dirs["gpt2"]), device_map="cpu")
+    assert model.input_device.type == "cpu"
+    with torch.inference_mode():
+        ours = model.forward(batch.tokens, attention_mask=batch.attention_mask)
+        ref = hf_model(tiny_dirs["gpt2"])(batch.tokens, attention_mask=batch.attention_mask.long()).logits
+    assert (ours - ref)[batch.attention_mask].abs().max().item() <= 1e-4
+    res = collect(model, batch, batch_size=2)
+    assert res.sites["resid_post"].mean.shape == (model.n_layers,)
+
+
+# ----- fast paths: native attention, early stop, norm rows ----------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama"])
+def test_native_attention_is_used_and_keeps_hook_z(name, loaded, batch):
+    """The HF attention kernel runs (no [pos, pos] pattern hook), and a hook_z edit acts as in TL's attention."""
+    model = loaded(name)
+    assert len(model.native_attention) == model.n_layers
+
+    def zero_head(z):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    tok, mask = batch.tokens, batch.attention_mask
+    with torch.inference_mode():
+        native = model.forward(tok, attention_mask=mask)
+        with model.hooks([("z", 1, zero_head)]):
+            native_edit = model.forward(tok, attention_mask=mask)
+        _, cache_native = model.run_with_cache(tok, attention_mask=mask)
+        with model.reconstructed_attention():
+            eager = model.forward(tok, attention_mask=mask)
+            with model.hooks([("z", 1, zero_head)]):
+                eager_edit = model.forward(tok, attention_mask=mask)
+            _, cache_eager = model.run_with_cache(tok, attention_mask=mask)
+    assert (native - eager)[mask].abs().max().item() <= 1e-4
+    assert (native_edit - eager_edit)[mask].abs().max().item() <= 1e-4
+    assert (native_edit - native)[mask].abs().max().item() > 1e-3  # the edit did something
+    assert "blocks.0.attn.hook_pattern" in cache_eager and "blocks.0.attn.hook_pattern" not in cache_native
+    assert len(model.native_attention) == model.n_layers  # restored after the block
+
+
+def test_forward_without_logits_stops_after_final_stream(loaded, batch):
+    model = loaded("gpt2")
+    seen = []
+    hooks = [("final_in", None, lambda x: seen.append(("final_in", x.shape))),
+             ("resid_post", model.n_layers - 1, lambda x: seen.append(("last", x.shape)))]
+    with torch.inference_mode(), model.hooks(hooks):
+        assert model.forward(batch.tokens, attention_mask=batch.attention_mask, logits=False) is None
+    assert [s for s, _ in seen] == ["last", "final_in"]
+
+
+def test_run_with_cache_sites(loaded, batch):
+    model = loaded("neox")
+    sites = [("embed", None), ("resid_post", 2), ("z", 0)]
+    with torch.inference_mode():
+        logits, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, sites=sites)
+        captured = {}
+        with model.hooks([(s, layer, lambda x, k=(s, layer): captured.__setitem__(k, x.clone())) for s, layer in sites]):
+            model.forward(batch.tokens, attention_mask=batch.attention_mask)
+    assert set(cache) == set(sites) and logits.shape[:2] == batch.tokens.shape
+    for key in sites:
+        assert torch.equal(cache[key], captured[key])
+
+
+def test_stacked_weights_subset(loaded):
+    model = loaded("llama")
+    full = model.stacked_weights()
+    part = model.stacked_weights(["W_O", "W_K_stored", "ln2_w"])
+    assert set(part) == {"W_O", "W_K_stored", "ln2_w"}
+    for key in part:
+        assert torch.equal(part[key], full[key])
+    with pytest.raises(KeyError, match="unknown weight key"):
+        model.stacked_weights(["W_X"])
+
+
+def _collect_with(model, batch, **kwargs):
+    collector = NormCollector(model, ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"], True, True,
+                              batch.tokens.shape[1], **kwargs)
+    with torch.inference_mode(), model.hooks(collector.hooks()):
+        for tokens, mask in batch.batches(2):
+            model.forward(tokens, attention_mask=mask, logits=False)
+            collector.end_batch(mask)
+    return collector.results(batch, 2, None)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_one_pass_norms_equal_two_pass(name, loaded, batch):
+    """The GPU default (var_mean) and the CPU default (two exact passes) give the same statistics."""
+    model = loaded(name)
+    one, two = _collect_with(model, batch, one_pass=True), _collect_with(model, batch, one_pass=False)
+    for site in ("resid_pre", "resid_post", "attn_out"):
+        for field in ("mean", "centered_mean", "token_std_mean", "bos_mean"):
+            np.testing.assert_allclose(getattr(one.sites[site], field), getattr(two.sites[site], field), rtol=2e-5)
+    np.testing.assert_allclose(one.heads.mean, two.heads.mean, rtol=1e-6)
+    np.testing.assert_array_equal(one.mlp_act_rate, two.mlp_act_rate)
+
+
+def test_resid_pre_reuse_changes_nothing(loaded, batch, monkeypatch):
+    model = loaded("llama")
+    reused = []
+    original = NormCollector._reuse_post
+
+    def counting(self, *args):
+        ok = original(self, *args)
+        reused.append(ok)
+        return ok
+
+    monkeypatch.setattr(NormCollector, "_reuse_post", counting)
+    fast = _collect_with(model, batch)
+    assert sum(reused) == (model.n_layers - 1) * 2  # every resid_pre after block 0, in both batches
+    monkeypatch.setattr(NormCollector, "_reuse_post", lambda self, *args: False)
+    slow = _collect_with(model, batch)
+    for field in ("mean", "centered_mean", "std", "median"):
+        np.testing.assert_array_equal(getattr(fast.sites["resid_pre"], field), getattr(slow.sites["resid_pre"], field))
+
+
+def test_act_rate_counts_exactly_the_positive_entries():
+    pre = torch.tensor([[[0.0, -0.0, 1e-30, -1e-30, 3.0, -2.0, float("inf"), 5.0]]])
+    positive = torch.relu(pre).sign_().sum(-1, dtype=torch.float32)  # what the hook computes
+    assert positive.item() == (pre > 0).sum().item() == 4
+
+
+def test_half_precision_norms_are_float32(tiny_dirs, batch):
+    """bf16 activations are normed in float32: the collected mean matches a float64 recomputation of the
+    same bf16 activations far better than bf16 arithmetic could."""
+    model = load_model(str(tiny_dirs["gpt2"]), dtype="bfloat16")
+    captured = []
+    collector = NormCollector(model, ["resid_post"], False, False, batch.tokens.shape[1])
+    hooks = collector.hooks() + [("resid_post", 2, lambda x: captured.append(x.clone()))]
+    with torch.inference_mode(), model.hooks(hooks):
+        for tokens, mask in batch.batches(4):
+            model.forward(tokens, attention_mask=mask, logits=False)
+            collector.end_batch(mask)
+    res = collector.results(batch, 4, None)
+    x = captured[0]
+    assert x.dtype == torch.bfloat16
+    valid = batch.attention_mask.clone()
+    valid[:, 0] = False
+    exact = x.double().norm(dim=-1)[valid].mean().item()
+    in_bf16 = x.norm(dim=-1).double()[valid].mean().item()
+    assert abs(res.sites["resid_post"].mean[2] - exact) <= 1e-5 * exact
+    assert norm_metrics(x).dtype == torch.float32
+    assert abs(in_bf16 - exact) > 10 * abs(res.sites["resid_post"].mean[2] - exact)  # the check has teeth
