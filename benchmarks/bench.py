@@ -509,7 +509,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"for {10 * s['n_seqs']}: increase {100 * s['increase']:.1f} %" if s.get("increase") is not None
                      else f"\nscaling (c) {s['model']}: {s.get('error', 'no result')}")
     if report.get("targets"):
-        lines.append("\ntargets:")
+        lines.append("\ntargets:" + (" (not meaningful with --quick: tiny models are all per-call overhead)"
+                                      if report["settings"].get("quick") else ""))
         for t in report["targets"]:
             val = "-" if t["value"] is None else f"{t['value']:.3f}"
             status = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]

@@ -193,7 +193,8 @@ class NormCollector:
             buf = self._buffer(z.shape, z.device)
             gram = self.wo_gram[layer].to(z.device)
             zf = z.float()
-            buf[row:row + self.model.n_heads] = torch.einsum("bphd,hde,bphe->hbp", zf, gram, zf).to(buf.device)
+            sq = torch.einsum("bphd,hde->bphe", zf, gram).mul_(zf).sum(-1)  # z_h G_h z_h^T, one temporary
+            buf[row:row + self.model.n_heads] = sq.permute(2, 0, 1).to(buf.device)
             self._filled[row:row + self.model.n_heads] = True
 
         return hook

@@ -25,6 +25,7 @@ import torch
 HIST_LOG10_MIN = -8.0
 HIST_LOG10_MAX = 12.0
 HIST_BINS = 8000
+UPDATE_CHUNK_ELEMENTS = 2**20  # values per chunk of series in TokenStats.update (bounds float64 temporaries)
 
 
 @dataclass
@@ -45,17 +46,23 @@ class Moments:
 
         n = n_a + n_b; mean = mean_a + d n_b / n; M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a.
         """
+        n_b = mask.to(torch.float64).sum()
+        self.merge_rows(0, values.shape[0], values, mask, n_b)
+        self.count = self.count + n_b
+
+    def merge_rows(self, lo: int, hi: int, values: torch.Tensor, mask: torch.Tensor, n_b: torch.Tensor) -> None:
+        """:meth:`merge_batch` for series ``lo:hi`` only (values [hi - lo, N]); the count is not advanced:
+        the caller adds ``n_b`` to it once all rows of the batch are merged."""
         zero = torch.zeros((), dtype=torch.float64, device=values.device)
         v = torch.where(mask, values.to(torch.float64), zero)  # padding may hold inf/NaN: never used
-        n_b = mask.to(torch.float64).sum()
         mean_b = v.sum(-1) / n_b.clamp(min=1)
         m2_b = torch.where(mask, (v - mean_b[:, None]) ** 2, zero).sum(-1)
         n = self.count + n_b
-        delta = mean_b - self.mean
+        mean_a = self.mean[lo:hi]
+        delta = mean_b - mean_a
         safe_n = n.clamp(min=1)
-        self.mean = self.mean + delta * n_b / safe_n
-        self.m2 = self.m2 + m2_b + delta**2 * self.count * n_b / safe_n
-        self.count = n
+        self.mean[lo:hi] = mean_a + delta * n_b / safe_n
+        self.m2[lo:hi] = self.m2[lo:hi] + m2_b + delta**2 * self.count * n_b / safe_n
 
     def variance(self) -> torch.Tensor:
         """Population variance M2 / n (the spread of the per-token values)."""
@@ -81,28 +88,46 @@ class TokenStats:
         self._seq_counts: list[np.ndarray] = []
 
     def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding)."""
+        """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding).
+
+        Series are processed in chunks of about UPDATE_CHUNK_ELEMENTS values, which bounds the float64
+        temporaries whatever K and the batch are (every statistic is per series, so chunking changes
+        no arithmetic).
+        """
         k, b, p = values.shape
         rest = valid.clone()
         rest[:, 0] = False
-        flat = values.reshape(k, b * p)
         rest_flat = rest.reshape(-1)
-        self.main.merge_batch(flat, rest_flat)
-        self.bos.merge_batch(values[:, :, 0], valid[:, 0])
-        v64 = torch.where(valid[None], values.to(torch.float64), torch.zeros((), dtype=torch.float64, device=values.device))
-        self.pos_sum[:, :p] += v64.sum(1)
-        self.pos_count[:p] += valid.to(torch.float64).sum(0)
-        if self.n_log:
-            logs = torch.log(values[: self.n_log].reshape(self.n_log, -1).to(torch.float64).clamp(min=1e-300))
-            self.log_sum += torch.where(rest_flat, logs, torch.zeros((), dtype=torch.float64, device=logs.device)).sum(-1)
-        if self.n_hist:
-            self.hist += histogram_counts(values[: self.n_hist].reshape(self.n_hist, -1)[:, rest_flat])
-        # per-sequence means over positions >= 1 (one small device->host copy per batch)
+        bos_valid = valid[:, 0]
+        n_main = rest_flat.to(torch.float64).sum()
+        n_bos = bos_valid.to(torch.float64).sum()
         rest64 = rest.to(torch.float64)
         seq_count = rest64.sum(1)  # [b]
-        seq_sum = (v64 * rest64[None]).sum(-1)  # [k, b]
-        seq_mean = (seq_sum / seq_count.clamp(min=1)).T
-        self._seq_means.append(seq_mean.float().cpu().numpy())
+        zero = torch.zeros((), dtype=torch.float64, device=values.device)
+        step = max(1, UPDATE_CHUNK_ELEMENTS // max(b * p, 1))
+        seq_means = []
+        for lo in range(0, k, step):
+            hi = min(k, lo + step)
+            chunk = values[lo:hi]
+            self.main.merge_rows(lo, hi, chunk.reshape(hi - lo, b * p), rest_flat, n_main)
+            self.bos.merge_rows(lo, hi, chunk[:, :, 0], bos_valid, n_bos)
+            v64 = torch.where(valid[None], chunk.to(torch.float64), zero)
+            self.pos_sum[lo:hi, :p] += v64.sum(1)
+            if lo < self.n_log:
+                top = min(hi, self.n_log)
+                logs = torch.log(values[lo:top].reshape(top - lo, -1).to(torch.float64).clamp(min=1e-300))
+                self.log_sum[lo:top] += torch.where(rest_flat, logs, zero).sum(-1)
+            if lo < self.n_hist:
+                top = min(hi, self.n_hist)
+                self.hist[lo * HIST_BINS:top * HIST_BINS] += histogram_counts(
+                    values[lo:top].reshape(top - lo, -1)[:, rest_flat])
+            # per-sequence means over positions >= 1
+            seq_means.append(((v64 * rest64[None]).sum(-1) / seq_count.clamp(min=1)).T)  # [b, hi - lo]
+        self.main.count = self.main.count + n_main
+        self.bos.count = self.bos.count + n_bos
+        self.pos_count[:p] += valid.to(torch.float64).sum(0)
+        # one small device->host copy per batch
+        self._seq_means.append(torch.cat(seq_means, 1).float().cpu().numpy())
         self._seq_counts.append(seq_count.cpu().numpy().astype(np.int64))
 
     # ----- read-out (numpy) -----------------------------------------------------------------------

@@ -265,3 +265,32 @@ def test_half_precision_norms_are_float32(tiny_dirs, batch):
     assert abs(res.sites["resid_post"].mean[2] - exact) <= 1e-5 * exact
     assert norm_metrics(x).dtype == torch.float32
     assert abs(in_bf16 - exact) > 10 * abs(res.sites["resid_post"].mean[2] - exact)  # the check has teeth
+
+
+def test_token_stats_chunking_changes_nothing(monkeypatch):
+    """TokenStats.update processes series in chunks (bounded float64 temporaries): same statistics."""
+    import normgrowth.stats as stats
+
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.rand(7, 3, 10, generator=gen) * 50 + 0.1, torch.rand(3, 10, generator=gen) > 0.2) for _ in range(3)]
+
+    def run(chunk):
+        monkeypatch.setattr(stats, "UPDATE_CHUNK_ELEMENTS", chunk)
+        st = stats.TokenStats(7, 10, torch.device("cpu"), hist_series=5, log_series=4)
+        for values, valid in batches:
+            valid = valid.clone()
+            valid[:, 0] = True
+            st.update(values, valid)
+        return st
+
+    one, many = run(2**20), run(31)  # all 7 series at once / one series per chunk
+    for a, b in [(one.main.mean, many.main.mean), (one.main.m2, many.main.m2), (one.bos.mean, many.bos.mean),
+                 (one.pos_sum, many.pos_sum), (one.log_sum, many.log_sum)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert one.count == many.count and one.bos_count == many.bos_count
+    np.testing.assert_array_equal(one.hist_counts(), many.hist_counts())
+    np.testing.assert_allclose(one.seq_means(), many.seq_means(), rtol=1e-6)
+    # and against numpy: mean over all valid positions >= 1 of series 3
+    vals = np.concatenate([v[3].numpy()[np.r_[[False], [True] * 9][None].repeat(3, 0) & m.numpy()]
+                           for v, m in batches])
+    np.testing.assert_allclose(one.main.mean[3].item(), vals.astype(np.float64).mean(), rtol=1e-12)
