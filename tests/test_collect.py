@@ -210,3 +210,35 @@ def test_hist_quantile_exact_to_bin_width():
     counts = histogram_counts(values).reshape(2, -1).numpy()
     for q in (0.1, 0.5, 0.9):
         np.testing.assert_allclose(hist_quantile(counts, q), np.quantile(values.numpy(), q, axis=1), rtol=6e-3)
+
+
+def test_planted_growth_model_collected_and_fitted(tmp_path):
+    """A GPT-2 whose stream is exactly g^(l+1) v at resid_post[l]: collect + fit must recover g (within 0.5 %)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from normgrowth.models import load_model
+    from normgrowth.fit import fit_growth
+
+    g, n_layers = 1.07, 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=n_layers, n_embd=16, n_head=2, n_positions=32,
+                                                        vocab_size=50, bos_token_id=0, eos_token_id=0))
+    v = torch.randn(16)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(v.expand(50, 16))
+        model.transformer.wpe.weight.zero_()
+        for layer, block in enumerate(model.transformer.h):
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+            block.mlp.c_fc.weight.zero_()
+            block.mlp.c_fc.bias.zero_()  # gelu(0) = 0: the MLP writes only its output bias
+            block.mlp.c_proj.bias.copy_((g - 1) * g**layer * v)
+    model.save_pretrained(tmp_path / "planted")
+    loaded = load_model(str(tmp_path / "planted"))
+    tokens = torch.randint(0, 50, (6, 20), generator=torch.Generator().manual_seed(1))
+    res = collect(loaded, TokenBatch(tokens, torch.ones_like(tokens, dtype=torch.bool), "planted"), batch_size=4)
+    np.testing.assert_allclose(res.sites["resid_post"].mean, g ** np.arange(1, n_layers + 1) * v.norm().item(),
+                               rtol=1e-5)
+    fit = fit_growth(res.sites["resid_post"].seq_mean, weights=res.seq_n_tokens)
+    assert abs(fit.growth_factor / g - 1) < 5e-3
+    assert fit.ci95[0] <= fit.growth_factor <= fit.ci95[1]
