@@ -14,11 +14,12 @@ Configurations, all on the same random-weight checkpoint, tokens and device:
   e       HF ``output_hidden_states=True`` followed by the stream norms it allows
   f       ``normgrowth.deletion.collect_deletion`` (when importable)
 
-On the CPU each configuration runs in a fresh subprocess (so peak memory does not carry over): the
-model is loaded (every weight read once: safetensors are memory-mapped), one warm-up pass runs on one
-sequence, then ``--reps`` timed passes over all sequences, then one untimed memory pass: glibc's mmap
-threshold is fixed (so freed blocks leave the resident set), the resident-set high-water mark is reset
-(``/proc/self/clear_refs``) and peak memory = VmHWM after the pass minus VmRSS before it. On a GPU all
+On the CPU each configuration runs in fresh subprocesses (so peak memory does not carry over): the
+model is loaded (every weight read once: safetensors are memory-mapped) and one warm-up pass runs on
+one sequence; a timing process then makes ``--reps`` timed passes over all sequences, and (first
+round) a memory process, started with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536, so
+freed blocks leave the resident set at once), resets the resident-set high-water mark
+(``/proc/self/clear_refs``) and makes one pass: peak memory = VmHWM after it minus VmRSS before it. On a GPU all
 configurations run in one process and peak memory = ``max_memory_allocated`` after
 ``reset_peak_memory_stats`` minus the allocation before the pass. ``--rounds`` repeats the sweep,
 interleaving configurations; times are medians over all rounds and reps.
@@ -321,9 +322,15 @@ def build_runner(config: str, model_dir: Path, device: str, dtype: str, n_seqs: 
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one configuration: setup, warm-up on one sequence, ``reps`` timed passes, one memory pass."""
+    """Measure one configuration: setup, a warm-up pass on one sequence, then
+
+    * mode "time": ``reps`` timed passes over all sequences;
+    * mode "memory": one pass from a reset peak (see the module docstring);
+    * mode "both" (in-process runs): the timed passes, then the memory pass.
+    """
     import torch
 
+    mode = spec.get("mode", "both")
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = spec["device"]
@@ -331,18 +338,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     run = build_runner(spec["config"], Path(spec["model_dir"]), device, spec["dtype"], spec["n_seqs"],
                        spec["seq_len"], spec["batch_size"])
     run(1)  # warm-up (one sequence): kernels, allocator pools, lazy initialisation
-    walls, cpus = [], []
-    for _ in range(spec["reps"]):  # timed with the default allocator settings
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        run(spec["n_seqs"])
-        if cuda:
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    out: dict[str, Any] = {"wall_s": walls, "cpu_s": cpus, "threads": torch.get_num_threads()}
-    # memory: one more (untimed) pass from a reset peak
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
+    if mode in ("time", "both"):
+        walls, cpus = [], []
+        for _ in range(spec["reps"]):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(spec["n_seqs"])
+            if cuda:
+                torch.cuda.synchronize(device)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        out.update(wall_s=walls, cpu_s=cpus)
+    if mode not in ("memory", "both"):
+        return out
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
@@ -354,11 +364,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         out["memory_kind"] = "cuda max_memory_allocated - memory_allocated before the pass"
         return out
-    # glibc raises its mmap threshold as large blocks are freed, so later passes keep freed memory
-    # on the heap and the high-water mark depends on allocation history; a fixed threshold returns
-    # every large block to the OS when it is freed, so VmHWM follows live memory. (It slows
-    # allocation-heavy code by page faults, hence only for this pass, not for the timed ones.)
-    fixed = _fix_mmap_threshold()
+    # glibc raises its mmap threshold as large blocks are freed, so freed memory stays on the heap and
+    # the high-water mark depends on allocation history; with a fixed threshold (set through the
+    # environment before the process starts, or here) every large block goes back to the OS when
+    # freed and VmHWM follows live memory. It slows allocation-heavy code by page faults, so the
+    # timed passes run in another process with the default settings.
+    fixed = bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or _fix_mmap_threshold()
     _trim()
     base_rss = _status_kb("VmRSS") * 1024
     if _reset_hwm():
@@ -367,7 +378,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         out["peak_bytes"] = None
     out["rss_base_bytes"] = base_rss
-    out["memory_kind"] = ("VmHWM - VmRSS before the pass" + (", glibc mmap threshold fixed at 64 KiB" if fixed else ""))
+    out["memory_kind"] = "VmHWM - VmRSS before the pass" + (", glibc mmap threshold fixed at 64 KiB" if fixed else "")
     return out
 
 
@@ -390,6 +401,21 @@ def inprocess_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # orchestration
 # ----------------------------------------------------------------------------------------------
+def measure(spec: dict[str, Any], in_process: bool, timeout: float, memory: bool = True) -> dict[str, Any]:
+    """Time and (``memory``) peak memory of one configuration: one in-process worker, or on the CPU a
+    timing subprocess and a memory subprocess."""
+    if in_process:
+        return launch(dict(spec, mode="both" if memory else "time"), True, timeout)
+    res = launch(dict(spec, mode="time"), False, timeout)
+    if memory and "error" not in res:
+        mem = launch(dict(spec, mode="memory"), False, timeout)
+        if "error" in mem:
+            res["memory_error"] = mem["error"]
+        else:
+            res.update({k: v for k, v in mem.items() if k in ("peak_bytes", "rss_base_bytes", "memory_kind")})
+    return res
+
+
 def launch(spec: dict[str, Any], in_process: bool, timeout: float) -> dict[str, Any]:
     if in_process:
         try:
@@ -397,8 +423,11 @@ def launch(spec: dict[str, Any], in_process: bool, timeout: float) -> dict[str, 
         except Exception as err:  # a benchmark records a failing configuration and goes on
             return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if spec.get("mode") == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -431,10 +460,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     good = [r for r in runs if "error" not in r and "skipped" not in r]
     if not good:
         return runs[0] if runs else {"error": "no run"}
-    walls = [w for r in good for w in r["wall_s"]]
-    cpus = [c for r in good for c in r["cpu_s"]]
+    walls = [w for r in good for w in r.get("wall_s", [])]
+    cpus = [c for r in good for c in r.get("cpu_s", [])]
     peaks = [r["peak_bytes"] for r in good if r.get("peak_bytes") is not None]
-    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "wall_all": walls, "cpu_all": cpus,
+    timing = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)} if walls else {}
+    return {**timing, "wall_all": walls, "cpu_all": cpus,
             "peak_bytes": statistics.median(peaks) if peaks else None, "peak_all": peaks,
             "rss_base_bytes": good[0].get("rss_base_bytes"), "memory_kind": good[0].get("memory_kind"),
             "threads": good[0].get("threads")}
@@ -622,9 +652,10 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for key, spec in plan:
             t0 = time.time()
-            res = launch(spec, in_process, args.timeout)
+            res = measure(spec, in_process, args.timeout, memory=rnd == 0 or in_process)
             runs[key].append(res)
-            msg = res.get("error") or f"wall {statistics.median(res['wall_s']):.3f} s, peak {fmt_bytes(res.get('peak_bytes'))} MiB"
+            msg = res.get("error") or (f"wall {statistics.median(res['wall_s']):.3f} s, peak "
+                                       f"{fmt_bytes(res.get('peak_bytes'))} MiB")
             print(f"  round {rnd + 1}/{args.rounds} {key[0]} seq {key[1]} {key[2]:6s}: {msg}  ({time.time() - t0:.0f} s)",
                   flush=True)
     for g in groups:
@@ -640,8 +671,9 @@ def main(argv=None) -> int:
         entry: dict[str, Any] = {"model": name, "seq_len": args.scaling_seq_len, "batch_size": batch, "n_seqs": n}
         small, large = [], []
         for rnd in range(args.rounds):
-            small.append(launch(spec_for(model_dir, "c", n, args.scaling_seq_len), in_process, args.timeout))
-            large.append(launch(spec_for(model_dir, "c", 10 * n, args.scaling_seq_len), in_process, args.timeout))
+            for n_seqs, sink in ((n, small), (10 * n, large)):  # memory only (time is not the question here)
+                spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0)
+                sink.append(launch(spec, in_process, args.timeout))
         s_small, s_large = summarize(small), summarize(large)
         entry.update({"small": s_small, "large": s_large})
         if s_small.get("peak_bytes") and s_large.get("peak_bytes") is not None:
