@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -464,6 +465,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     cpus = [c for r in good for c in r.get("cpu_s", [])]
     peaks = [r["peak_bytes"] for r in good if r.get("peak_bytes") is not None]
     timing = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)} if walls else {}
+    if walls:
+        timing.update(wall_min_s=min(walls), cpu_min_s=min(cpus))
     return {**timing, "wall_all": walls, "cpu_all": cpus,
             "peak_bytes": statistics.median(peaks) if peaks else None, "peak_all": peaks,
             "rss_base_bytes": good[0].get("rss_base_bytes"), "memory_kind": good[0].get("memory_kind"),
@@ -649,48 +652,60 @@ def main(argv=None) -> int:
                                                      f"{MEMORY_SHARE_FOR_FULL_CACHE:.0%} of the {free / 2**30:.1f} GiB free"})
                         continue
                 plan.append((key, spec_for(model_dir, config, n_seqs, seq_len)))
-    for rnd in range(args.rounds):
-        for key, spec in plan:
-            t0 = time.time()
-            res = measure(spec, in_process, args.timeout, memory=rnd == 0 or in_process)
-            runs[key].append(res)
-            msg = res.get("error") or (f"wall {statistics.median(res['wall_s']):.3f} s, peak "
-                                       f"{fmt_bytes(res.get('peak_bytes'))} MiB")
-            print(f"  round {rnd + 1}/{args.rounds} {key[0]} seq {key[1]} {key[2]:6s}: {msg}  ({time.time() - t0:.0f} s)",
-                  flush=True)
-    for g in groups:
-        for config in configs:
-            g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
-        add_ratios(g)
+    def _terminate(signum, frame):  # `timeout` sends SIGTERM: write what was measured so far
+        raise KeyboardInterrupt
 
-    scaling = []
-    if args.scaling_n_seqs > 0 and "c" in configs:
-        name = models[0]
-        model_dir = checkpoint(name, cache_dir)
-        n = args.scaling_n_seqs
-        entry: dict[str, Any] = {"model": name, "seq_len": args.scaling_seq_len, "batch_size": batch, "n_seqs": n}
-        small, large = [], []
+    signal.signal(signal.SIGTERM, _terminate)
+    interrupted = False
+    scaling: list[dict[str, Any]] = []
+    try:
         for rnd in range(args.rounds):
-            for n_seqs, sink in ((n, small), (10 * n, large)):  # memory only (time is not the question here)
-                spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0)
-                sink.append(launch(spec, in_process, args.timeout))
-        s_small, s_large = summarize(small), summarize(large)
-        entry.update({"small": s_small, "large": s_large})
-        if s_small.get("peak_bytes") and s_large.get("peak_bytes") is not None:
-            entry["peak_n"], entry["peak_10n"] = s_small["peak_bytes"], s_large["peak_bytes"]
-            entry["increase"] = (s_large["peak_bytes"] - s_small["peak_bytes"]) / s_small["peak_bytes"]
-            if s_small.get("rss_base_bytes"):
-                total_small = s_small["rss_base_bytes"] + s_small["peak_bytes"]
-                total_large = s_large["rss_base_bytes"] + s_large["peak_bytes"]
-                entry["total_rss_increase"] = (total_large - total_small) / total_small
-        else:
-            entry["error"] = s_small.get("error") or s_large.get("error") or "no memory measurement"
-        scaling.append(entry)
-        print(f"  scaling {name}: {entry.get('increase', entry.get('error'))}", flush=True)
+            for key, spec in plan:
+                t0 = time.time()
+                res = measure(spec, in_process, args.timeout, memory=rnd == 0 or in_process)
+                runs[key].append(res)
+                msg = res.get("error") or (f"wall {statistics.median(res['wall_s']):.3f} s, peak "
+                                           f"{fmt_bytes(res.get('peak_bytes'))} MiB")
+                print(f"  round {rnd + 1}/{args.rounds} {key[0]} seq {key[1]} {key[2]:6s}: {msg}  ({time.time() - t0:.0f} s)",
+                      flush=True)
+        for g in groups:
+            for config in configs:
+                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
+            add_ratios(g)
 
+        if args.scaling_n_seqs > 0 and "c" in configs:
+            name = models[0]
+            model_dir = checkpoint(name, cache_dir)
+            n = args.scaling_n_seqs
+            entry: dict[str, Any] = {"model": name, "seq_len": args.scaling_seq_len, "batch_size": batch, "n_seqs": n}
+            small, large = [], []
+            for rnd in range(min(args.rounds, 2)):
+                for n_seqs, sink in ((n, small), (10 * n, large)):  # memory only (time is not the question here)
+                    spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0)
+                    sink.append(launch(spec, in_process, args.timeout))
+            s_small, s_large = summarize(small), summarize(large)
+            entry.update({"small": s_small, "large": s_large})
+            if s_small.get("peak_bytes") and s_large.get("peak_bytes") is not None:
+                entry["peak_n"], entry["peak_10n"] = s_small["peak_bytes"], s_large["peak_bytes"]
+                entry["increase"] = (s_large["peak_bytes"] - s_small["peak_bytes"]) / s_small["peak_bytes"]
+                if s_small.get("rss_base_bytes"):
+                    total_small = s_small["rss_base_bytes"] + s_small["peak_bytes"]
+                    total_large = s_large["rss_base_bytes"] + s_large["peak_bytes"]
+                    entry["total_rss_increase"] = (total_large - total_small) / total_small
+            else:
+                entry["error"] = s_small.get("error") or s_large.get("error") or "no memory measurement"
+            scaling.append(entry)
+            print(f"  scaling {name}: {entry.get('increase', entry.get('error'))}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: writing the results measured so far", flush=True)
+        for g in groups:
+            for config in configs:
+                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
+            add_ratios(g)
     info["load_average_end"] = list(os.getloadavg())
     report = {"machine": info, "settings": settings, "groups": groups, "scaling": scaling,
-              "configs": CONFIGS}
+              "configs": CONFIGS, "interrupted": interrupted}
     report["targets"] = check_targets(groups, scaling, long_len=max(seq_lens))
     table = format_table(report)
     print(table)

@@ -56,25 +56,26 @@ EOF
 log "environment ready"
 
 BENCH="$PY benchmarks/bench.py --device cuda --out $OUT --cache-dir /tmp/normgrowth-bench"
+budget() { local t=$(( $(left) - $1 )); [ "$t" -gt 240 ] && t=240; echo "$t"; }  # keep $1 s for later steps
 # 1. the main comparison: GPT-2-small and Pythia-410m shapes, seq 128 and 1024, batch 8, float32
-timeout $(( $(left) - 150 )) $BENCH --models gpt2-small,pythia-410m --seq-lens 128,1024 --batch-size 8 \
-  --reps 3 --rounds 1 --scaling-n-seqs 8 2>&1 | tee "$OUT/bench_fp32.txt" | tail -60 >>"$LOG" \
-  || log "fp32 benchmark stopped (time limit or error): see bench_fp32.txt"
-log "fp32 benchmark done"
-# 2. if time is left: bf16, the larger model at 1024 (norms are still accumulated in float32)
-if [ "$(left)" -gt 230 ]; then
-  timeout $(( $(left) - 150 )) $BENCH --models pythia-410m --seq-lens 1024 --batch-size 8 --dtype bfloat16 \
-    --configs a,a0,b,c,d,f --reps 3 --scaling-n-seqs 0 --tag bf16 2>&1 | tee "$OUT/bench_bf16.txt" \
-    | tail -20 >>"$LOG" || log "bf16 benchmark stopped (time limit or error)"
-  log "bf16 benchmark done"
-fi
-# 3. the test suite once with the GPU visible (CUDA_VISIBLE_DEVICES as the machine sets it)
-T=$(( $(left) - 5 ))
+#    (bench.py writes its JSON with what it has if the time limit stops it)
+timeout "$(budget 150)" $BENCH --models gpt2-small,pythia-410m --seq-lens 128,1024 --batch-size 8 \
+  --reps 3 --rounds 1 --scaling-n-seqs 8 >"$OUT/bench_fp32.txt" 2>&1
+log "fp32 benchmark exit $? (124: time limit):"; tail -45 "$OUT/bench_fp32.txt" >>"$LOG"
+# 2. the test suite once with the GPU visible (CUDA_VISIBLE_DEVICES as the machine sets it)
+T=$(( $(left) - 60 )); [ "$T" -gt 180 ] && T=180
 if [ "$T" -gt 30 ]; then
   timeout "$T" "$PY" -m pytest tests -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1
   rc=$?
   log "pytest exit $rc (124: stopped at the time limit): $(tail -1 "$OUT/pytest.log")"
 else
   log "no time left for pytest"
+fi
+# 3. if time is left: bf16, the larger model at 1024 (norms are still accumulated in float32)
+T=$(( $(left) - 5 ))
+if [ "$T" -gt 40 ]; then
+  timeout "$T" $BENCH --models pythia-410m --seq-lens 1024 --batch-size 8 --dtype bfloat16 \
+    --configs a,a0,b,c,d,f --reps 3 --scaling-n-seqs 0 --tag bf16 >"$OUT/bench_bf16.txt" 2>&1
+  log "bf16 benchmark exit $?"; tail -20 "$OUT/bench_bf16.txt" >>"$LOG"
 fi
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
