@@ -370,7 +370,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # environment before the process starts, or here) every large block goes back to the OS when
     # freed and VmHWM follows live memory. It slows allocation-heavy code by page faults, so the
     # timed passes run in another process with the default settings.
-    fixed = bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or _fix_mmap_threshold()
+    default_malloc = spec.get("malloc") == "default"  # the scaling check also measures glibc as shipped
+    fixed = not default_malloc and (bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or _fix_mmap_threshold())
     _trim()
     base_rss = _status_kb("VmRSS") * 1024
     if _reset_hwm():
@@ -425,8 +426,10 @@ def launch(spec: dict[str, Any], in_process: bool, timeout: float) -> dict[str, 
             return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ)
-    if spec.get("mode") == "memory":
+    if spec.get("mode") == "memory" and spec.get("malloc") != "default":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif spec.get("malloc") == "default":
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -541,6 +544,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{fmt_bytes(s.get('peak_n'))} MiB for {s['n_seqs']} sequences, {fmt_bytes(s.get('peak_10n'))} MiB "
                      f"for {10 * s['n_seqs']}: increase {100 * s['increase']:.1f} %" if s.get("increase") is not None
                      else f"\nscaling (c) {s['model']}: {s.get('error', 'no result')}")
+        dm = s.get("default_malloc")
+        if dm:
+            lines.append(f"  with glibc's default malloc settings (no fixed mmap threshold): "
+                         f"{fmt_bytes(dm['peak_n'])} -> {fmt_bytes(dm['peak_10n'])} MiB, {100 * dm['increase']:+.1f} % "
+                         f"(each run: {', '.join(fmt_bytes(x) for x in dm['peak_n_all'])} | "
+                         f"{', '.join(fmt_bytes(x) for x in dm['peak_10n_all'])} MiB)")
     if report.get("targets"):
         lines.append("\ntargets:" + (" (not meaningful with --quick: tiny models are all per-call overhead)"
                                       if report["settings"].get("quick") else ""))
@@ -694,6 +703,20 @@ def main(argv=None) -> int:
                     entry["total_rss_increase"] = (total_large - total_small) / total_small
             else:
                 entry["error"] = s_small.get("error") or s_large.get("error") or "no memory measurement"
+            if not in_process:  # the same with glibc's default (dynamic) mmap threshold, as users run it
+                small_d, large_d = [], []
+                for rnd in range(min(args.rounds, 2)):
+                    for n_seqs, sink in ((n, small_d), (10 * n, large_d)):
+                        spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0,
+                                    malloc="default")
+                        sink.append(launch(spec, in_process, args.timeout))
+                sd, ld = summarize(small_d), summarize(large_d)
+                if sd.get("peak_bytes") and ld.get("peak_bytes") is not None:
+                    entry["default_malloc"] = {
+                        "peak_n": sd["peak_bytes"], "peak_10n": ld["peak_bytes"],
+                        "peak_n_all": sd["peak_all"], "peak_10n_all": ld["peak_all"],
+                        "increase": (ld["peak_bytes"] - sd["peak_bytes"]) / sd["peak_bytes"],
+                        "memory_kind": "VmHWM - VmRSS before the pass, glibc defaults (dynamic mmap threshold)"}
             scaling.append(entry)
             print(f"  scaling {name}: {entry.get('increase', entry.get('error'))}", flush=True)
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ class NormCollector:
     """
 
     def __init__(self, model: LoadedModel, sites: Sequence[str], heads: bool, act_rate: bool, n_positions: int,
-                 one_pass: Optional[bool] = None):
+                 one_pass: Optional[bool] = None, expected_sequences: int = 0):
         """``one_pass``: per-token norms from ``var_mean`` (one read of each activation; the default on
         GPUs, where it is one kernel) instead of two exact passes (the default on the CPU, where
         ``var_mean`` is ~8x slower than a norm). Both are exact up to float32 rounding."""
@@ -124,8 +124,9 @@ class NormCollector:
         self.device = model.input_device
         self.one_pass = self.device.type == "cuda" if one_pass is None else bool(one_pass)
         self.stats = TokenStats(row, n_positions, self.device, hist_series=self.n_norm_rows,
-                                log_series=self.n_norm_rows)
-        self._values: Optional[torch.Tensor] = None
+                                log_series=self.n_norm_rows, expected_sequences=expected_sequences)
+        self._values: Optional[torch.Tensor] = None  # this batch's [K, b, p] values (None: no hook fired yet)
+        self._spare: Optional[torch.Tensor] = None  # last batch's buffer, reused (no allocation per batch)
         self._filled = torch.zeros(row, dtype=torch.bool)
         self._last_post: Optional[tuple] = None  # (layer, weakref to resid_post, its row) of this batch
         self._act_width = model.d_mlp
@@ -144,8 +145,11 @@ class NormCollector:
         return hooks
 
     def _buffer(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        if self._values is None:
-            self._values = torch.empty(self.n_rows, shape[0], shape[1], dtype=torch.float32, device=self.device)
+        if self._values is None:  # first hook of a batch: reuse last batch's buffer when the shape matches
+            keep = self._spare is not None and self._spare.shape[1:] == shape[:2]
+            self._values = self._spare if keep else torch.empty(self.n_rows, shape[0], shape[1],
+                                                                  dtype=torch.float32, device=self.device)
+            self._spare = None
         return self._values
 
     # The hooks write raw per-token values straight into the batch buffer (``out=`` where the
@@ -251,7 +255,7 @@ class NormCollector:
             site, layer = self.row_label(row)
             raise NonFiniteNormError(site, layer, int(bad[row]), str(self.model.dtype).replace("torch.", ""))
         self.stats.update(values, valid)
-        self._values = None
+        self._spare, self._values = values, None
         self._filled[:] = False
 
     def row_label(self, row: int) -> tuple[str, int]:
@@ -328,7 +332,8 @@ def collect(model: LoadedModel, batch: TokenBatch, batch_size: int = 8, sites: S
         raise NormgrowthError(f"unknown site(s) {unknown}: choose from {', '.join(DEFAULT_SITES)}.")
     if batch_size < 1:
         raise NormgrowthError(f"batch size must be at least 1, got {batch_size}.")
-    collector = NormCollector(model, sites, heads, act_rate, n_positions=batch.tokens.shape[1])
+    collector = NormCollector(model, sites, heads, act_rate, n_positions=batch.tokens.shape[1],
+                              expected_sequences=batch.tokens.shape[0])
     done = 0
     with torch.inference_mode(), model.hooks(collector.hooks()):
         for tokens, mask in batch.batches(batch_size):

@@ -8,7 +8,10 @@ at once from batches of values ``[K, batch, pos]`` and a validity mask ``[batch,
 * the same count / mean / M2 at position 0 ("bos"), kept apart;
 * a per-position mean curve (all positions, position 0 included);
 * per-sequence means over each sequence's valid positions >= 1 (``[n_seqs, K]``, kept on the CPU),
-  which the fitters bootstrap over.
+  which the fitters bootstrap over. This is the only part that grows with the data: 4 K bytes per
+  sequence, in one array allocated once (``expected_sequences``) or grown by doubling. Appending a
+  small array per batch instead left long-lived blocks scattered over glibc's heap between the
+  freed activations, and the process's resident memory grew with the number of sequences.
 
 Accumulators are float64 and live on the device of the values; the caller synchronises once per batch.
 """
@@ -26,6 +29,27 @@ HIST_LOG10_MIN = -8.0
 HIST_LOG10_MAX = 12.0
 HIST_BINS = 8000
 UPDATE_CHUNK_ELEMENTS = 2**20  # values per chunk of series in TokenStats.update (bounds float64 temporaries)
+
+
+class RowTable:
+    """Rows of a fixed width appended batch by batch into one preallocated array (doubling on overflow)."""
+
+    def __init__(self, width: int, dtype: np.dtype, capacity: int = 0):
+        self.width, self.n = width, 0
+        self._rows = np.zeros((max(int(capacity), 1), width) if width else (max(int(capacity), 1),), dtype)
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.n + len(rows)
+        if need > len(self._rows):
+            grown = np.zeros((max(need, 2 * len(self._rows)),) + self._rows.shape[1:], self._rows.dtype)
+            grown[: self.n] = self._rows[: self.n]
+            self._rows = grown
+        self._rows[self.n: need] = rows
+        self.n = need
+
+    def values(self) -> np.ndarray:
+        """A copy of the rows appended so far."""
+        return self._rows[: self.n].copy()
 
 
 @dataclass
@@ -48,7 +72,7 @@ class Moments:
         """
         n_b = mask.to(torch.float64).sum()
         self.merge_rows(0, values.shape[0], values, mask, n_b)
-        self.count = self.count + n_b
+        self.count += n_b  # in place: no new long-lived object per batch
 
     def merge_rows(self, lo: int, hi: int, values: torch.Tensor, mask: torch.Tensor, n_b: torch.Tensor) -> None:
         """:meth:`merge_batch` for series ``lo:hi`` only (values [hi - lo, N]); the count is not advanced:
@@ -73,8 +97,9 @@ class TokenStats:
     """Streaming statistics of K per-token series; see the module docstring."""
 
     def __init__(self, n_series: int, n_positions: int, device: torch.device, hist_series: int = 0,
-                 log_series: int = 0):
-        """``hist_series``/``log_series``: the first that many series also get a histogram / log-mean."""
+                 log_series: int = 0, expected_sequences: int = 0):
+        """``hist_series``/``log_series``: the first that many series also get a histogram / log-mean;
+        ``expected_sequences``: room reserved for per-sequence means (more still fit)."""
         self.k, self.n_positions, self.device = n_series, n_positions, device
         self.main = Moments.zeros(n_series, device)
         self.bos = Moments.zeros(n_series, device)
@@ -84,8 +109,8 @@ class TokenStats:
         self.hist = torch.zeros(hist_series * HIST_BINS, dtype=torch.int64, device=device)
         self.pos_sum = torch.zeros(n_series, n_positions, dtype=torch.float64, device=device)
         self.pos_count = torch.zeros(n_positions, dtype=torch.float64, device=device)
-        self._seq_means: list[np.ndarray] = []
-        self._seq_counts: list[np.ndarray] = []
+        self._seq_means = RowTable(n_series, np.float32, expected_sequences)
+        self._seq_counts = RowTable(0, np.int64, expected_sequences)
 
     def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
         """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding).
@@ -123,8 +148,8 @@ class TokenStats:
                     values[lo:top].reshape(top - lo, -1)[:, rest_flat])
             # per-sequence means over positions >= 1
             seq_means.append(((v64 * rest64[None]).sum(-1) / seq_count.clamp(min=1)).T)  # [b, hi - lo]
-        self.main.count = self.main.count + n_main
-        self.bos.count = self.bos.count + n_bos
+        self.main.count += n_main  # in place: no new long-lived object per batch
+        self.bos.count += n_bos
         self.pos_count[:p] += valid.to(torch.float64).sum(0)
         # one small device->host copy per batch
         self._seq_means.append(torch.cat(seq_means, 1).float().cpu().numpy())
@@ -140,10 +165,10 @@ class TokenStats:
         return int(self.bos.count.item())
 
     def seq_means(self) -> np.ndarray:
-        return np.concatenate(self._seq_means, 0) if self._seq_means else np.zeros((0, self.k), np.float32)
+        return self._seq_means.values()
 
     def seq_counts(self) -> np.ndarray:
-        return np.concatenate(self._seq_counts, 0) if self._seq_counts else np.zeros((0,), np.int64)
+        return self._seq_counts.values()
 
     def position_mean(self) -> np.ndarray:
         return (self.pos_sum / self.pos_count.clamp(min=1)).cpu().numpy()

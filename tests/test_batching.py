@@ -294,3 +294,37 @@ def test_token_stats_chunking_changes_nothing(monkeypatch):
     vals = np.concatenate([v[3].numpy()[np.r_[[False], [True] * 9][None].repeat(3, 0) & m.numpy()]
                            for v, m in batches])
     np.testing.assert_allclose(one.main.mean[3].item(), vals.astype(np.float64).mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("reserved", [0, 1, 4, 100])
+def test_per_sequence_means_any_reserved_capacity_equal_numpy(reserved):
+    """Per-sequence means land in one preallocated table grown by doubling: whatever room was reserved,
+    they equal numpy's mean over each sequence's valid positions >= 1, in order."""
+    import normgrowth.stats as stats
+
+    gen = torch.Generator().manual_seed(11)
+    st = stats.TokenStats(3, 6, torch.device("cpu"), expected_sequences=reserved)
+    expected, counts = [], []
+    for b in (2, 3, 1, 4):  # 10 sequences in batches of unequal size
+        values = torch.rand(3, b, 6, generator=gen) * 10 + 1
+        valid = torch.rand(b, 6, generator=gen) > 0.3
+        valid[:, 0] = True
+        st.update(values, valid)
+        for i in range(b):
+            sel = valid[i].numpy().copy()
+            sel[0] = False
+            expected.append(values[:, i].numpy()[:, sel].astype(np.float64).mean(1) if sel.any() else np.zeros(3))
+            counts.append(int(sel.sum()))
+    np.testing.assert_allclose(st.seq_means(), np.array(expected), rtol=1e-6)
+    np.testing.assert_array_equal(st.seq_counts(), counts)
+    assert st.seq_means().shape == (10, 3)
+
+
+def test_collector_buffer_reuse_across_unequal_batches(loaded, batch):
+    """The per-batch value buffer is reused between batches (and reallocated when the last batch is
+    smaller): batch sizes 3 (3 + 3 + rest) and 1 give the same statistics."""
+    model = loaded("gpt2")
+    a = collect(model, batch, batch_size=3)
+    b = collect(model, batch, batch_size=1)
+    np.testing.assert_allclose(a.sites["resid_post"].mean, b.sites["resid_post"].mean, rtol=1e-5)
+    np.testing.assert_allclose(a.sites["resid_post"].seq_mean, b.sites["resid_post"].seq_mean, rtol=1e-5)
