@@ -100,11 +100,13 @@ def collector_series(model: Any, heads: bool = True, act_rate: bool = True, n_si
 
 
 def auto_batch_size(model: Any, seq_len: int, device: Any = None, logits: bool = False,
-                    free_bytes: Optional[int] = None) -> int:
+                    free_bytes: Optional[int] = None, extra_bytes_per_token: int = 0) -> int:
     """Sequences per batch that should fit in ``MEMORY_FRACTION`` of the free memory of ``device``.
 
     ``device`` defaults to the device of the model's inputs; ``logits`` counts the logits too (for
-    passes that form them); ``free_bytes`` overrides the measured free memory. At least 1.
+    passes that form them); ``free_bytes`` overrides the measured free memory;
+    ``extra_bytes_per_token`` adds what another collector keeps per token (the deletion collector's
+    writes, :func:`normgrowth.deletion.deletion_bytes_per_token`). At least 1.
     """
     if seq_len < 1:
         raise NormgrowthError(f"sequence length must be at least 1 to size a batch, got {seq_len}.")
@@ -113,7 +115,7 @@ def auto_batch_size(model: Any, seq_len: int, device: Any = None, logits: bool =
     per_seq = bytes_per_sequence(
         model.d_model, model.d_mlp, model.n_heads, seq_len, dtype=model.dtype,
         eager_attention=getattr(model, "family", "") in EAGER_FAMILIES, n_series=collector_series(model),
-        vocab_size=model.vocab_size if logits else 0)
+        vocab_size=model.vocab_size if logits else 0) + int(extra_bytes_per_token) * seq_len
     return int(max(1, min(MAX_AUTO_BATCH, math.floor(MEMORY_FRACTION * free / max(per_seq, 1)))))
 
 
@@ -122,12 +124,12 @@ def _model_device(model: Any) -> torch.device:
     return torch.device(dev) if dev is not None else torch.device("cpu")
 
 
-def resolve_batch_size(value: Union[str, int], model: Any, seq_len: int) -> int:
+def resolve_batch_size(value: Union[str, int], model: Any, seq_len: int, extra_bytes_per_token: int = 0) -> int:
     """A ``--batch-size`` value: a positive integer (or its string), or ``"auto"`` (:func:`auto_batch_size`)."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text == "auto":
-            return auto_batch_size(model, seq_len)
+            return auto_batch_size(model, seq_len, extra_bytes_per_token=extra_bytes_per_token)
         try:
             value = int(text)
         except ValueError:

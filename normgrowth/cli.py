@@ -22,7 +22,9 @@ MODEL = typer.Argument(..., help="Hugging Face hub name or local checkpoint dire
 DATA = typer.Option("builtin", "--data", help="builtin | file.txt | file.jsonl | tokens.npy/.pt | HF dataset name.")
 N_SEQS = typer.Option(None, "--n-seqs", help="Use at most this many sequences.")
 SEQ_LEN = typer.Option(None, "--seq-len", help="Truncate sequences to this many tokens.")
-BATCH = typer.Option(8, "--batch-size", help="Sequences per forward pass.")
+BATCH = typer.Option("8", "--batch-size", help="Sequences per forward pass, or 'auto' (sized from free memory).")
+DEVICE_MAP = typer.Option(None, "--device-map", help="Spread a model too large for one GPU over all visible GPUs "
+                                                     "('auto', through accelerate); replaces --device.")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available).")
 DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (norms accumulate in float32).")
 OUT = typer.Option(None, "--out", help="Results directory: cached results are reused, new ones saved there.")
@@ -56,7 +58,26 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, device, dtype, out, revision=None):
+def _check_batch_size(batch_size: str) -> None:
+    """Reject a malformed --batch-size before any model is loaded."""
+    from .batching import resolve_batch_size
+
+    if str(batch_size).strip().lower() != "auto":
+        resolve_batch_size(batch_size, None, 1)
+
+
+def _batch_size_for(batch_size: str, model, batch, extra_bytes_per_token: int = 0) -> int:
+    """--batch-size as a number; 'auto' is sized from the free memory of the model's input device."""
+    from .batching import resolve_batch_size
+
+    size = resolve_batch_size(batch_size, model, batch.tokens.shape[1], extra_bytes_per_token=extra_bytes_per_token)
+    if str(batch_size).strip().lower() == "auto":
+        typer.echo(f"batch size {size} (auto: from free memory)", err=True)
+    return size
+
+
+def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, device, dtype, out, revision=None,
+                     device_map=None):
     """Collected norm Results, reused from ``out`` when an identical run is cached there."""
     from .cache import cache_key, cache_path
     from .collect import DEFAULT_SITES
@@ -74,15 +95,19 @@ def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, de
                 return res, None
             except Exception:  # a stale or foreign entry is recomputed, never trusted
                 pass
+    from .batching import run_with_oom_guard
     from .collect import collect
     from .data import load_tokens
     from .models import load_model
 
-    model = load_model(model_spec, device=device, dtype=dtype, revision=revision)
+    _check_batch_size(batch_size)
+    model = load_model(model_spec, device=device, dtype=dtype, revision=revision, device_map=device_map)
     batch = load_tokens(data, model, n_seqs=n_seqs, seq_len=seq_len)
+    size = _batch_size_for(batch_size, model, batch)
     update, close = _progress("collecting norms")
     try:
-        res = collect(model, batch, batch_size=batch_size, seq_len=seq_len, progress=update)
+        res = run_with_oom_guard(lambda: collect(model, batch, batch_size=size, seq_len=seq_len, progress=update),
+                                 size)
     finally:
         close()
     if path is not None:
@@ -115,23 +140,28 @@ def _cached_json(kind: str, model_spec: str, revision, data, settings: dict, out
     return doc
 
 
-def _deletion_doc(model_spec, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate, model=None):
+def _deletion_doc(model_spec, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate, model=None,
+                  device_map=None):
     """(deletion JSON, printable report) — cached like the other results."""
     from .deletion import DeletionResults  # noqa: F401  (fail early if the module is missing)
 
     text: list[str] = []
 
     def compute():
+        from .batching import run_with_oom_guard
         from .data import load_tokens
-        from .deletion import collect_deletion, format_deletion_report, parse_ablate
+        from .deletion import collect_deletion, deletion_bytes_per_token, format_deletion_report, parse_ablate
         from .models import load_model
 
-        loaded = model or load_model(model_spec, device=device, dtype=dtype, revision=revision)
+        _check_batch_size(batch_size)
+        loaded = model or load_model(model_spec, device=device, dtype=dtype, revision=revision, device_map=device_map)
         batch = load_tokens(data, loaded, n_seqs=n_seqs, seq_len=seq_len)
         writes = parse_ablate(ablate, loaded) if ablate else None
+        size = _batch_size_for(batch_size, loaded, batch, extra_bytes_per_token=deletion_bytes_per_token(loaded))
         update, close = _progress("deletion statistics")
         try:
-            res = collect_deletion(loaded, batch, batch_size=batch_size, ablate=writes, progress=update)
+            res = run_with_oom_guard(lambda: collect_deletion(loaded, batch, batch_size=size, ablate=writes,
+                                                              progress=update), size)
         finally:
             close()
         text.append(format_deletion_report(res))
@@ -144,15 +174,16 @@ def _deletion_doc(model_spec, data, n_seqs, seq_len, batch_size, device, dtype, 
 
 @app.command()
 def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
-           batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+           batch_size: str = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
            json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
-           revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit).")):
+           revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit)."),
+           device_map: Optional[str] = DEVICE_MAP):
     """Collect residual-stream norms per layer and print the per-layer table and growth fits."""
     from .fit import format_fit_table
     from .report import report_document, site_fits
     from .results import atomic_write_json, format_report_table
 
-    res, _ = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision)
+    res, _ = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
     _echo(format_report_table(res))
     fits = site_fits(res, window)
     if fits:
@@ -167,14 +198,14 @@ def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS,
 def weights(model: str = MODEL,
             data: Optional[str] = typer.Option(None, "--data", help="Also collect real statistics on this data "
                                                                     "to compare random-input gains with (see report)."),
-            n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN, batch_size: int = BATCH,
+            n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN, batch_size: str = BATCH,
             device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
             json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
             random_inputs: bool = typer.Option(True, "--random/--no-random", help="Feed N(0,1) inputs through "
                                                                                  "every attention and MLP."),
             random_seqs: int = typer.Option(8, "--random-seqs", help="Sequences of random inputs."),
             random_len: int = typer.Option(64, "--random-len", help="Positions per random sequence."),
-            revision: Optional[str] = typer.Option(None, "--revision")):
+            revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP):
     """Weight norms per layer (W_OV per head, W_in, W_out, biases, gains) with growth fits; random-input gains."""
     from .models import load_model
     from .results import atomic_write_json
@@ -183,9 +214,10 @@ def weights(model: str = MODEL,
     results = None
     loaded = None
     if data is not None:
-        results, loaded = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision)
+        results, loaded = _collect_or_load(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision,
+                                           device_map)
     if loaded is None:
-        loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+        loaded = load_model(model, device=device, dtype=dtype, revision=revision, device_map=device_map)
     win = None
     if window:
         from .fit import parse_window
@@ -202,17 +234,18 @@ def weights(model: str = MODEL,
 
 @app.command()
 def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
-             batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+             batch_size: str = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
              json_path: Optional[Path] = JSON,
              ablate: Optional[str] = typer.Option("default", "--ablate", help="Writes to mean-ablate: block numbers "
                                                   "(0,3,6), labels (embed,mlp_out.3), 'default' (~6 spread blocks), "
                                                   "'all', or 'none'."),
-             revision: Optional[str] = typer.Option(None, "--revision")):
+             revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP):
     """Deletion by magnitude: retention, dilution, visibility, reading shares, locality, ablations."""
     from .results import atomic_write_json
 
     ablate = None if ablate in (None, "", "none") else ablate
-    doc, text = _deletion_doc(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate)
+    doc, text = _deletion_doc(model, data, n_seqs, seq_len, batch_size, device, dtype, out, revision, ablate,
+                              device_map=device_map)
     if text is None:
         from .deletion import format_deletion_json
 
@@ -227,11 +260,11 @@ def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQ
 def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNorm)."),
             model_b: str = typer.Argument(..., help="Model B (e.g. its LN-free twin)."),
             data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
-            batch_size: int = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+            batch_size: str = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
             json_path: Optional[Path] = JSON,
             figure: Optional[Path] = typer.Option(None, "--figure", help="Write the comparison figure here (.png + .pdf)."),
             with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include deletion summaries."),
-            window: Optional[str] = WINDOW):
+            window: Optional[str] = WINDOW, device_map: Optional[str] = DEVICE_MAP):
     """Compare two models side by side: growth with CIs and their difference, position 0, writes, weights, deletion."""
     from .compare import compare_documents, format_comparison, plot_comparison
     from .models import load_model
@@ -241,16 +274,18 @@ def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNor
 
     sides = []
     for spec in (model_a, model_b):
-        res, loaded = _collect_or_load(spec, data, n_seqs, seq_len, batch_size, device, dtype, out)
+        res, loaded = _collect_or_load(spec, data, n_seqs, seq_len, batch_size, device, dtype, out,
+                                       device_map=device_map)
         rep = report_document(res, window)
 
         def weights_doc(spec=spec, loaded=loaded, res=res):
-            m = loaded or load_model(spec, device=device, dtype=dtype)
+            m = loaded or load_model(spec, device=device, dtype=dtype, device_map=device_map)
             return run_weights(m, results=res)[0]["weights"]
 
         w = _cached_json("weights", spec, None, data, {"n_seqs": n_seqs, "seq_len": seq_len, "dtype": dtype}, out,
                          weights_doc)
-        d = (_deletion_doc(spec, data, n_seqs, seq_len, batch_size, device, dtype, out, None, None, loaded)[0]
+        d = (_deletion_doc(spec, data, n_seqs, seq_len, batch_size, device, dtype, out, None, None, loaded,
+                           device_map)[0]
              if with_deletion else None)
         sides.append((res, rep, w, d))
     (ra, pa, wa, da), (rb, pb, wb, db) = sides

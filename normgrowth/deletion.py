@@ -607,6 +607,14 @@ class _GramCollector:
         return hook
 
 
+def deletion_bytes_per_token(model: Any) -> int:
+    """Bytes per token the deletion collector keeps beyond a norm-collection pass: the float32 writes
+    ``[C, d_model]``, their running sum ``[d_model]`` and the Gram matrix ``[C, C]`` with a bmm
+    temporary (C = 2 n_layers + 1). For ``--batch-size auto``."""
+    n_c = stream_layout(model.n_layers).n_writes
+    return 4 * ((n_c + 1) * model.d_model + 2 * n_c * n_c)
+
+
 def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = None,
                      progress: Optional[Callable[[int, int], None]] = None, n_boot: int = 1000, seed: int = 0,
                      fit_window: Optional[tuple[int, int]] = None) -> DeletionResults:

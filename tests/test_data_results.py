@@ -176,3 +176,46 @@ def test_cli_help_imports_no_heavy_library():
             "print(sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_cli_batch_size_auto_and_device_map(tiny_dirs, token_file, tmp_path):
+    """--batch-size auto is sized from free memory (and said so); --device-map places the model
+    through accelerate; both give the same numbers as an explicit batch size on one device."""
+    from typer.testing import CliRunner
+
+    from normgrowth.cli import app
+
+    docs = []
+    for extra in (("--batch-size", "2"), ("--batch-size", "auto"), ("--batch-size", "auto", "--device-map", "cpu")):
+        out = tmp_path / f"r{len(docs)}.json"
+        result = CliRunner().invoke(app, ["report", str(tiny_dirs["neox"]), "--data", str(token_file),
+                                          "--json", str(out), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert ("(auto: from free memory)" in result.output) == ("auto" in extra)
+        docs.append(json.loads(out.read_text()))
+    curves = [np.array(d["sites"]["resid_post"]["mean"], dtype=float) for d in docs]
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
+    np.testing.assert_allclose(curves[2], curves[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "eight"])
+def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path):
+    """A malformed --batch-size is refused in one line before any model is loaded (the model does
+    not even exist here)."""
+    out = tmp_path / "x.json"
+    proc = run_cli("report", str(tmp_path / "no-model"), "--batch-size", value, "--json", str(out))
+    assert proc.returncode == 2 and "--batch-size must be a positive integer or 'auto'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_out_of_memory_names_smaller_batch(tiny_dirs, token_file, tmp_path, monkeypatch):
+    """An allocation failure during collection becomes one sentence naming a batch size to use."""
+    import normgrowth.collect as collect_module
+    from normgrowth.cli import _collect_or_load
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(collect_module, "collect", oom)
+    with pytest.raises(NormgrowthError, match=r"out of memory at batch size 6: rerun with --batch-size 3"):
+        _collect_or_load(str(tiny_dirs["neox"]), str(token_file), None, None, "6", "cpu", "float32", None)
