@@ -145,10 +145,24 @@ def machine_info(device: str) -> dict[str, Any]:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             info[pkg] = None
+    info["normgrowth_commit"] = _git_commit()
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(torch.device(device)).total_memory
     return info
+
+
+def _git_commit() -> Optional[str]:
+    """The checkout's commit, with "+dirty" when normgrowth/ has uncommitted changes (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "normgrowth"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def machine_kind(info: dict[str, Any]) -> str:

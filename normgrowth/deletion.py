@@ -639,7 +639,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
         for start, tok, m in _batches(tokens, mask, batch_size):
             valid = _valid(m)
             collector.start_batch(valid)
-            model.forward(tok, attention_mask=m)
+            model.forward(tok, attention_mask=m, logits=False)  # the stream only
             if collector.gram is None:
                 raise RuntimeError("the final_in hook did not fire: the Gram matrix of the writes was not formed")
             gram = collector.gram
@@ -778,7 +778,7 @@ def _write_means(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: S
         for _, tok, m in _batches(tokens, mask, batch_size):
             state["valid"] = _valid(m)
             n += int(state["valid"].sum())
-            model.forward(tok, attention_mask=m)
+            model.forward(tok, attention_mask=m, logits=False)
     return {lab: s / max(n, 1) for lab, s in sums.items()}
 
 

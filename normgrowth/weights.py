@@ -394,7 +394,7 @@ def random_input_gains(model: Any, n_seqs: int = 8, seq_len: int = 64, seed: int
         hooks.append(("mlp_pre", l, record_pre(l)))
     tokens = random_token_ids(model, n_seqs, seq_len, seed)
     with torch.no_grad(), model.hooks(hooks):
-        model.forward(tokens)
+        model.forward(tokens, logits=False)
     if np.any(pre_count == 0):
         raise NormgrowthError("the mlp_pre hook did not fire in every layer: this architecture is not supported.")
     return {
