@@ -60,7 +60,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py $(if $(QUICK),--quick,)
+	$(PY) benchmarks/bench.py $(if $(QUICK),--quick,--rounds 3)
 
 zoo: $(ZOO)/zoo.json
 
