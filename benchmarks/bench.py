@@ -675,6 +675,12 @@ def main(argv=None) -> int:
                                                      f"{MEMORY_SHARE_FOR_FULL_CACHE:.0%} of the {free / 2**30:.1f} GiB free"})
                         continue
                 plan.append((key, spec_for(model_dir, config, n_seqs, seq_len)))
+    def summarize_groups() -> None:
+        for g in groups:
+            for config in configs:
+                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
+            add_ratios(g)
+
     def _terminate(signum, frame):  # `timeout` sends SIGTERM: write what was measured so far
         raise KeyboardInterrupt
 
@@ -691,22 +697,24 @@ def main(argv=None) -> int:
                                            f"{fmt_bytes(res.get('peak_bytes'))} MiB")
                 print(f"  round {rnd + 1}/{args.rounds} {key[0]} seq {key[1]} {key[2]:6s}: {msg}  ({time.time() - t0:.0f} s)",
                       flush=True)
-        for g in groups:
-            for config in configs:
-                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
-            add_ratios(g)
+        summarize_groups()
 
         if args.scaling_n_seqs > 0 and "c" in configs:
             name = models[0]
             model_dir = checkpoint(name, cache_dir)
             n = args.scaling_n_seqs
             entry: dict[str, Any] = {"model": name, "seq_len": args.scaling_seq_len, "batch_size": batch, "n_seqs": n}
-            small, large = [], []
-            for rnd in range(min(args.rounds, 2)):
-                for n_seqs, sink in ((n, small), (10 * n, large)):  # memory only (time is not the question here)
-                    spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0)
-                    sink.append(launch(spec, in_process, args.timeout))
-            s_small, s_large = summarize(small), summarize(large)
+            def memory_pair(**extra) -> tuple[dict[str, Any], dict[str, Any]]:
+                """Summaries of memory-only runs of (c) on n and 10 n sequences (time is not the question)."""
+                small, large = [], []
+                for _ in range(min(args.rounds, 2)):
+                    for n_seqs, sink in ((n, small), (10 * n, large)):
+                        spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0,
+                                    **extra)
+                        sink.append(launch(spec, in_process, args.timeout))
+                return summarize(small), summarize(large)
+
+            s_small, s_large = memory_pair()
             entry.update({"small": s_small, "large": s_large})
             if s_small.get("peak_bytes") and s_large.get("peak_bytes") is not None:
                 entry["peak_n"], entry["peak_10n"] = s_small["peak_bytes"], s_large["peak_bytes"]
@@ -718,13 +726,7 @@ def main(argv=None) -> int:
             else:
                 entry["error"] = s_small.get("error") or s_large.get("error") or "no memory measurement"
             if not in_process:  # the same with glibc's default (dynamic) mmap threshold, as users run it
-                small_d, large_d = [], []
-                for rnd in range(min(args.rounds, 2)):
-                    for n_seqs, sink in ((n, small_d), (10 * n, large_d)):
-                        spec = dict(spec_for(model_dir, "c", n_seqs, args.scaling_seq_len), mode="memory", reps=0,
-                                    malloc="default")
-                        sink.append(launch(spec, in_process, args.timeout))
-                sd, ld = summarize(small_d), summarize(large_d)
+                sd, ld = memory_pair(malloc="default")
                 if sd.get("peak_bytes") and ld.get("peak_bytes") is not None:
                     entry["default_malloc"] = {
                         "peak_n": sd["peak_bytes"], "peak_10n": ld["peak_bytes"],
@@ -736,10 +738,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: writing the results measured so far", flush=True)
-        for g in groups:
-            for config in configs:
-                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
-            add_ratios(g)
+        summarize_groups()
     info["load_average_end"] = list(os.getloadavg())
     report = {"machine": info, "settings": settings, "groups": groups, "scaling": scaling,
               "configs": CONFIGS, "interrupted": interrupted}
