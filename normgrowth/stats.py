@@ -32,11 +32,11 @@ UPDATE_CHUNK_ELEMENTS = 2**20  # values per chunk of series in TokenStats.update
 
 
 class RowTable:
-    """Rows of a fixed width appended batch by batch into one preallocated array (doubling on overflow)."""
+    """Rows of shape ``row_shape`` appended batch by batch into one preallocated array (doubling on overflow)."""
 
-    def __init__(self, width: int, dtype: np.dtype, capacity: int = 0):
-        self.width, self.n = width, 0
-        self._rows = np.zeros((max(int(capacity), 1), width) if width else (max(int(capacity), 1),), dtype)
+    def __init__(self, row_shape: tuple[int, ...], dtype: type, capacity: int = 0):
+        self.n = 0
+        self._rows = np.zeros((max(int(capacity), 1), *row_shape), dtype)
 
     def append(self, rows: np.ndarray) -> None:
         need = self.n + len(rows)
@@ -109,8 +109,8 @@ class TokenStats:
         self.hist = torch.zeros(hist_series * HIST_BINS, dtype=torch.int64, device=device)
         self.pos_sum = torch.zeros(n_series, n_positions, dtype=torch.float64, device=device)
         self.pos_count = torch.zeros(n_positions, dtype=torch.float64, device=device)
-        self._seq_means = RowTable(n_series, np.float32, expected_sequences)
-        self._seq_counts = RowTable(0, np.int64, expected_sequences)
+        self._seq_means = RowTable((n_series,), np.float32, expected_sequences)
+        self._seq_counts = RowTable((), np.int64, expected_sequences)
 
     def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
         """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding).
