@@ -58,20 +58,19 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def _check_batch_size(batch_size: str) -> None:
-    """Reject a malformed --batch-size before any model is loaded."""
+def _parse_batch_size(batch_size: str) -> Optional[int]:
+    """--batch-size as a number, or None for 'auto'; a malformed value is refused before any model loads."""
     from .batching import resolve_batch_size
 
-    if str(batch_size).strip().lower() != "auto":
-        resolve_batch_size(batch_size, None, 1)
+    return None if str(batch_size).strip().lower() == "auto" else resolve_batch_size(batch_size, None, 1)
 
 
-def _batch_size_for(batch_size: str, model, batch, extra_bytes_per_token: int = 0) -> int:
-    """--batch-size as a number; 'auto' is sized from the free memory of the model's input device."""
-    from .batching import resolve_batch_size
+def _batch_size_for(size: Optional[int], model, batch, extra_bytes_per_token: int = 0) -> int:
+    """``size``, or for 'auto' (None) a size from the free memory of the model's input device."""
+    from .batching import auto_batch_size
 
-    size = resolve_batch_size(batch_size, model, batch.tokens.shape[1], extra_bytes_per_token=extra_bytes_per_token)
-    if str(batch_size).strip().lower() == "auto":
+    if size is None:
+        size = auto_batch_size(model, batch.tokens.shape[1], extra_bytes_per_token=extra_bytes_per_token)
         typer.echo(f"batch size {size} (auto: from free memory)", err=True)
     return size
 
@@ -100,10 +99,10 @@ def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, de
     from .data import load_tokens
     from .models import load_model
 
-    _check_batch_size(batch_size)
+    parsed = _parse_batch_size(batch_size)
     model = load_model(model_spec, device=device, dtype=dtype, revision=revision, device_map=device_map)
     batch = load_tokens(data, model, n_seqs=n_seqs, seq_len=seq_len)
-    size = _batch_size_for(batch_size, model, batch)
+    size = _batch_size_for(parsed, model, batch)
     update, close = _progress("collecting norms")
     try:
         res = run_with_oom_guard(lambda: collect(model, batch, batch_size=size, seq_len=seq_len, progress=update),
@@ -153,11 +152,11 @@ def _deletion_doc(model_spec, data, n_seqs, seq_len, batch_size, device, dtype, 
         from .deletion import collect_deletion, deletion_bytes_per_token, format_deletion_report, parse_ablate
         from .models import load_model
 
-        _check_batch_size(batch_size)
+        parsed = _parse_batch_size(batch_size)
         loaded = model or load_model(model_spec, device=device, dtype=dtype, revision=revision, device_map=device_map)
         batch = load_tokens(data, loaded, n_seqs=n_seqs, seq_len=seq_len)
         writes = parse_ablate(ablate, loaded) if ablate else None
-        size = _batch_size_for(batch_size, loaded, batch, extra_bytes_per_token=deletion_bytes_per_token(loaded))
+        size = _batch_size_for(parsed, loaded, batch, extra_bytes_per_token=deletion_bytes_per_token(loaded))
         update, close = _progress("deletion statistics")
         try:
             res = run_with_oom_guard(lambda: collect_deletion(loaded, batch, batch_size=size, ablate=writes,
