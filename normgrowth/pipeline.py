@@ -111,7 +111,7 @@ class RunSettings:
         return {"n_seqs": self.n_seqs, "seq_len": self.seq_len, "dtype": self.dtype}
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of the ``run_*`` functions (``run_report(model, **settings.as_kwargs())``)."""
+        """Keyword arguments of run_report / run_weights / run_deletion (``run_report(m, **s.as_kwargs())``)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> dict[str, Any]:
@@ -346,8 +346,9 @@ def _report(spec: str, settings: RunSettings, window: Optional[str], emit: _Emit
             handle: Optional[_ModelHandle] = None) -> ReportRun:
     handle = handle or _ModelHandle(spec, settings)
     res, base, cached = _collection(spec, settings, emit, handle)
-    fits = {site: res.fit(site, window) for site, st in res.sites.items() if st is not None} \
-        if res.meta.n_layers >= 2 else {}
+    fits = {}
+    if res.meta.n_layers >= 2:  # a growth fit needs two layers
+        fits = {site: res.fit(site, window) for site, st in res.sites.items() if st is not None}
     return ReportRun(results=res, fits=fits, window=window or None, settings=settings, cache_path=base,
                      cached=cached, model=handle.loaded)
 
