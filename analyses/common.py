@@ -3,7 +3,7 @@
 Every figure script reads saved results only (never a model):
 
 * ``R/models/<slug>/report.json``   - ``normgrowth.report.report_document`` (``normgrowth report --json``)
-* ``R/models/<slug>/weights.json``  - ``normgrowth.weights`` output (weight norms + random-input gains)
+* ``R/models/<slug>/weights.json``  - ``normgrowth.weights.WeightsResult.to_json()`` (``normgrowth weights --json``)
 * ``R/models/<slug>/deletion.json`` - ``normgrowth.deletion.DeletionResults.to_json()``
 * ``R/compare.json``                - ``normgrowth compare A B --json`` (optional)
 
@@ -165,24 +165,19 @@ def require(models: Sequence[ModelResults], what: str, results_dir: str | Path) 
 
 
 # ----------------------------------------------------------------------------------------------
-# weights.json layouts
+# weights.json: {"model", "ln_free", "normalization", "weights": WeightNorms JSON, "random_inputs", "comparison"}
 # ----------------------------------------------------------------------------------------------
 def weight_norms_doc(doc: dict) -> Optional[dict]:
-    """The ``WeightNorms.to_json()`` part: top level (``{**to_json(), ...}``) or under ``"weights"``
-    (``run_weights`` layout); None when absent."""
-    if "layers" in doc:
-        return doc
+    """The weight norms (``doc["weights"]``, ``WeightNorms.to_json()``); None when absent."""
     inner = doc.get("weights")
     return inner if isinstance(inner, dict) and "layers" in inner else None
 
 
 def gains_comparison_doc(doc: dict) -> Optional[dict]:
-    """The ``compare_gains`` part (random vs real outputs): ``"random_gains"`` or ``"comparison"``; None if absent."""
-    for key in ("random_gains", "comparison"):
-        inner = doc.get(key)
-        if isinstance(inner, dict) and "random_attn_out" in inner:
-            return inner
-    return None
+    """The random-vs-real comparison (``doc["comparison"]``, ``compare_gains`` in JSON form); None when absent
+    (no random inputs, or no real data to compare with)."""
+    inner = doc.get("comparison")
+    return inner if isinstance(inner, dict) and "random_attn_out" in inner else None
 
 
 # ----------------------------------------------------------------------------------------------

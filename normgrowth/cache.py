@@ -3,8 +3,9 @@
 The key is the SHA-256 of a canonical JSON of: the model (hub name + revision, or for a local directory its
 absolute path plus the hash of config.json and the size and mtime of every weight file), the data source
 (for a file: its path plus a content hash), and every setting that changes numbers (n_seqs, seq_len,
-dtype, sites, the analysis kind and its options, the package version). Entries are written atomically
-(:func:`normgrowth.results.atomic_write_bytes`), so a half-written entry is never found.
+dtype, sites, the analysis kind and its options, the package version). :mod:`normgrowth.pipeline` reads and
+writes the entries (atomically, :func:`normgrowth.storage.atomic_write_bytes`), so a half-written entry is
+never found.
 """
 
 from __future__ import annotations

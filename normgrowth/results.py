@@ -1,4 +1,5 @@
-"""Collected statistics and run metadata, saved as JSON + .npz (atomically) and loaded back exactly.
+"""Collected statistics and run metadata, saved as JSON + .npz (atomically, through the result protocol) and
+loaded back exactly.
 
 Token conventions for every statistic here: "main" statistics average over real (non-padding) tokens
 at positions >= 1; position 0 is reported apart as "bos"; ``position_mean`` covers all positions.
@@ -7,21 +8,24 @@ at positions >= 1; position 0 is reported apart as "bos"; ``position_mean`` cove
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import numpy as np
 
 from .errors import NormgrowthError
+from .protocol import ResultProtocol
 from .storage import atomic_write_bytes, atomic_write_json, json_safe  # noqa: F401  (re-exported)
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 EMBED_SITES = ("embed", "pos_embed")
 SCHEMA_VERSION = 1
+# Per-layer SiteStats arrays that Results.to_frame() lists (statistic column).
+FRAME_STATISTICS = ("mean", "std", "centered_mean", "centered_std", "token_std_mean", "log_mean", "median",
+                    "centered_median", "bos_mean", "bos_centered_mean", "bos_std")
+
+if TYPE_CHECKING:
+    from .fit import GrowthFit
 
 
 @dataclass
@@ -92,8 +96,14 @@ class RunMeta:
     schema_version: int = SCHEMA_VERSION
 
 
-@dataclass
-class Results:
+@dataclass(repr=False)
+class Results(ResultProtocol):
+    """One collection run (:func:`normgrowth.collect`), following :class:`~normgrowth.protocol.ResultProtocol`:
+    ``save(path)`` / ``Results.load(path)`` (``path.json`` + ``path.npz``, hash-checked), ``to_json()`` (the
+    report JSON's collection part), ``to_frame()``, ``summary()``, and ``fit(site, window)``."""
+
+    kind: ClassVar[str] = "collection"
+
     meta: RunMeta
     sites: dict[str, Optional[SiteStats]]  # SITES; None where the architecture has no such site
     embed: dict[str, SiteStats]  # "embed" (token) and, where present, "pos_embed"; n_layers = 1
@@ -119,7 +129,7 @@ class Results:
         out.update(self.extra)
         return out
 
-    # ----- save / load ---------------------------------------------------------------------------
+    # ----- result protocol ------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {"seq_n_tokens": self.seq_n_tokens, "position_count": self.position_count}
         for group, stats in (("site", self.sites), ("embed", self.embed)):
@@ -135,40 +145,16 @@ class Results:
             arrays["mlp_act_rate"] = self.mlp_act_rate
         return arrays
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.npz`` then ``<path>.json`` (each atomically); the JSON records the npz's hash.
-
-        A reader only trusts a JSON whose recorded hash matches the npz next to it, so a crash between the
-        two writes never yields a mixed result.
-        """
-        base = _base(path)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        npz_bytes = _npz_bytes(self.arrays())
-        atomic_write_bytes(base.with_suffix(".npz"), npz_bytes)
-        doc = self.to_json()
-        doc["arrays"] = {"file": base.with_suffix(".npz").name, "sha256": hashlib.sha256(npz_bytes).hexdigest()}
-        atomic_write_json(base.with_suffix(".json"), doc)
-        return base.with_suffix(".json")
-
-    @staticmethod
-    def load(path: str | os.PathLike) -> "Results":
-        base = _base(path)
-        jpath, npath = base.with_suffix(".json"), base.with_suffix(".npz")
-        if not jpath.is_file() or not npath.is_file():
-            raise NormgrowthError(f"no saved result at {str(base)!r} (need both .json and .npz): run "
-                                  "`normgrowth report` with --out first.")
-        doc = json.loads(jpath.read_text())
-        raw = npath.read_bytes()
-        if doc.get("arrays", {}).get("sha256") != hashlib.sha256(raw).hexdigest():
-            raise NormgrowthError(f"saved result {str(jpath)!r} does not match its .npz (interrupted write?): "
-                                  "delete both files and collect again.")
-        with np.load(npath, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+    @classmethod
+    def from_saved(cls, doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Results":
+        """Rebuild from the JSON (meta, site names, analyses' extra keys) and the npz arrays."""
+        if "seq_n_tokens" not in arrays or "meta" not in doc:
+            raise NormgrowthError("saved result lacks its arrays or metadata (not written by Results.save): "
+                                  "collect it again.")
         meta = RunMeta(**doc["meta"])
 
         def site(group: str, name: str) -> Optional[SiteStats]:
-            key = f"{group}/{name}/mean"
-            if key not in arrays:
+            if f"{group}/{name}/mean" not in arrays:
                 return None
             return SiteStats(**{f.name: arrays[f"{group}/{name}/{f.name}"] for f in dataclasses.fields(SiteStats)})
 
@@ -176,30 +162,67 @@ class Results:
         embed = {s: site("embed", s) for s in doc.get("embed", {})}
         heads = (HeadStats(**{f.name: arrays[f"heads/{f.name}"] for f in dataclasses.fields(HeadStats)})
                  if "heads/mean" in arrays else None)
-        known = set(Results.__dataclass_fields__) | {"model", "ln_free", "normalization", "n_layers", "d_model",
-                                                     "n_seqs", "n_tokens", "arrays"}
+        known = set(cls.__dataclass_fields__) | {"model", "ln_free", "normalization", "n_layers", "d_model",
+                                                 "n_seqs", "n_tokens", "arrays", "result_kind"}
         extra = {k: v for k, v in doc.items() if k not in known}
-        return Results(meta=meta, sites=sites, embed={k: v for k, v in embed.items() if v is not None},
-                       heads=heads, mlp_act_rate=arrays.get("mlp_act_rate"), seq_n_tokens=arrays["seq_n_tokens"],
-                       position_count=arrays["position_count"], extra=extra)
+        return cls(meta=meta, sites=sites, embed={k: v for k, v in embed.items() if v is not None},
+                   heads=heads, mlp_act_rate=arrays.get("mlp_act_rate"), seq_n_tokens=arrays["seq_n_tokens"],
+                   position_count=arrays["position_count"], extra=extra)
 
+    def frame_rows(self) -> Iterator[dict[str, Any]]:
+        """Long-format rows: every per-layer SiteStats array (``FRAME_STATISTICS``) of every site and of the
+        embeddings (layer 0), the per-head write norms (site ``heads``, extra column ``head``) and the MLP
+        activation rate (site ``mlp_pre``, statistic ``act_rate``)."""
+        model = self.meta.model
+        for group in (self.sites, self.embed):
+            for name, st in group.items():
+                if st is None:
+                    continue
+                for stat in FRAME_STATISTICS:
+                    for layer, value in enumerate(np.asarray(getattr(st, stat), dtype=np.float64)):
+                        yield {"model": model, "site": name, "layer": layer, "statistic": stat, "value": float(value)}
+        if self.heads is not None:
+            for stat in ("mean", "std", "bos_mean"):
+                values = np.asarray(getattr(self.heads, stat), dtype=np.float64)
+                for (layer, head), value in np.ndenumerate(values):
+                    yield {"model": model, "site": "heads", "layer": int(layer), "statistic": stat,
+                           "value": float(value), "head": int(head)}
+        if self.mlp_act_rate is not None:
+            for layer, value in enumerate(np.asarray(self.mlp_act_rate, dtype=np.float64)):
+                yield {"model": model, "site": "mlp_pre", "layer": layer, "statistic": "act_rate", "value": float(value)}
 
-def _base(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_suffix("") if p.suffix in (".json", ".npz") else p
+    def summary(self) -> str:
+        m = self.meta
+        lines = [f"{m.model}: {m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {m.n_layers} layers, "
+                 f"d_model {m.d_model}; {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 ({m.dtype})"]
+        post = self.sites.get("resid_post")
+        if post is not None and m.n_layers >= 1:
+            lines.append(f"resid_post mean norm {post.mean[0]:.4g} (layer 0) -> {post.mean[-1]:.4g} "
+                         f"(layer {m.n_layers - 1})")
+        present = [s for s, st in self.sites.items() if st is not None]
+        missing = [s for s, st in self.sites.items() if st is None]
+        lines.append("sites: " + ", ".join(present) + (f" (absent: {', '.join(missing)})" if missing else ""))
+        return "\n".join(lines)
+
+    # ----- analyses -----------------------------------------------------------------------------
+    def fit(self, site: str, window: Any = None, seed: int = 0) -> "GrowthFit":
+        """Growth fit of ``site``: :func:`normgrowth.fit.fit_growth` of the per-sequence mean curves
+        ``sites[site].seq_mean`` weighted by ``seq_n_tokens`` (so the fitted curve is the token-weighted mean
+        curve), over ``window`` ("a:b" or (a, b); None: the default window), 95 % CI by a percentile
+        bootstrap over sequences (``report.N_BOOT`` resamples, ``seed``) - the fit the report prints."""
+        from .fit import fit_growth
+        from .report import N_BOOT
+
+        st = self.sites.get(site)
+        if st is None:
+            have = ", ".join(s for s, v in self.sites.items() if v is not None)
+            raise NormgrowthError(f"no {site!r} statistics in this result: fit one of {have}.")
+        return fit_growth(st.seq_mean, window=window or None, weights=self.seq_n_tokens, n_boot=N_BOOT, seed=seed)
 
 
 def _tolist(a: Any) -> Any:
     arr = np.asarray(a, dtype=np.float64)
     return [None if not np.isfinite(x) else float(x) for x in arr] if arr.ndim == 1 else [_tolist(r) for r in arr]
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def format_report_table(res: Results) -> str:

@@ -9,6 +9,9 @@ Two analyses, both documented formula by formula in ``docs/weights.md``:
   block's norms see seeded random vectors instead of the stream; :func:`compare_gains` sets them
   next to the real outputs from a collected :class:`~normgrowth.results.Results`.
 
+:func:`analyse_weights` runs both and returns a :class:`WeightsResult` (the weights.json document, saved and
+loaded through the result protocol); :func:`format_weights` prints it.
+
 The math lives in small pure functions on tensors (``effective_gain``, ``folded_ov_norms``,
 ``folded_frobenius``, ``standardised_normal``); the model plumbing calls them layer by layer.
 """
@@ -18,13 +21,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .errors import NormgrowthError
 from .models import norm_eps_of
+from .protocol import ResultProtocol
 
 # Per-layer scalar series of WeightNorms, in table order (W_OV_heads is the per-head list).
 LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
@@ -144,7 +148,27 @@ class WeightNorms:
             "fit_skipped": dict(self.fit_skipped),
             "model": self.model,
             "ln_free": bool(self.ln_free),
+            "normalization": self.normalization,
         }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], W_OV_heads: Optional[np.ndarray] = None) -> "WeightNorms":
+        """Inverse of :meth:`to_json` (``W_OV_heads`` given exactly, e.g. from an npz, replaces the JSON's)."""
+        from .fit import GrowthFit
+
+        try:
+            rows = doc["layers"]
+            ov = (np.asarray(W_OV_heads, dtype=np.float64) if W_OV_heads is not None
+                  else np.asarray([r["W_OV_heads"] for r in rows], dtype=np.float64).reshape(len(rows), -1))
+            layers = {k: [None if r.get(k) is None else float(r[k]) for r in rows] for k in LAYER_KEYS}
+            return cls(model=str(doc["model"]), ln_free=bool(doc["ln_free"]),
+                       normalization=str(doc.get("normalization", "")), W_OV_heads=ov, layers=layers,
+                       gain_final=float("nan") if doc.get("gain_final") is None else float(doc["gain_final"]),
+                       fit={k: GrowthFit.from_json(v) for k, v in doc.get("fit", {}).items()},
+                       fit_skipped=dict(doc.get("fit_skipped", {})))
+        except (KeyError, TypeError, ValueError) as err:
+            raise NormgrowthError(f"weight-norm JSON is malformed ({type(err).__name__}: {err}); compute it again "
+                                  "with normgrowth weights.") from None
 
 
 def _layer_gains(model: Any, which: str, stored: torch.Tensor) -> list[torch.Tensor]:
@@ -474,27 +498,132 @@ def format_gain_table(comparison_or_gains: Mapping[str, Any]) -> str:
     return out
 
 
-def run_weights(model: Any, results: Any = None, random_inputs: bool = True, n_seqs: int = 8, seq_len: int = 64,
-                seed: int = 0, window: Any = None) -> tuple[dict, str]:
-    """Everything ``normgrowth weights MODEL`` reports: (JSON-ready dict, printable text).
+# ----------------------------------------------------------------------------------------------
+# the weights result (what ``normgrowth weights --json`` writes)
+# ----------------------------------------------------------------------------------------------
+@dataclass(repr=False)
+class WeightsResult(ResultProtocol):
+    """Weight norms of one model, optionally with its random-input gains and their comparison with real data.
 
-    JSON: ``{"weights": WeightNorms.to_json(), "random_inputs": random_input_gains(...) or None,
-    "comparison": compare_gains(...) without its fit objects, or None when no results are given}``.
-    With ``results`` of an LN-free model, the random inputs get the real inputs' stds.
+    ``to_json()`` is the one weights.json layout (docs/weights.md)::
+
+        {"model": str, "ln_free": bool, "normalization": str,
+         "weights": WeightNorms.to_json(),
+         "random_inputs": random_input_gains(...) or null,
+         "comparison": comparison_to_json(compare_gains(...)) or null}
     """
-    wn = weight_norms(model, window)
-    out: dict[str, Any] = {"weights": wn.to_json(), "random_inputs": None, "comparison": None}
-    text = format_weight_table(wn)
+
+    kind: ClassVar[str] = "weights"
+
+    norms: WeightNorms
+    random_inputs: Optional[dict] = None  # random_input_gains(...)
+    comparison: Optional[dict] = None  # compare_gains(...): GrowthFit objects under "fit"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.norms.model, "ln_free": bool(self.norms.ln_free),
+                "normalization": self.norms.normalization, "weights": self.norms.to_json(),
+                "random_inputs": self.random_inputs,
+                "comparison": None if self.comparison is None else comparison_to_json(self.comparison)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"W_OV_heads": np.asarray(self.norms.W_OV_heads, dtype=np.float64)}
+
+    @classmethod
+    def from_saved(cls, doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> "WeightsResult":
+        from .fit import GrowthFit
+
+        if not isinstance(doc.get("weights"), Mapping):
+            raise NormgrowthError("saved weights result has no \"weights\" object (another layout): compute it "
+                                  "again with normgrowth weights.")
+        norms = WeightNorms.from_json(doc["weights"], arrays.get("W_OV_heads"))
+        comparison = doc.get("comparison")
+        if comparison is not None:
+            comparison = dict(comparison)
+            comparison["fit"] = {k: GrowthFit.from_json(v) for k, v in comparison.get("fit", {}).items()}
+        return cls(norms=norms, random_inputs=doc.get("random_inputs"), comparison=comparison)
+
+    def frame_rows(self) -> Iterator[dict[str, Any]]:
+        """Long-format rows. Site ``attn`` / ``mlp``: the per-layer weight-norm series (statistic = series name,
+        ``W_OV`` per head with a ``head`` column); site ``final_norm``: ``gain`` (layer None). Sites
+        ``attn_out`` / ``mlp_out``: ``random_input_norm`` and, with real data, ``real_norm`` and
+        ``real_to_random``; site ``mlp_pre``: ``random_act_rate`` / ``real_act_rate``."""
+        wn = self.norms
+        model = wn.model
+
+        def rows(site: str, stat: str, values: Any, **extra: Any) -> Iterator[dict[str, Any]]:
+            if values is None:
+                return
+            for layer, v in enumerate(values):
+                yield {"model": model, "site": site, "layer": layer, "statistic": stat,
+                       "value": float("nan") if v is None else float(v), **extra}
+
+        for (layer, head), v in np.ndenumerate(wn.W_OV_heads):
+            yield {"model": model, "site": "attn", "layer": int(layer), "statistic": "W_OV", "value": float(v),
+                   "head": int(head)}
+        yield from rows("attn", "W_OV_mean", wn.series("W_OV_mean"))
+        for key in LAYER_KEYS:
+            if any(v is not None for v in wn.layers[key]):
+                yield from rows(_SERIES_SITE[key], key, wn.layers[key])
+        yield {"model": model, "site": "final_norm", "layer": None, "statistic": "gain", "value": float(wn.gain_final)}
+        if self.random_inputs is not None:
+            r = self.random_inputs
+            yield from rows("attn_out", "random_input_norm", r["attn_out"])
+            yield from rows("mlp_out", "random_input_norm", r["mlp_out"])
+            yield from rows("mlp_pre", "random_act_rate", r["mlp_act_rate"])
+        if self.comparison is not None:
+            c = self.comparison
+            yield from rows("attn_out", "real_norm", c["real_attn_out"])
+            yield from rows("attn_out", "real_to_random", c["ratio_attn"])
+            yield from rows("mlp_out", "real_norm", c["real_mlp_out"])
+            yield from rows("mlp_out", "real_to_random", c["ratio_mlp"])
+            yield from rows("mlp_pre", "real_act_rate", c["real_act_rate"])
+
+    def summary(self) -> str:
+        wn = self.norms
+        lines = [f"weight norms of {wn.model} ({wn.n_layers} layers, {wn.normalization}"
+                 f"{', LN-free' if wn.ln_free else ''})"]
+        for name in ("W_OV_mean", "W_in", "W_out"):
+            f = wn.fit.get(name)
+            if f is not None:
+                lo, hi = f.ci95
+                lines.append(f"{name}: growth {f.growth_factor:.4g}/layer [95% CI {lo:.4g}, {hi:.4g}] over layers "
+                             f"{f.window[0]}..{f.window[1]}")
+        if self.comparison is not None:
+            ratios = [v for v in self.comparison["ratio_attn"] + self.comparison["ratio_mlp"]
+                      if v is not None and math.isfinite(v)]
+            if ratios:
+                lines.append(f"real / random-input output norms: {min(ratios):.3g} to {max(ratios):.3g}")
+        elif self.random_inputs is not None:
+            lines.append("random-input gains computed (no real data to compare with)")
+        return "\n".join(lines)
+
+
+_SERIES_SITE = {**{k: "attn" for k in ("W_Q", "W_K", "W_V", "W_O", "b_O", "gain_attn")},
+                **{k: "mlp" for k in ("W_in", "W_gate", "W_out", "b_in", "b_out", "gain_mlp")}}
+
+
+def analyse_weights(model: Any, results: Any = None, random_inputs: bool = True, n_seqs: int = 8, seq_len: int = 64,
+                    seed: int = 0, window: Any = None) -> WeightsResult:
+    """Everything ``normgrowth weights MODEL`` reports: :func:`weight_norms`, and with ``random_inputs``
+    :func:`random_input_gains` (``n_seqs`` x ``seq_len`` random tokens), compared with ``results`` (a
+    collected :class:`~normgrowth.results.Results` of the same model) when given. With ``results`` of an
+    LN-free model the random inputs get the real inputs' stds (:func:`input_std_from_results`)."""
+    out = WeightsResult(norms=weight_norms(model, window))
     if random_inputs:
         std = input_std_from_results(results, model) if (results is not None and model.ln_free) else None
-        gains = random_input_gains(model, n_seqs=n_seqs, seq_len=seq_len, seed=seed, input_std=std)
-        out["random_inputs"] = gains
+        out.random_inputs = random_input_gains(model, n_seqs=n_seqs, seq_len=seq_len, seed=seed, input_std=std)
         if results is not None:
-            comp = compare_gains(gains, results, window)
-            out["comparison"] = comparison_to_json(comp)
-            text += "\n\nrandom-input gains vs real (input std: " + gains["input_std_source"] + ")\n"
-            text += format_gain_table(comp)
+            out.comparison = compare_gains(out.random_inputs, results, window)
+    return out
+
+
+def format_weights(result: WeightsResult) -> str:
+    """The printable ``normgrowth weights`` report: weight table and fits, then the random-input gains."""
+    text = format_weight_table(result.norms)
+    if result.random_inputs is not None:
+        source = result.random_inputs["input_std_source"]
+        if result.comparison is not None:
+            text += "\n\nrandom-input gains vs real (input std: " + source + ")\n" + format_gain_table(result.comparison)
         else:
-            text += "\n\nrandom-input gains (input std: " + gains["input_std_source"] + ")\n"
-            text += format_gain_table(gains)
-    return out, text
+            text += "\n\nrandom-input gains (input std: " + source + ")\n" + format_gain_table(result.random_inputs)
+    return text

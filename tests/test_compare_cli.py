@@ -76,11 +76,24 @@ def test_weights_command_schema(tiny_dirs, token_file, tmp_path):
     result = invoke("weights", tiny_dirs["neox"], "--data", token_file, "--json", tmp_path / "w.json")
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "w.json").read_text())
-    assert len(doc["layers"]) == 3 and len(doc["layers"][0]["W_OV_heads"]) == 4
+    assert set(doc) == {"model", "ln_free", "normalization", "weights", "random_inputs", "comparison"}
+    assert doc["model"] == str(tiny_dirs["neox"]) and doc["ln_free"] is False and doc["normalization"] == "LN"
+    w = doc["weights"]
+    assert len(w["layers"]) == 3 and len(w["layers"][0]["W_OV_heads"]) == 4
     for key in ("W_in", "W_out", "W_Q", "gain_attn"):
-        assert key in doc["layers"][0]
-    assert "W_out" in doc["fit"] and set(doc["fit"]["W_out"]) >= {"growth_factor", "ci95", "window"}
+        assert key in w["layers"][0]
+    assert "W_out" in w["fit"] and set(w["fit"]["W_out"]) >= {"growth_factor", "ci95", "window"}
     assert doc["comparison"] is not None and doc["random_inputs"] is not None
+    assert len(doc["comparison"]["ratio_attn"]) == 3 and doc["random_inputs"]["n_seqs"] == 8
+
+
+def test_weights_command_without_data_has_no_comparison(tiny_dirs, tmp_path):
+    result = invoke("weights", tiny_dirs["gpt2"], "--random-seqs", "2", "--random-len", "8",
+                    "--json", tmp_path / "w.json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "w.json").read_text())
+    assert doc["comparison"] is None and doc["random_inputs"]["seq_len"] == 8
+    assert "random-input gains (input std" in result.output
 
 
 def test_deletion_command_schema(tiny_dirs, token_file, tmp_path):

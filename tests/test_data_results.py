@@ -211,11 +211,11 @@ def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path):
 def test_cli_out_of_memory_names_smaller_batch(tiny_dirs, token_file, tmp_path, monkeypatch):
     """An allocation failure during collection becomes one sentence naming a batch size to use."""
     import normgrowth.collect as collect_module
-    from normgrowth.cli import _collect_or_load
+    from normgrowth.pipeline import run_report
 
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(collect_module, "collect", oom)
     with pytest.raises(NormgrowthError, match=r"out of memory at batch size 6: rerun with --batch-size 3"):
-        _collect_or_load(str(tiny_dirs["neox"]), str(token_file), None, None, "6", "cpu", "float32", None)
+        run_report(str(tiny_dirs["neox"]), str(token_file), batch_size="6", device="cpu")

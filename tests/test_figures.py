@@ -61,11 +61,7 @@ def _write_model_results(ckpt: Path, root: Path, slug: str, batch) -> dict:
     except ImportError:
         W = None
     if W is not None:
-        std = W.input_std_from_results(res, model) if model.ln_free else None
-        gains = W.random_input_gains(model, n_seqs=2, seq_len=8, input_std=std)
-        doc = {**W.weight_norms(model).to_json(),
-               "random_gains": W.comparison_to_json(W.compare_gains(gains, res))}
-        atomic_write_json(out / "weights.json", doc)
+        atomic_write_json(out / "weights.json", W.analyse_weights(model, results=res, n_seqs=2, seq_len=8).to_json())
         made["weights"] = True
     try:
         from normgrowth.deletion import collect_deletion
@@ -170,24 +166,23 @@ def test_other_errors_raise(saved, tmp_path):
         script("fig_summary").main(bad, tmp_path / "o")
 
 
-def test_run_weights_layout_and_compare_json(saved, tmp_path):
-    """weights.json in the ``run_weights`` layout is read too; a compare.json names the pair and its Δg."""
+def test_weights_layout_and_compare_json(saved, tmp_path):
+    """weights.json (the WeightsResult layout) is read through its two parts; a compare.json names the pair
+    and its Δg."""
     if not saved["ln"]["weights"]:
         pytest.skip("normgrowth.weights not importable")
     from normgrowth.fit import growth_difference
 
     root = tmp_path / "r"
     shutil.copytree(saved["root"], root)
-    path = root / "models" / "gpt2-ln" / "weights.json"
-    flat = json.loads(path.read_text())
-    nested = {"weights": {k: v for k, v in flat.items() if k != "random_gains"}, "random_inputs": None,
-              "comparison": flat["random_gains"]}
-    assert common.weight_norms_doc(flat)["layers"] == common.weight_norms_doc(nested)["layers"] == flat["layers"]
-    assert common.gains_comparison_doc(flat) == common.gains_comparison_doc(nested) == flat["random_gains"]
-    assert common.gains_comparison_doc({"layers": []}) is None
-    path.write_text(json.dumps(nested))
+    doc = json.loads((root / "models" / "gpt2-ln" / "weights.json").read_text())
+    assert common.weight_norms_doc(doc) is doc["weights"] and len(doc["weights"]["layers"]) == 4
+    assert common.gains_comparison_doc(doc) is doc["comparison"] and "random_attn_out" in doc["comparison"]
+    assert common.weight_norms_doc({"layers": []}) is None  # a flat WeightNorms JSON is not the layout
+    assert common.gains_comparison_doc({"weights": doc["weights"], "comparison": None}) is None
     models = common.with_weights(common.discover(root))
     assert {m.slug for m in models if common.gains_comparison_doc(m.weights)} == {"gpt2-ln", "gpt2-free"}
+    assert {m.name for m in models} == {m.name for m in common.with_report(common.discover(root))}
     out = tmp_path / "f"
 
     # compare.json lists (no LN, LN): the figure keeps LN first and flips the difference's sign

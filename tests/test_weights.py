@@ -22,7 +22,7 @@ from normgrowth.fit import fit_growth
 from normgrowth.models import load_model
 from normgrowth.weights import (FIT_SERIES, LAYER_KEYS, compare_gains, comparison_to_json, effective_gain,
                                 folded_ov_norms, format_gain_table, format_weight_table, input_std_from_results,
-                                random_input_gains, run_weights, standardised_normal, weight_norms, _random_seed)
+                                random_input_gains, analyse_weights, format_weights, standardised_normal, weight_norms, _random_seed)
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K"
 LN_FREE_SIGMA = 3.0
@@ -242,8 +242,8 @@ def test_weight_norms_gpt2(gpt2, loaded):
     wn = weight_norms(loaded["gpt2"])
     doc = wn.to_json()
     json.dumps(doc)  # strict JSON
-    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free"}
-    assert doc["ln_free"] is False
+    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization"}
+    assert doc["ln_free"] is False and doc["normalization"] == "LN"
     _assert_matches(doc, *_ref_gpt2(gpt2[1], 3, 4))
     assert set(doc["fit"]) == set(FIT_SERIES) - {"W_gate"}
     assert doc["fit_skipped"] == {"W_gate": "not in this checkpoint"}
@@ -452,14 +452,15 @@ def test_compare_gains():
         compare_gains(rnd, _fake_results(3, [1.0] * 3, [1.0] * 3, [0.5] * 3))
 
 
-def test_input_std_from_results_and_run_weights(loaded):
+def test_input_std_from_results_and_analyse_weights(loaded):
     m = loaded["ln_free"]
     d = math.sqrt(m.d_model)
     res = _fake_results(3, [3.0] * 3, [2.0] * 3, [0.5] * 3, centered=([d, 2 * d, 3 * d], [4 * d, 5 * d, 6 * d]))
     std = input_std_from_results(res, m)
     np.testing.assert_allclose(std["attn"], [1, 2, 3])
     np.testing.assert_allclose(std["mlp"], [4, 5, 6])
-    out, text = run_weights(m, results=res, n_seqs=2, seq_len=16)
+    result = analyse_weights(m, results=res, n_seqs=2, seq_len=16)
+    out, text = result.to_json(), format_weights(result)
     json.dumps(out)
     assert out["random_inputs"]["input_std"] == {"attn": [1.0, 2.0, 3.0], "mlp": [4.0, 5.0, 6.0]}
     assert out["comparison"]["real_attn_out"] == [3.0] * 3

@@ -1,0 +1,481 @@
+"""Running the analyses: settings, the results cache and one function per command, for the CLI and notebooks.
+
+    from normgrowth.pipeline import run_report
+    run = run_report("path/to/checkpoint", data="builtin", out="results")
+    run.results.fit("resid_post"), run.results.to_frame(), run.document()
+
+Every ``run_*`` function loads the model only when it has to, reuses a result from ``out`` that was computed
+for the same model, data and number-changing settings (keys: :mod:`normgrowth.cache`), saves what it computes
+there, and returns a typed run object. Nothing is printed: what happens is reported to the optional
+``progress`` callback as :class:`Event` values (notes such as "reusing cached result ...", and the start,
+advance and end of each streaming pass).
+
+Cache entries under ``out`` (``<kind>-<model slug>-<key[:12]>``):
+
+* ``report``: the collected :class:`~normgrowth.results.Results` (``.json`` + ``.npz``); key settings
+  ``n_seqs``, ``seq_len``, ``dtype``, ``sites``;
+* ``weights``: a :class:`~normgrowth.weights.WeightsResult` (``.json`` + ``.npz``); key settings as for
+  ``report`` plus whether real data was compared, the random-input settings and the fit window;
+* ``deletion``: the deletion JSON (``DeletionResults.to_json()``); key settings ``n_seqs``, ``seq_len``,
+  ``dtype``, ``ablate``.
+
+An entry that cannot be read (torn write, other layout) is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from .errors import NormgrowthError
+
+if TYPE_CHECKING:
+    from .fit import GrowthFit
+    from .results import Results
+    from .weights import WeightsResult
+
+EVENT_KINDS = ("note", "start", "advance", "end")
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a run reports: ``note`` (one line of ``text``), or a streaming pass labelled ``text``:
+    ``start``, ``advance`` (``done`` of ``total`` sequences), ``end``."""
+
+    kind: str
+    text: str = ""
+    done: int = 0
+    total: Optional[int] = None
+
+
+ProgressCallback = Callable[[Event], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+def _positive_or_none(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NormgrowthError(f"{name} must be a positive integer or None, got {value!r}.")
+    return value
+
+
+def _batch_size_setting(value: Any) -> Optional[int]:
+    """A batch size as given (int, its string, or 'auto'/None) -> int, or None for auto."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    from .batching import resolve_batch_size  # raises the one-line --batch-size error
+
+    return resolve_batch_size(value, None, 1)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Settings shared by every command that runs a model over data.
+
+    ``batch_size`` None means 'auto' (sized from free memory); ``out`` None means no cache. Only ``n_seqs``,
+    ``seq_len``, ``dtype``, ``revision`` and ``data`` (with the model) key the cache: batch size, device and
+    device map do not change the numbers.
+    """
+
+    data: Optional[str] = "builtin"
+    n_seqs: Optional[int] = None
+    seq_len: Optional[int] = None
+    batch_size: Optional[int] = 8
+    device: Optional[str] = None
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    device_map: Optional[str] = None
+    out: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _positive_or_none("n_seqs", self.n_seqs)
+        _positive_or_none("seq_len", self.seq_len)
+        object.__setattr__(self, "batch_size", _batch_size_setting(self.batch_size))
+        if not isinstance(self.dtype, str) or not self.dtype:
+            raise NormgrowthError(f"dtype must be a name such as 'float32' or 'bfloat16', got {self.dtype!r}.")
+        for name in ("data", "device", "revision", "device_map", "out"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+            elif value is not None and not isinstance(value, str):
+                raise NormgrowthError(f"{name} must be a string or None, got {value!r}.")
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The settings part of a cache key shared by every kind."""
+        return {"n_seqs": self.n_seqs, "seq_len": self.seq_len, "dtype": self.dtype}
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of run_report / run_weights / run_deletion (``run_report(m, **s.as_kwargs())``)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "RunSettings":
+        unknown = sorted(set(doc) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise NormgrowthError(f"unknown run setting(s) {unknown}: use only "
+                                  f"{', '.join(f.name for f in dataclasses.fields(cls))}.")
+        return cls(**doc)
+
+
+# ----------------------------------------------------------------------------------------------
+# run objects
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ReportRun:
+    """``normgrowth report``: the collection, its growth fits, and where it came from."""
+
+    results: "Results"
+    fits: dict[str, "GrowthFit"]
+    window: Optional[str]
+    settings: RunSettings
+    cache_path: Optional[Path]  # base path of the cache entry (``.json`` / ``.npz``), None without ``out``
+    cached: bool  # True when the collection was read from the cache
+    model: Any = None  # the LoadedModel when this run loaded one
+    _document: Optional[dict] = field(default=None, repr=False)
+
+    def document(self) -> dict[str, Any]:
+        """The report JSON (:func:`normgrowth.report.report_document` with these fits)."""
+        if self._document is None:
+            from .report import report_document
+
+            self._document = report_document(self.results, self.window, self.fits)
+        return self._document
+
+    def text(self) -> str:
+        """Per-layer table, then the growth-fit table."""
+        from .fit import format_fit_table
+        from .results import format_report_table
+
+        text = format_report_table(self.results)
+        if self.fits:
+            text += ("\n\ngrowth fits (log-linear over the window; 95 % CI by bootstrap over sequences):\n"
+                     + format_fit_table(self.fits))
+        return text
+
+
+@dataclass
+class WeightsRun:
+    """``normgrowth weights``: the weights result (the weights.json document) and its collection, if any."""
+
+    result: "WeightsResult"
+    settings: RunSettings
+    cache_path: Optional[Path]
+    cached: bool
+    report: Optional[ReportRun] = None  # the collection compared with, when data was given and computed here
+
+    def document(self) -> dict[str, Any]:
+        return self.result.to_json()
+
+    def text(self) -> str:
+        from .weights import format_weights
+
+        return format_weights(self.result)
+
+
+@dataclass
+class DeletionRun:
+    """``normgrowth deletion``: the deletion JSON and its printable report."""
+
+    doc: dict[str, Any]
+    text: str
+    settings: RunSettings
+    cache_path: Optional[Path]
+    cached: bool
+
+    def document(self) -> dict[str, Any]:
+        return self.doc
+
+
+@dataclass
+class CompareRun:
+    """``normgrowth compare``: the comparison JSON of two models and its printable table."""
+
+    doc: dict[str, Any]
+    reports: tuple[ReportRun, ReportRun]
+    weights: tuple[Optional[dict], Optional[dict]]  # WeightNorms JSON of each side
+    deletions: tuple[Optional[dict], Optional[dict]]
+
+    def document(self) -> dict[str, Any]:
+        return self.doc
+
+    def text(self) -> str:
+        from .compare import format_comparison
+
+        return format_comparison(self.doc)
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing
+# ----------------------------------------------------------------------------------------------
+class _Emitter:
+    def __init__(self, progress: Optional[ProgressCallback]):
+        self.progress = progress
+
+    def note(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(Event("note", text))
+
+    def stream(self, label: str, fn: Callable[[Callable[[int, int], None]], Any]) -> Any:
+        """``fn(update)`` between ``start`` and ``end`` events; ``update(done, total)`` sends ``advance``."""
+        if self.progress is None:
+            return fn(None)
+        progress = self.progress
+        progress(Event("start", label))
+        try:
+            return fn(lambda done, total: progress(Event("advance", label, int(done), int(total))))
+        finally:
+            progress(Event("end", label))
+
+
+class _ModelHandle:
+    """Loads the model once, on first use."""
+
+    def __init__(self, spec: str, settings: RunSettings, loaded: Any = None):
+        self.spec, self.settings, self.loaded = spec, settings, loaded
+
+    def get(self) -> Any:
+        if self.loaded is None:
+            from .models import load_model
+
+            s = self.settings
+            self.loaded = load_model(self.spec, device=s.device, dtype=s.dtype, revision=s.revision,
+                                     device_map=s.device_map)
+        return self.loaded
+
+
+def _entry(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[Path]:
+    """Cache base path for this run, or None without ``out``."""
+    if settings.out is None:
+        return None
+    from .cache import cache_key, cache_path
+
+    key = cache_key(kind, spec, settings.revision, settings.data, {**settings.cache_settings(), **extra})
+    return cache_path(settings.out, kind, spec, key)
+
+
+def _load_cached(cls: Any, base: Optional[Path], emit: _Emitter) -> Any:
+    """``cls.load(base)`` when the entry exists and reads cleanly, else None."""
+    if base is None or not base.with_suffix(".json").is_file():
+        return None
+    try:
+        result = cls.load(base)
+    except Exception:  # a stale, torn or foreign entry is recomputed, never trusted
+        return None
+    emit.note(f"reusing cached result {base}.json")
+    return result
+
+
+def _batch_size(settings: RunSettings, model: Any, n_positions: int, emit: _Emitter,
+                extra_bytes_per_token: int = 0) -> int:
+    """The settings' batch size, or for auto (None) one sized from the free memory of the model's input device."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    from .batching import auto_batch_size
+
+    size = auto_batch_size(model, n_positions, extra_bytes_per_token=extra_bytes_per_token)
+    emit.note(f"batch size {size} (auto: from free memory)")
+    return size
+
+
+def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _ModelHandle
+                ) -> tuple["Results", Optional[Path], bool]:
+    """Collected norm Results: from the cache when an identical run is there, else collected (and cached)."""
+    from .collect import DEFAULT_SITES
+    from .results import Results
+
+    base = _entry("report", spec, settings, {"sites": list(DEFAULT_SITES)})
+    res = _load_cached(Results, base, emit)
+    if res is not None:
+        return res, base, True
+    from .batching import run_with_oom_guard
+    from .collect import collect
+    from .data import load_tokens
+
+    model = handle.get()
+    batch = load_tokens(settings.data, model, n_seqs=settings.n_seqs, seq_len=settings.seq_len)
+    size = _batch_size(settings, model, batch.tokens.shape[1], emit)
+    res = emit.stream("collecting norms", lambda update: run_with_oom_guard(
+        lambda: collect(model, batch, batch_size=size, seq_len=settings.seq_len, progress=update), size))
+    if base is not None:
+        res.save(base)
+        emit.note(f"saved {base}.json")
+    return res, base, False
+
+
+def _cached_json(base: Optional[Path], emit: _Emitter, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """A JSON document from the cache entry ``base`` when readable, else ``compute()`` (then cached and read
+    back, so that a computed document has the same JSON-safe form as a cached one)."""
+    from .storage import atomic_write_json
+
+    path = None if base is None else base.with_suffix(".json")
+    if path is not None and path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            emit.note(f"reusing cached result {path}")
+            return doc, True
+        except ValueError:  # unreadable entries are recomputed
+            pass
+    doc = compute()
+    if path is not None:
+        atomic_write_json(path, doc)
+        doc = json.loads(path.read_text())
+    return doc, False
+
+
+def _settings(data: Optional[str], n_seqs: Optional[int], seq_len: Optional[int], batch_size: Any,
+              device: Optional[str], dtype: str, out: Any, revision: Optional[str],
+              device_map: Optional[str]) -> RunSettings:
+    return RunSettings(data=data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
+                       dtype=dtype, revision=revision, device_map=device_map,
+                       out=None if out is None else str(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def _report(spec: str, settings: RunSettings, window: Optional[str], emit: _Emitter,
+            handle: Optional[_ModelHandle] = None) -> ReportRun:
+    handle = handle or _ModelHandle(spec, settings)
+    res, base, cached = _collection(spec, settings, emit, handle)
+    fits = {}
+    if res.meta.n_layers >= 2:  # a growth fit needs two layers
+        fits = {site: res.fit(site, window) for site, st in res.sites.items() if st is not None}
+    return ReportRun(results=res, fits=fits, window=window or None, settings=settings, cache_path=base,
+                     cached=cached, model=handle.loaded)
+
+
+def run_report(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
+               seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
+               dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+               device_map: Optional[str] = None, window: Optional[str] = None,
+               progress: Optional[ProgressCallback] = None) -> ReportRun:
+    """Collect (or reuse from ``out``) the norm statistics of ``model`` on ``data`` and fit every site.
+
+    Fits: :meth:`Results.fit` per site over ``window`` ("a:b"; None: the default window).
+    """
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    return _report(model, settings, window, _Emitter(progress))
+
+
+def _weights(spec: str, settings: RunSettings, *, with_data: bool, window: Optional[str], random_inputs: bool,
+             random_seqs: int, random_len: int, seed: int, emit: _Emitter,
+             handle: Optional[_ModelHandle] = None, report: Optional[ReportRun] = None) -> WeightsRun:
+    from .weights import WeightsResult, analyse_weights
+
+    handle = handle or _ModelHandle(spec, settings)
+    extra = {"with_data": with_data, "random_inputs": random_inputs, "random_seqs": random_seqs,
+             "random_len": random_len, "seed": seed, "window": window or None}
+    base = _entry("weights", spec, settings, extra)
+    result = _load_cached(WeightsResult, base, emit)
+    if result is not None:
+        return WeightsRun(result=result, settings=settings, cache_path=base, cached=True, report=report)
+    results = None
+    if with_data:
+        report = report or _report(spec, settings, None, emit, handle)
+        results = report.results
+    model = handle.get()
+    win = None
+    if window:
+        from .fit import parse_window
+
+        win = parse_window(window, model.n_layers)
+    result = analyse_weights(model, results=results, random_inputs=random_inputs, n_seqs=random_seqs,
+                             seq_len=random_len, seed=seed, window=win)
+    if base is not None:
+        result.save(base)
+        emit.note(f"saved {base}.json")
+    return WeightsRun(result=result, settings=settings, cache_path=base, cached=False, report=report)
+
+
+def run_weights(model: str, data: Optional[str] = None, *, n_seqs: Optional[int] = None,
+                seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
+                dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+                device_map: Optional[str] = None, window: Optional[str] = None, random_inputs: bool = True,
+                random_seqs: int = 8, random_len: int = 64, seed: int = 0,
+                progress: Optional[ProgressCallback] = None) -> WeightsRun:
+    """Weight norms of ``model`` with their growth fits over ``window``; with ``random_inputs``, output norms on
+    ``random_seqs`` x ``random_len`` random inputs, compared with the real ones when ``data`` is given (its
+    collection is reused from, or saved to, ``out`` like ``run_report``'s)."""
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    for name, value in (("random_seqs", random_seqs), ("random_len", random_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NormgrowthError(f"{name} must be a positive integer, got {value!r}.")
+    return _weights(model, settings, with_data=data is not None, window=window, random_inputs=random_inputs,
+                    random_seqs=random_seqs, random_len=random_len, seed=seed, emit=_Emitter(progress))
+
+
+def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Emitter,
+              handle: Optional[_ModelHandle] = None) -> DeletionRun:
+    handle = handle or _ModelHandle(spec, settings)
+    ablate = None if ablate in (None, "", "none") else ablate
+    text: list[str] = []
+
+    def compute() -> dict:
+        from .batching import run_with_oom_guard
+        from .data import load_tokens
+        from .deletion import collect_deletion, deletion_bytes_per_token, format_deletion_report, parse_ablate
+
+        model = handle.get()
+        batch = load_tokens(settings.data, model, n_seqs=settings.n_seqs, seq_len=settings.seq_len)
+        writes = parse_ablate(ablate, model) if ablate else None
+        size = _batch_size(settings, model, batch.tokens.shape[1], emit,
+                           extra_bytes_per_token=deletion_bytes_per_token(model))
+        res = emit.stream("deletion statistics", lambda update: run_with_oom_guard(
+            lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update), size))
+        text.append(format_deletion_report(res))
+        return res.to_json()
+
+    base = _entry("deletion", spec, settings, {"ablate": ablate})
+    doc, cached = _cached_json(base, emit, compute)
+    if not text:
+        from .deletion import format_deletion_json
+
+        text.append(format_deletion_json(doc))
+    return DeletionRun(doc=doc, text=text[0], settings=settings, cache_path=base, cached=cached)
+
+
+def run_deletion(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
+                 seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
+                 dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+                 device_map: Optional[str] = None, ablate: Optional[str] = "default",
+                 progress: Optional[ProgressCallback] = None) -> DeletionRun:
+    """Deletion-by-magnitude statistics of ``model`` on ``data``; ``ablate``: writes to mean-ablate
+    (``normgrowth.deletion.parse_ablate``), ``"none"`` or None for no ablation check."""
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    return _deletion(model, settings, ablate, _Emitter(progress))
+
+
+def run_compare(model_a: str, model_b: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
+                seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
+                dtype: str = "float32", out: Union[str, Path, None] = None, device_map: Optional[str] = None,
+                window: Optional[str] = None, with_deletion: bool = True,
+                progress: Optional[ProgressCallback] = None) -> CompareRun:
+    """Two models side by side (:func:`normgrowth.compare.compare_documents`): each side's report (fits over
+    ``window``), weight norms (default window; random inputs compared with the side's data) and, with
+    ``with_deletion``, deletion statistics without ablations - each reused from, or saved to, ``out``."""
+    from .compare import compare_documents
+
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map)
+    emit = _Emitter(progress)
+    reports, weights, deletions = [], [], []
+    for spec in (model_a, model_b):
+        handle = _ModelHandle(spec, settings)
+        rep = _report(spec, settings, window, emit, handle)
+        w = _weights(spec, settings, with_data=True, window=None, random_inputs=True, random_seqs=8, random_len=64,
+                     seed=0, emit=emit, handle=handle, report=rep)
+        d = _deletion(spec, settings, None, emit, handle).doc if with_deletion else None
+        reports.append(rep)
+        weights.append(w.result.norms.to_json())
+        deletions.append(d)
+    (ra, rb), (wa, wb), (da, db) = reports, weights, deletions
+    doc = compare_documents(ra.results, rb.results, ra.document(), rb.document(), wa, wb, da, db)
+    return CompareRun(doc=doc, reports=(ra, rb), weights=(wa, wb), deletions=(da, db))

@@ -1,0 +1,268 @@
+"""The pipeline layer (settings, cache, run_* functions) without the CLI, and the result protocol of Results and
+WeightsResult: frames against the saved JSON, Results.fit against the report and an independent fit, save/load."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import VOCAB, build_tiny
+from normgrowth.errors import NormgrowthError
+from normgrowth.pipeline import Event, RunSettings, run_deletion, run_report, run_weights
+
+CLI = Path(__file__).resolve().parents[1] / "normgrowth" / "cli.py"
+
+
+class Recorder:
+    """A progress callback that keeps every event."""
+
+    def __init__(self):
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def notes(self) -> list[str]:
+        return [e.text for e in self.events if e.kind == "note"]
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+@pytest.fixture(scope="module")
+def four_layer(tmp_path_factory) -> Path:
+    return build_tiny("gpt2", tmp_path_factory.mktemp("pipe") / "gpt2", seed=3, n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pipe_data") / "ids.npy"
+    np.save(path, np.random.RandomState(5).randint(1, VOCAB, size=(6, 12)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report_run(four_layer, tokens):
+    return run_report(str(four_layer), str(tokens), batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+def test_settings_validate_in_one_sentence_and_round_trip():
+    s = RunSettings(data="x.npy", n_seqs=4, batch_size="auto", out=Path("cache"))
+    assert s.batch_size is None and s.out == "cache"
+    assert RunSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert RunSettings(batch_size="3").batch_size == 3
+    for kwargs, message in (({"batch_size": "0"}, "--batch-size must be a positive integer or 'auto'"),
+                            ({"n_seqs": 0}, "n_seqs must be a positive integer"),
+                            ({"seq_len": 2.5}, "seq_len must be a positive integer"),
+                            ({"dtype": None}, "dtype must be a name")):
+        with pytest.raises(NormgrowthError, match=message) as err:
+            RunSettings(**kwargs)
+        assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+    with pytest.raises(NormgrowthError, match="unknown run setting"):
+        RunSettings.from_json({"n_seq": 3})
+
+
+# ----------------------------------------------------------------------------------------------
+# cache hits and misses through the pipeline
+# ----------------------------------------------------------------------------------------------
+def test_report_cache_hit_and_miss_by_settings(four_layer, tokens, tmp_path, capsys):
+    data = tmp_path / "ids.npy"
+    data.write_bytes(tokens.read_bytes())
+    out = tmp_path / "cache"
+    rec = Recorder()
+    first = run_report(str(four_layer), str(data), batch_size=4, out=out, progress=rec)
+    assert not first.cached and first.model is not None
+    assert rec.kinds()[0] == "start" and rec.kinds()[-2:] == ["end", "note"]
+    advances = [e for e in rec.events if e.kind == "advance"]
+    assert [(e.done, e.total) for e in advances] == [(4, 6), (6, 6)]
+    assert rec.notes() == [f"saved {first.cache_path}.json"]
+    printed = capsys.readouterr()  # the pipeline prints nothing itself (transformers may draw its loading bar)
+    assert printed.out == "" and "saved" not in printed.err and "collecting" not in printed.err
+
+    rec = Recorder()
+    again = run_report(str(four_layer), str(data), batch_size=2, out=out, progress=rec)  # batch size: no new key
+    assert again.cached and again.model is None and again.cache_path == first.cache_path
+    assert rec.notes() == [f"reusing cached result {first.cache_path}.json"] and rec.kinds() == ["note"]
+    for key, arr in first.results.arrays().items():
+        np.testing.assert_array_equal(again.results.arrays()[key], arr, err_msg=key)
+    assert again.document()["fit"] == json.loads(json.dumps(first.document()["fit"]))
+
+    fewer = run_report(str(four_layer), str(data), n_seqs=3, out=out)
+    assert not fewer.cached and fewer.cache_path != first.cache_path and fewer.results.meta.n_seqs == 3
+    np.save(data, np.random.RandomState(6).randint(1, VOCAB, size=(6, 12)))  # same path, new content
+    changed = run_report(str(four_layer), str(data), out=out)
+    assert not changed.cached and changed.cache_path not in (first.cache_path, fewer.cache_path)
+    assert len(list(out.glob("report-*.json"))) == len(list(out.glob("report-*.npz"))) == 3
+
+    # a torn entry (npz replaced after the JSON was written) is recomputed, not read
+    np.savez(Path(f"{first.cache_path}.npz"), junk=np.zeros(1))
+    np.save(data, np.load(tokens))
+    redo = run_report(str(four_layer), str(data), batch_size=4, out=out)
+    assert not redo.cached and redo.cache_path == first.cache_path
+    np.testing.assert_array_equal(redo.results.sites["resid_post"].mean, first.results.sites["resid_post"].mean)
+    assert run_report(str(four_layer), str(data), out=out).cached  # rewritten whole, so readable again
+
+
+def test_weights_and_deletion_cache(four_layer, tokens, tmp_path):
+    out = tmp_path / "cache"
+    kw = dict(batch_size=4, out=out, random_seqs=2, random_len=8)
+    first = run_weights(str(four_layer), str(tokens), **kw)
+    assert not first.cached and first.report is not None and not first.report.cached
+    assert first.result.comparison is not None
+    rec = Recorder()
+    again = run_weights(str(four_layer), str(tokens), progress=rec, **kw)
+    assert again.cached and again.report is None  # nothing collected or loaded on a hit
+    assert rec.notes() == [f"reusing cached result {first.cache_path}.json"]
+    assert again.document() == json.loads(json.dumps(first.document()))
+    assert again.text() == first.text()
+    other = run_weights(str(four_layer), str(tokens), **{**kw, "random_len": 9})
+    assert not other.cached and other.report.cached  # the collection is shared, the weights are not
+    no_data = run_weights(str(four_layer), None, **kw)
+    assert not no_data.cached and no_data.result.comparison is None and no_data.report is None
+
+    d1 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate="none")
+    d2 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate=None)
+    assert not d1.cached and d2.cached and d2.doc == d1.doc
+    assert not (d1.doc.get("ablation") or {}).get("writes") and d2.text  # a cached document prints from its JSON
+    d3 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate="0")
+    assert not d3.cached and d3.cache_path != d1.cache_path and d3.doc["ablation"]["writes"]
+
+
+def test_cli_holds_no_caching():
+    """cli.py only parses and prints: it imports nothing from the cache module and saves or loads no result."""
+    tree = ast.parse(CLI.read_text())
+    imported = {(node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert "cache" not in imported and not {"cache_key", "cache_path", "Results", "load_model", "collect"} & names
+    attrs = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not {"load", "save", "cache_key", "is_file"} & attrs
+    functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert not {"_collect_or_load", "_cached_json", "_deletion_doc"} & functions
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: fit, frame, save / load
+# ----------------------------------------------------------------------------------------------
+def test_results_fit_equals_report_and_an_independent_fit(report_run):
+    from normgrowth.report import report_document
+
+    res = report_run.results
+    for window in (None, "1:-1"):
+        doc = report_document(res, window)
+        for site, st in res.sites.items():
+            if st is None:
+                continue
+            fit = res.fit(site, window)
+            assert fit.to_json() == doc["fit"][site]
+            # the point estimate is the log-linear slope of the token mean curve over the window
+            a, b = fit.window
+            layers = np.arange(a, b + 1)
+            slope = np.polyfit(layers, np.log(np.asarray(st.mean, dtype=np.float64)[a:b + 1]), 1)[0]
+            assert fit.growth_factor == pytest.approx(np.exp(slope), rel=1e-5)
+    assert report_run.document()["fit"] == {s: f.to_json() for s, f in report_run.fits.items()}
+    with pytest.raises(NormgrowthError, match="no 'nope' statistics"):
+        res.fit("nope")
+
+
+def test_results_frame_matches_saved_json(report_run, tmp_path):
+    res = report_run.results
+    doc = json.loads(res.save(tmp_path / "r").read_text())
+    frame = res.to_frame()
+    assert list(frame.columns[:5]) == ["model", "site", "layer", "statistic", "value"]
+    assert set(frame["model"]) == {doc["model"]}
+
+    def column(site: str, stat: str) -> list:
+        rows = frame[(frame.site == site) & (frame.statistic == stat)].sort_values("layer")
+        assert rows["layer"].tolist() == list(range(len(rows)))
+        return rows["value"].tolist()
+
+    for site, stats in doc["sites"].items():
+        for stat in ("mean", "std", "centered_mean", "median", "bos_mean", "bos_centered_mean"):
+            assert column(site, stat) == pytest.approx(stats[stat], rel=1e-6)
+    assert column("embed", "mean") == pytest.approx(doc["embed"]["embed"]["mean"], rel=1e-6)
+    assert column("mlp_pre", "act_rate") == pytest.approx(doc["mlp_act_rate"], rel=1e-6)
+    heads = frame[(frame.site == "heads") & (frame.statistic == "mean")]
+    table = np.full((doc["n_layers"], len(doc["heads"]["mean"][0])), np.nan)
+    table[heads["layer"].astype(int), heads["head"].astype(int)] = heads["value"]
+    np.testing.assert_allclose(table, doc["heads"]["mean"], rtol=1e-6)
+    assert repr(res).startswith(f"<Results: {doc['model']}")
+
+
+def test_results_load_is_compatible_and_detects_torn_writes(report_run, tmp_path):
+    from normgrowth.results import Results
+
+    res = report_run.results
+    path = res.save(tmp_path / "r")
+    doc = json.loads(path.read_text())
+    assert doc["result_kind"] == "collection" and doc["arrays"]["file"] == "r.npz"
+    del doc["result_kind"]  # a file written before the result protocol
+    path.write_text(json.dumps(doc))
+    back = Results.load(tmp_path / "r")
+    assert back.to_json() == json.loads(json.dumps(res.to_json()))
+    assert back.to_frame().equals(res.to_frame())
+    np.savez(tmp_path / "r.npz", junk=np.zeros(1))
+    with pytest.raises(NormgrowthError, match="does not match its .npz"):
+        Results.load(path)
+    (tmp_path / "r.npz").unlink()
+    with pytest.raises(NormgrowthError, match="does not match its .npz"):
+        Results.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# WeightsResult
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weights_run(four_layer, tokens):
+    return run_weights(str(four_layer), str(tokens), batch_size=4, random_seqs=2, random_len=8)
+
+
+def test_weights_result_round_trip_and_torn_npz(weights_run, tmp_path):
+    from normgrowth.weights import WeightsResult
+
+    wr = weights_run.result
+    path = wr.save(tmp_path / "w")
+    back = WeightsResult.load(path)
+    assert back.to_json() == json.loads(json.dumps(wr.to_json()))
+    np.testing.assert_array_equal(back.norms.W_OV_heads, wr.norms.W_OV_heads)
+    assert back.comparison["fit"]["random_attn_out"].growth_factor == wr.comparison["fit"]["random_attn_out"].growth_factor
+    assert back.to_frame().equals(wr.to_frame())
+    np.savez(tmp_path / "w.npz", W_OV_heads=np.zeros((4, 4)))
+    with pytest.raises(NormgrowthError, match="does not match its .npz"):
+        WeightsResult.load(path)
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(wr.norms.to_json()))  # a bare WeightNorms JSON is not a weights result
+    with pytest.raises(NormgrowthError, match="no \"weights\" object"):
+        WeightsResult.load(flat)
+    with pytest.raises(NormgrowthError, match="holds a 'weights' result, not 'collection'"):
+        from normgrowth.results import Results
+
+        Results.load(path.with_name("w.json"))
+
+
+def test_weights_frame_matches_saved_json(weights_run, tmp_path):
+    wr = weights_run.result
+    doc = json.loads(wr.save(tmp_path / "w").read_text())
+    frame = wr.to_frame()
+
+    def column(site: str, stat: str) -> list:
+        rows = frame[(frame.site == site) & (frame.statistic == stat)].sort_values("layer")
+        return rows["value"].tolist()
+
+    layers = doc["weights"]["layers"]
+    for site, key in (("mlp", "W_out"), ("mlp", "W_in"), ("attn", "W_Q"), ("attn", "b_O"), ("attn", "gain_attn")):
+        assert column(site, key) == pytest.approx([row[key] for row in layers], rel=1e-12)
+    assert column("attn", "W_OV_mean") == pytest.approx([np.mean(row["W_OV_heads"]) for row in layers], rel=1e-12)
+    ov = frame[(frame.site == "attn") & (frame.statistic == "W_OV")]
+    assert len(ov) == sum(len(row["W_OV_heads"]) for row in layers)
+    assert column("attn_out", "random_input_norm") == pytest.approx(doc["random_inputs"]["attn_out"], rel=1e-12)
+    assert column("mlp_out", "real_to_random") == pytest.approx(doc["comparison"]["ratio_mlp"], rel=1e-12)
+    assert frame[frame.site == "final_norm"]["value"].tolist() == pytest.approx([doc["weights"]["gain_final"]])
+    assert "W_gate" not in set(frame.statistic)  # absent from GPT-2: no rows rather than NaN rows
+    assert wr.summary().startswith(f"weight norms of {doc['model']}")
