@@ -38,10 +38,11 @@ WEIGHTS := $(addsuffix /weights.json,$(MODEL_DIRS))
 DELETIONS := $(addsuffix /deletion.json,$(MODEL_DIRS))
 ZOO_DEP := $(if $(filter $(ZOO)/%,$(MODELS) $(COMPARE)),$(ZOO)/zoo.json,)
 
-.PHONY: setup test figures results bench zoo clean help
+.PHONY: setup test test-slow figures results bench zoo clean help
 
 help:
-	@echo "make test      set up .venv and run the test suite (offline)"
+	@echo "make test      set up .venv and run the test suite (offline; tests marked slow are left out)"
+	@echo "make test-slow the tests marked slow (the benchmark's full quick sweep, minutes)"
 	@echo "make figures   set up, build the offline model pair, collect results, draw figures/"
 	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models (needs the hub)"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
@@ -58,6 +59,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(if $(QUICK),--quick,--rounds 3)

@@ -504,7 +504,7 @@ def add_ratios(group: dict[str, Any]) -> None:
 
 
 def check_targets(groups: list[dict[str, Any]], scaling: list[dict[str, Any]], long_len: int) -> list[dict[str, Any]]:
-    """The issue's targets, evaluated on the ratios of this run."""
+    """The performance targets (README.md here), evaluated on the ratios of this run."""
     out = []
 
     def add(name, value, limit, ok, where):

@@ -1,13 +1,22 @@
-"""GPU correctness check: CUDA results against CPU results, half precision, LN-free parity on the GPU.
+"""GPU check in one command: CUDA results against CPU results, half precision, LN-free parity on the
+GPU, then the benchmark on the GPU.
 
-Run on a machine with a CUDA GPU: ``python benchmarks/gpu_check.py --out DIR``. Writes ``DIR/gpu_check.json``
-and exits non-zero when a check fails. Random-init checkpoints are built in a temporary directory.
+Run from the repository root on a machine with a CUDA GPU and the project installed
+(``pip install -e .`` with a CUDA build of torch):
+
+    python benchmarks/gpu_check.py --out DIR [--no-bench]
+
+Writes ``DIR/gpu_check.json`` (and, unless ``--no-bench``, the benchmark's JSON and its printed table
+``DIR/bench.txt``) and exits non-zero when a check fails. Random-init checkpoints of GPT-2-small and
+Pythia shapes are built in a temporary directory; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,13 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normgrowth.collect import collect  # noqa: E402
+from normgrowth import collect, load_model  # noqa: E402
 from normgrowth.data import TokenBatch  # noqa: E402
 from normgrowth.deletion import collect_deletion  # noqa: E402
-from normgrowth.models import load_model  # noqa: E402
+from normgrowth.storage import atomic_write_json  # noqa: E402
+
+BENCH_ARGS = ["--models", "gpt2-small,pythia-410m", "--seq-lens", "128,1024", "--batch-size", "8", "--reps", "3",
+              "--scaling-n-seqs", "8"]
 
 
 def build(kind: str, path: Path, ln_free: bool = False) -> Path:
+    """Random-init GPT-2-small or Pythia-160m-shaped checkpoint; LN-free storage (eps 1e12, gains
+    x 1e6 / 2) when ``ln_free``."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
     torch.manual_seed(0)
@@ -49,23 +63,35 @@ def build(kind: str, path: Path, ln_free: bool = False) -> Path:
 
 
 def rel(a, b) -> float:
+    """max |a - b| / max(|b|, 1e-12), elementwise."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path("."))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu-check"))
     parser.add_argument("--device", default="cuda", help="cuda (the check); cpu only to dry-run this script")
+    parser.add_argument("--no-bench", action="store_true", help="only the correctness checks")
+    parser.add_argument("--bench-timeout", type=float, default=1800, help="seconds for the benchmark")
     args = parser.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check")
         return 1
+    tmp = Path(tempfile.mkdtemp(prefix="normgrowth-gpu-check-"))
+    try:
+        return run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    """The checks, then the benchmark; 0 when every check passed (and the benchmark ran)."""
+    dev = args.device
     checks: dict[str, dict] = {"device": {"name": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
                                           "torch": torch.__version__}}
     ok = True
-    tmp = Path(tempfile.mkdtemp())
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50000, (16, 256), generator=gen)
     mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -105,9 +131,23 @@ def main() -> int:
     passed = model.ln_free and diff <= 1e-3
     checks["ln_free_logits_cuda"] = {"ln_free": model.ln_free, "max_abs_logit_diff": diff, "passed": passed}
     ok &= passed
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(checks, indent=1))
-    print(json.dumps(checks, indent=1))
+    atomic_write_json(args.out / "gpu_check.json", checks)
+    print(json.dumps(checks, indent=1), flush=True)
+    if not args.no_bench:
+        bench = Path(__file__).resolve().parent / "bench.py"
+        cmd = [sys.executable, str(bench), "--device", dev, "--out", str(args.out),
+               "--cache-dir", str(tmp / "bench-models"), *BENCH_ARGS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            text, _ = proc.communicate(timeout=args.bench_timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # bench.py writes what it has measured when it gets SIGTERM
+            text, _ = proc.communicate()
+            text += f"\nbenchmark stopped after {args.bench_timeout:.0f} s"
+        code = proc.returncode
+        (args.out / "bench.txt").write_text(text)
+        print(text[-4000:])
+        ok &= code == 0
     return 0 if ok else 1
 
 

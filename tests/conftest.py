@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny random-init checkpoints of every supported family, built once per session."""
+"""Shared fixtures: the one table of tiny test models (TINY_CONFIGS) and checkpoints built from it once
+per session."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -15,51 +17,116 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 100
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K"
-FAMILIES = ("gpt2", "neox", "llama", "opt", "neo")
+LN_FREE_EPS = 1e12  # published LN-free storage: eps 1e12 and every norm gain stored as g * 1e6 / sigma
+LN_FREE_SCALE = 1e6
 LN_FREE_SIGMA = 3.0
 
-
-def tiny_config(family: str, n_layers: int = 3):
-    from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, LlamaConfig, OPTConfig
-
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    if family == "gpt2":
-        return GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, n_positions=64, **common)
-    if family == "neox":
-        return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                             max_position_embeddings=64, **common)
-    if family == "llama":
-        return LlamaConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=64, max_position_embeddings=64, **common)
-    if family == "opt":
-        return OPTConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, ffn_dim=64,
-                         max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, **common)
-    if family == "neo":
-        return GPTNeoConfig(num_layers=n_layers, hidden_size=32, num_heads=4, max_position_embeddings=64,
-                            attention_types=[[["global", "local"], n_layers // 2]] + [[["global"], n_layers % 2]],
-                            window_size=8, **common)
-    raise KeyError(family)
+# The one table of tiny test models: family -> (transformers config class, the config's field for the
+# number of layers, the tiny shape). Every test builds its small random model from a row of this table
+# (tiny_config / make_tiny / build_tiny), with overrides where a test needs another shape.
+TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "gpt2": ("GPT2Config", "n_layer", dict(n_embd=32, n_head=4, n_positions=64)),
+    "neox": ("GPTNeoXConfig", "num_hidden_layers",
+             dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)),
+    "llama": ("LlamaConfig", "num_hidden_layers",
+              dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                   max_position_embeddings=64)),
+    "opt": ("OPTConfig", "num_hidden_layers",
+            dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64,
+                 word_embed_proj_dim=32, pad_token_id=1)),
+    "neo": ("GPTNeoConfig", "num_layers", dict(hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=8)),
+}
+FAMILIES = tuple(TINY_CONFIGS)
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 overrides for training tests
 
 
-def build_tiny(family: str, path: Path, seed: int = 0, n_layers: int = 3, ln_free: bool = False) -> Path:
-    """Save a random-init checkpoint with non-trivial norm gains/biases (so folding and P are exercised)."""
+def tiny_config(family: str, n_layers: int = 3, **overrides):
+    """The family's row of TINY_CONFIGS with ``n_layers`` layers, vocabulary VOCAB and BOS = EOS = 0;
+    ``overrides`` are passed to the config class last (e.g. ``n_embd=16, vocab_size=50``)."""
+    import transformers
+
+    cls_name, layers_field, shape = TINY_CONFIGS[family]
+    kwargs = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **shape)
+    kwargs[layers_field] = n_layers
+    if family == "neo":  # alternate global / local attention, as GPT-Neo does
+        kwargs["attention_types"] = [[["global", "local"], n_layers // 2]] + [[["global"], n_layers % 2]]
+    kwargs.update(overrides)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def _norm_modules(model: torch.nn.Module):
+    return [(name, m) for name, m in model.named_modules()
+            if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None]
+
+
+def randomise_norms(model: torch.nn.Module) -> None:
+    """Norm gains ``1 + 0.3 N(0, 1)`` and biases ``0.1 N(0, 1)`` from torch's global generator, so that
+    folding gains into weights is exercised (random-init checkpoints have gains 1 and biases 0)."""
+    with torch.no_grad():
+        for _, module in _norm_modules(model):
+            module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+
+
+def randomise_biases(model: torch.nn.Module, seed: int) -> None:
+    """Every bias ``0.1 N(0, 1)`` from a generator seeded with ``seed`` (a forgotten bias then shows)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def randomise_all(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random from a generator seeded with ``seed``: norm gains uniform in [0.5, 1.5],
+    everything else ``0.1 N(0, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    norm_gains = {f"{name}.weight" for name, _ in _norm_modules(model)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in norm_gains:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def scale_to_ln_free(model: torch.nn.Module, sigma: float) -> dict[str, torch.Tensor]:
+    """Store every norm gain as ``g * 1e6 / sigma`` (the published LN-free format; the config must have
+    ``layer_norm_epsilon = 1e12``). Returns the gains before scaling, ``{"<module>.weight": float64}``."""
+    originals = {}
+    with torch.no_grad():
+        for name, module in _norm_modules(model):
+            originals[f"{name}.weight"] = module.weight.detach().clone().to(torch.float64)
+            module.weight.mul_(LN_FREE_SCALE / sigma)
+    return originals
+
+
+def make_tiny(family: str, seed: int = 0, n_layers: int = 3, init: Optional[Callable] = randomise_norms,
+              ln_free_sigma: Optional[float] = None, **overrides):
+    """A random-init HF causal LM of the family's tiny shape: ``torch.manual_seed(seed)``, then
+    ``init(model)`` (None: HF's own init), then, with ``ln_free_sigma``, the LN-free storage format
+    (eps 1e12, gains ``g * 1e6 / sigma``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family, n_layers)
-    if ln_free:
-        cfg.layer_norm_epsilon = 1e12
+    cfg = tiny_config(family, n_layers, **overrides)
+    if ln_free_sigma is not None:
+        cfg.layer_norm_epsilon = LN_FREE_EPS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if "norm" in type(module).__name__.lower() and hasattr(module, "weight"):
-                module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
-                if ln_free:  # published LN-free storage: weights x 1e6 / sigma_avg
-                    module.weight.mul_(1e6 / LN_FREE_SIGMA)
+    if init is not None:
+        init(model)
+    if ln_free_sigma is not None:
+        scale_to_ln_free(model, ln_free_sigma)
+    return model
+
+
+def build_tiny(family: str, path: Path, seed: int = 0, n_layers: int = 3, ln_free: bool = False, **kwargs) -> Path:
+    """Save :func:`make_tiny` (norm gains and biases randomised; LN-free format with sigma 3 when
+    ``ln_free``) to ``path``."""
+    model = make_tiny(family, seed, n_layers, ln_free_sigma=LN_FREE_SIGMA if ln_free else None, **kwargs)
     model.save_pretrained(path)
     return path
 

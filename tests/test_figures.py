@@ -1,5 +1,6 @@
 """Figure scripts (analyses/*.py): every figure is drawn from saved results of tiny checkpoints, inputs that
-are absent make a script skip, anything else raises; the shared helpers against planted numbers."""
+are absent make a script skip, anything else raises; the shared functions of analyses/common.py against
+planted numbers and independent computations."""
 
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def _token_batch(n_seqs: int = 6, seq_len: int = 12):
 
 
 def _write_model_results(ckpt: Path, root: Path, slug: str, batch) -> dict:
-    from normgrowth.collect import collect
+    from normgrowth import collect
     from normgrowth.models import load_model
     from normgrowth.report import report_document
-    from normgrowth.results import atomic_write_json
+    from normgrowth.storage import atomic_write_json
 
     model = load_model(str(ckpt))
     res = collect(model, batch)
@@ -207,7 +208,7 @@ def test_weights_layout_and_compare_json(saved, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# shared helpers against planted numbers
+# shared functions against planted numbers and independent computations
 # ----------------------------------------------------------------------------------------------
 def test_fit_line_is_the_least_squares_anchor():
     layers = np.arange(8)
@@ -223,7 +224,7 @@ def test_fit_line_is_the_least_squares_anchor():
 
 
 def test_names_rates_and_json_values():
-    assert common.display_name("/tmp/ckpt/gpt2", ln_free=True) == "gpt2 (no LN)"
+    assert common.display_name("/data/ckpt/gpt2", ln_free=True) == "gpt2 (no LN)"
     assert common.display_name("apollo-research/gpt2_noLN", ln_free=True) == "gpt2_noLN"
     assert common.display_name("/x/zoo/ln/", ln_free=False) == "ln"
     assert common.rate_text({"growth_factor": 1.045, "ci95": [1.04, 1.05]}) == "+4.5 %/layer [+4.0, +5.0]"
@@ -243,13 +244,18 @@ def test_discover_orders_ln_first_and_keeps_colours(saved):
 
 
 def test_approx_difference_from_two_cis():
-    """Each CI normal on the log scale: se = (log hi - log lo) / (2 z); delta-method se of g_a - g_b."""
+    """Two growth factors whose CIs are normal on the log scale: the CI of g_a - g_b matches the 2.5 /
+    97.5 % quantiles of a Monte Carlo draw of the difference (to the delta method's accuracy)."""
     fc = script("fig_compare")
-    z = 1.959963984540054
-    fa = {"growth_factor": 1.05, "ci95": [1.05 * math.exp(-z * 0.01), 1.05 * math.exp(z * 0.01)]}
-    fb = {"growth_factor": 1.0, "ci95": [math.exp(-z * 0.02), math.exp(z * 0.02)]}
+    z = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
+    sd_a, sd_b = 0.01, 0.02
+    fa = {"growth_factor": 1.05, "ci95": [1.05 * math.exp(-z * sd_a), 1.05 * math.exp(z * sd_a)]}
+    fb = {"growth_factor": 1.0, "ci95": [math.exp(-z * sd_b), math.exp(z * sd_b)]}
     d = fc.approx_difference(fa, fb)
-    se = math.hypot(1.05 * 0.01, 1.0 * 0.02)
+    rng = np.random.default_rng(0)
+    draws = 1.05 * np.exp(rng.normal(0, sd_a, 400_000)) - np.exp(rng.normal(0, sd_b, 400_000))
     assert d["difference"] == pytest.approx(0.05)
-    assert d["difference_ci95"] == pytest.approx([0.05 - z * se, 0.05 + z * se])
+    assert d["difference_ci95"] == pytest.approx(np.quantile(draws, [0.025, 0.975]).tolist(), abs=1.5e-3)
     assert d["significant"] is True
+    same = fc.approx_difference(fa, {**fa})
+    assert same["difference"] == 0.0 and same["significant"] is False

@@ -1,7 +1,7 @@
 """The offline model pair: corpus, tokenizer, LN removal, LN-free storage format, cache.
 
-One tiny pair (ZooSettings.tiny(), a couple of seconds) is built per module and checked against
-plain Hugging Face and against normgrowth.models.load_model.
+One tiny pair (ZooSettings.tiny(), a few seconds) is built per module and checked against plain
+Hugging Face, torch's own LayerNorm, numpy and normgrowth.models.load_model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import NO_DROPOUT, make_tiny
 from normgrowth import zoo
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import load_model
@@ -50,25 +51,30 @@ def _tokens(tokenizer, text=TEXT):
 
 
 def _tiny_gpt2(seed=0, n_layer=2):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+    """A random-init GPT-2 of the shared tiny shape, without dropout (HF's own init)."""
+    return make_tiny("gpt2", seed=seed, n_layers=n_layer, init=None, **NO_DROPOUT).eval()
 
 
 # ----- pure pieces ------------------------------------------------------------------------------
-def test_frozen_layernorm_formula_matches_numpy():
-    ln = nn.LayerNorm(6)
+def test_frozen_layernorm_equals_torch_layernorm_at_its_sigma_and_is_affine():
+    """Where a token's std is exactly sigma_avg, torch's own LayerNorm (eps 0) gives the same output;
+    elsewhere the map is affine in the centred input (scales with it, ignores a constant shift)."""
+    ln = nn.LayerNorm(6, eps=0.0)
     with torch.no_grad():
         ln.weight.copy_(torch.linspace(0.5, 2.0, 6))
         ln.bias.copy_(torch.linspace(-1.0, 1.0, 6))
-    frozen = FrozenLayerNorm(ln, sigma_avg=2.5)
-    x = torch.randn(3, 4, 6)
-    xn = x.numpy().astype(np.float64)
-    expected = (xn - xn.mean(-1, keepdims=True)) / 2.5 * ln.weight.detach().numpy() + ln.bias.detach().numpy()
-    np.testing.assert_allclose(frozen(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    sigma = 2.5
+    frozen = FrozenLayerNorm(ln, sigma_avg=sigma).double()
+    reference = copy.deepcopy(ln).double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    centred = x - x.mean(-1, keepdim=True)
+    at_sigma = 7.0 + centred * sigma / centred.std(-1, unbiased=False, keepdim=True)  # every token std = sigma
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(at_sigma), reference(at_sigma), rtol=1e-12, atol=1e-12)
+        b = ln.bias.double()
+        torch.testing.assert_close(frozen(3.0 * centred) - b, 3.0 * (frozen(centred) - b), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(frozen(x + 4.0), frozen(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(reference(3.0 * centred) - b, 3.0 * (reference(centred) - b))  # LN is not
     assert frozen.weight is ln.weight and frozen.bias is ln.bias  # the optimiser keeps training them
 
 
@@ -76,6 +82,19 @@ def test_growth_per_layer_recovers_planted_factor():
     norms = 3.0 * 1.05 ** torch.arange(10, dtype=torch.float32)
     assert growth_per_layer(norms) == pytest.approx(1.05, rel=1e-6)
     assert growth_per_layer(torch.full((5,), 2.0)) == pytest.approx(1.0)
+    noisy = 3.0 * 1.05 ** np.arange(10) * np.exp(np.random.RandomState(0).normal(0, 0.1, 10))
+    slope = np.polyfit(np.arange(10), np.log(noisy), 1)[0]  # numpy's least squares on log norms
+    assert growth_per_layer(torch.tensor(noisy)) == pytest.approx(np.exp(slope), rel=1e-10)
+
+
+def test_learning_rate_schedule_at_known_points():
+    """Linear warm-up to the peak, then cosine from the peak to a tenth of it, flat afterwards."""
+    peak, warmup, total = 2.0, 4, 24
+    assert [zoo.cosine_lr(s, total, peak, warmup) for s in range(warmup)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert zoo.cosine_lr(warmup, total, peak, warmup) == pytest.approx(peak)
+    assert zoo.cosine_lr(warmup + 10, total, peak, warmup) == pytest.approx(peak * 0.55)  # half-way: mean
+    assert zoo.cosine_lr(total, total, peak, warmup) == pytest.approx(peak * 0.1)
+    assert zoo.cosine_lr(total + 50, total, peak, warmup) == pytest.approx(peak * 0.1)
 
 
 def test_pack_sequences_starts_every_row_with_bos():
@@ -134,14 +153,15 @@ def test_measure_sigma_avg_matches_hidden_states():
     model = _tiny_gpt2()
     batch = torch.randint(0, 50, (3, 10))
     # h.0.ln_1 reads the embedding output, HF's hidden_states[0]
-    emb = model(batch, output_hidden_states=True).hidden_states[0].detach().double()
-    expected = torch.sqrt(emb.var(-1, unbiased=False) + model.config.layer_norm_epsilon).mean()
+    with torch.no_grad():
+        emb = model(batch, output_hidden_states=True).hidden_states[0].numpy().astype(np.float64)
+    expected = np.mean(np.sqrt(np.var(emb, axis=-1) + model.config.layer_norm_epsilon))
     assert measure_sigma_avg(model, "h.0.ln_1", [batch]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_remove_layernorm_freezes_every_site_and_storage_matches():
     model = _tiny_gpt2(n_layer=3)
-    data = torch.randint(1, 50, (32, 16))
+    data = torch.randint(1, 50, (32, 16), generator=torch.Generator().manual_seed(0))
     data[:, 0] = 0
     settings = dataclasses.replace(TINY, n_layer=3, ln_removal_steps_per_site=1, recovery_steps=1,
                                    ln_removal_lr=1e-3, batch_size=4)
@@ -152,10 +172,14 @@ def test_remove_layernorm_freezes_every_site_and_storage_matches():
     assert sum(isinstance(m, FrozenLayerNorm) for m in model.modules()) == 7
     stored = to_ln_free_storage(model)
     assert stored.config.layer_norm_epsilon == 1e12
+    x = 3.0 * torch.randn(5, model.config.n_embd, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for site, sigma in sigmas.items():
-            torch.testing.assert_close(stored.transformer.get_submodule(site).weight,
-                                       model.transformer.get_submodule(site).weight * 1e6 / sigma)
+            # torch's LayerNorm with the stored gain and eps computes the frozen site's map
+            stored_ln = copy.deepcopy(stored.transformer.get_submodule(site)).double()
+            frozen = copy.deepcopy(model.transformer.get_submodule(site)).double()
+            assert isinstance(stored_ln, nn.LayerNorm) and frozen.sigma_avg == pytest.approx(sigma)
+            torch.testing.assert_close(stored_ln(x), frozen(x), rtol=1e-6, atol=1e-8)
         diff = (stored(data).logits - model(data).logits).abs().max()
     assert float(diff) <= 1e-4
     with pytest.raises(NormgrowthError):
@@ -292,7 +316,7 @@ def test_interrupted_or_corrupt_build_never_looks_valid(pair, tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo, "remove_layernorm", boom)
+    monkeypatch.setattr(zoo.build, "remove_layernorm", boom)
     changed = dataclasses.replace(TINY, seed=2)
     with pytest.raises(KeyboardInterrupt):
         build_pair(tmp_path, changed, progress=None)

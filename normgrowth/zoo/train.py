@@ -1,0 +1,126 @@
+"""Training and evaluation of the zoo's GPT-2 models on CPU: config, AdamW, schedule, losses, norms.
+
+Deterministic for fixed settings: ``torch.manual_seed`` before the model is built and a seeded data
+order (:func:`normgrowth.zoo.corpus.batch_stream`). Schedules and formulas: docs/zoo.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..numerics import loglinear_slope
+from .settings import ZooSettings
+
+Progress = Callable[[str], Any]
+
+
+def make_config(settings: ZooSettings, bos_id: int, vocab_size: int) -> Any:
+    """``GPT2Config`` of the settings' shape, dropout 0, BOS = EOS = pad = ``bos_id``."""
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=settings.n_layer, n_embd=settings.d_model, n_head=settings.n_head,
+                      n_positions=settings.n_ctx, vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, bos_token_id=bos_id, eos_token_id=bos_id, pad_token_id=bos_id,
+                      architectures=["GPT2LMHeadModel"])
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95, eps 1e-8); weight decay on 2-D weight matrices only, not on the token
+    and position embeddings, biases or LayerNorm gains."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() == 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Learning rate at ``step`` (0-based): ``peak (step + 1) / warmup`` during warm-up, then
+    ``peak (0.1 + 0.45 (1 + cos(pi f)))`` with ``f = (step - warmup) / (total - warmup)`` capped at 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[torch.Tensor], n_steps: int,
+                lr_at: Callable[[int], float], progress: Optional[Progress] = None, label: str = "",
+                report_every: int = 0) -> float:
+    """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
+    ``lr_at(step)``); return the mean loss of the last 10 steps (NaN when ``n_steps`` is 0)."""
+    model.train()
+    recent: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(n_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = next(batches)
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        recent = (recent + [loss.item()])[-10:]
+        if progress is not None and report_every and ((step + 1) % report_every == 0 or step + 1 == n_steps):
+            per_step = (time.perf_counter() - t0) / (step + 1)
+            progress(f"zoo: {label} step {step + 1}/{n_steps} loss {sum(recent) / len(recent):.3f} "
+                     f"({per_step:.2f} s/step)")
+    model.eval()
+    return sum(recent) / len(recent) if recent else float("nan")
+
+
+def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted position of ``data`` [n, n_ctx]."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start:start + batch_size]
+            logits = model(batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                    batch[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll)
+            count += batch[:, 1:].numel()
+    return total / count
+
+
+def resid_post_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Mean L2 norm of each block's output (resid_post) over all non-position-0 tokens, float32 [n_layer].
+
+    Read with forward hooks on ``transformer.h[i]`` (HF's ``hidden_states[-1]`` is after ``ln_f``);
+    sums accumulate in float64."""
+    blocks = model.transformer.h
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    count = 0
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(module: nn.Module, args: tuple, output: Any, i: int = i) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            sums[i] += float(hidden[:, 1:].float().norm(dim=-1).sum(dtype=torch.float64))
+        handles.append(block.register_forward_hook(hook))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, data.shape[0], batch_size):
+                batch = data[start:start + batch_size]
+                model(batch)
+                count += batch[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / count).float()
+
+
+def growth_per_layer(norms: Any) -> float:
+    """Geometric growth per layer: ``exp(slope)`` of the least-squares line ``log norm_l = a + slope * l``
+    over layers ``l = 0 .. L-1`` (:func:`normgrowth.numerics.loglinear_slope`, unweighted)."""
+    y = np.asarray(norms.detach().cpu() if isinstance(norms, torch.Tensor) else norms, dtype=np.float64)
+    return math.exp(loglinear_slope(np.arange(y.size), y))
