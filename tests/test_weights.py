@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import LN_FREE_EPS, LN_FREE_SIGMA, STORIES, make_tiny, randomise_all, scale_to_ln_free
 from normgrowth.errors import NormgrowthError
 from normgrowth.fit import fit_growth
 from normgrowth.models import load_model
@@ -24,86 +24,49 @@ from normgrowth.weights import (FIT_SERIES, LAYER_KEYS, compare_gains, compariso
                                 folded_ov_norms, format_gain_table, format_weight_table, input_std_from_results,
                                 random_input_gains, analyse_weights, format_weights, standardised_normal, weight_norms, _random_seed)
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K"
-LN_FREE_SIGMA = 3.0
 PLANTED_G = 1.3
 PLANTED_LAYERS = 6
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random: norm gains in [0.5, 1.5] (non-trivial folding), the rest N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = any(k in name for k in ("ln_", "layernorm", "layer_norm", ".norm."))
-            if is_norm and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+def _build(tmp_path_factory, name: str, family: str, seed: int = 0, edit=None, **kw) -> tuple[str, dict]:
+    """A tiny checkpoint of the conftest table, every parameter random, then ``edit(model)``."""
 
-
-def _build(tmp_path_factory, name: str, cfg, seed: int = 0, edit=None) -> tuple[str, dict]:
-    from transformers import AutoModelForCausalLM
+    def init(model):
+        randomise_all(model, seed)
+        if edit is not None:
+            edit(model)
 
     d = tmp_path_factory.mktemp(name)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_config(cfg)
-        _randomise(hf, seed)
-        if edit is not None:
-            edit(hf)
-        hf.save_pretrained(d)
+    hf = make_tiny(family, seed=seed, init=init, **kw)
+    hf.save_pretrained(d)
     sd = {k: v.detach().clone().to(torch.float64) for k, v in hf.state_dict().items()}
     return str(d), sd
 
 
-def _gpt2_cfg(**kw):
-    from transformers import GPT2Config
-
-    base = dict(n_layer=3, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
-    base.update(kw)
-    return GPT2Config(**base)
-
-
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    return _build(tmp_path_factory, "gpt2", _gpt2_cfg())
+    return _build(tmp_path_factory, "gpt2", "gpt2")
 
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory):
-    from transformers import GPTNeoXConfig
-
-    cfg = GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=100, max_position_embeddings=64)
-    assert cfg.use_parallel_residual
-    return _build(tmp_path_factory, "neox", cfg, seed=1)
+    return _build(tmp_path_factory, "neox", "neox", seed=1)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=100, max_position_embeddings=64)
-    return _build(tmp_path_factory, "llama", cfg, seed=2)
+    return _build(tmp_path_factory, "llama", "llama", seed=2)
 
 
 @pytest.fixture(scope="module")
 def ln_free(tmp_path_factory):
     """LN-free format from a tiny GPT-2: eps = 1e12, every LN gain stored as g * 1e6 / sigma."""
-    originals = {}
-
-    def scale(hf):
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if ("ln_" in name) and name.endswith("weight"):
-                    originals[name] = p.detach().clone().to(torch.float64)
-                    p.mul_(1e6 / LN_FREE_SIGMA)
-
-    d, sd = _build(tmp_path_factory, "lnfree", _gpt2_cfg(layer_norm_epsilon=1e12), seed=3, edit=scale)
-    return d, sd, originals
+    d = tmp_path_factory.mktemp("lnfree")
+    hf = make_tiny("gpt2", seed=3, init=lambda m: randomise_all(m, 3), layer_norm_epsilon=LN_FREE_EPS)
+    originals = scale_to_ln_free(hf, LN_FREE_SIGMA)
+    hf.save_pretrained(d)
+    sd = {k: v.detach().clone().to(torch.float64) for k, v in hf.state_dict().items()}
+    return str(d), sd, originals
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +272,7 @@ def test_planted_growth_factor(tmp_path_factory):
                     lin.weight.mul_(PLANTED_G ** l)
                     lin.bias.mul_(PLANTED_G ** l)
 
-    d, _ = _build(tmp_path_factory, "planted", _gpt2_cfg(n_layer=PLANTED_LAYERS), seed=4, edit=plant)
+    d, _ = _build(tmp_path_factory, "planted", "gpt2", seed=4, edit=plant, n_layers=PLANTED_LAYERS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wn = weight_norms(load_model(d, device="cpu"))
