@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+from scipy import stats
 
-from .numerics import difference_ci_from_cis, fit_line, percentile_ci, polyfit_rows
+from .numerics import difference_ci_from_cis, fit_line, percentile_ci, polyfit_rows, t_interval
 from .storage import json_safe
 
 LAWS = ("exponential", "linear", "power")
@@ -100,6 +101,33 @@ def law_curve(law: str, params: dict, layers: Any) -> np.ndarray:
     raise ValueError(f"unknown growth law {law!r}; expected one of {LAWS}")
 
 
+def relative_slope_ci(layers: Any, curve: Any, level: float = 0.95) -> tuple[float, float]:
+    """Delta-method t interval of r = q / n0 for one curve: OLS of ``n = n0 + q (l - a)`` (``a`` = first
+    layer), ``Var r ~ Var q / n0^2 + q^2 Var n0 / n0^4 - 2 q Cov(n0, q) / n0^3`` with the OLS covariance
+    ``s^2 (X'X)^-1``, ``s^2 = RSS / (k - 2)``, and ``t_{(1+level)/2, k-2}``; NaN when k < 3 or n0 <= 0."""
+    x = np.asarray(layers, dtype=np.float64)
+    y = np.asarray(curve, dtype=np.float64)
+    k = x.size
+    if k < 3:
+        return (math.nan, math.nan)
+    design = np.stack([np.ones(k), x - x[0]], axis=1)
+    (n0, q), *_ = np.linalg.lstsq(design, y, rcond=None)
+    if n0 <= 0:
+        return (math.nan, math.nan)
+    resid = y - design @ np.array([n0, q])
+    cov = float(resid @ resid) / (k - 2) * np.linalg.inv(design.T @ design)
+    var = cov[1, 1] / n0**2 + q**2 * cov[0, 0] / n0**4 - 2 * q * cov[0, 1] / n0**3
+    return t_interval(float(q / n0), math.sqrt(max(var, 0.0)), k - 2, level)
+
+
+def single_curve_ratio(k: int) -> float:
+    """RSS ratio a single curve's leader needs: max(MIN_RSS_RATIO, F_{0.95}(k - 2, k - 2)), the ratio two
+    independent residual sums with k - 2 df each exceed with 5 % probability when the laws fit equally well."""
+    if k <= 2:
+        return math.inf
+    return max(MIN_RSS_RATIO, float(stats.f.ppf(0.95, k - 2, k - 2)))
+
+
 def _winners(rss: np.ndarray) -> np.ndarray:
     """Index of the smallest rss per row ([..., n_laws]); -1 where no law has a finite rss."""
     finite = np.isfinite(rss)
@@ -160,8 +188,8 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
     ``boot_curves`` (``[n_boot, k]`` bootstrap replicates of the mean curve over sequences): the CI of
     every parameter is the percentile interval over replicates and ``support["wins"]`` is the share of
     replicates in which each law has the smallest ``rss_log``. Without them (one curve): the CI of each
-    rate parameter is the OLS t interval of its fit (exponential and power on log m, linear on m; none
-    for ``relative_slope``) and ``support["wins"]`` is the share of the ``k`` leave-one-layer-out refits
+    rate parameter is the OLS t interval of its fit (exponential and power on log m, linear on m, with a
+    delta-method interval for ``relative_slope``, :func:`relative_slope_ci`) and ``support["wins"]`` is the share of the ``k`` leave-one-layer-out refits
     each law wins. ``support["loo_wins"]`` and each law's ``cv_log`` come from the leave-one-layer-out
     refits in both cases. Decision rule: module docstring.
     """
@@ -212,6 +240,7 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
                 lo, hi = fit_line(xx, yy).slope_ci()
                 laws[law]["ci95"][name] = [transform(lo) if math.isfinite(lo) else math.nan,
                                            transform(hi) if math.isfinite(hi) else math.nan]
+            laws["linear"]["ci95"]["relative_slope"] = list(relative_slope_ci(x, m))
         method, n_support = SUPPORT_LOO, int(k) if k >= 4 else 0
         shares = _shares(loo_win) if k >= 4 else {law: math.nan for law in LAWS}
         need = MIN_LOO_SUPPORT
@@ -225,11 +254,12 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
         ratio = math.inf
     else:
         ratio = rss[order[1]] / rss[order[0]] if rss[order[0]] > 0 else (math.inf if rss[order[1]] > 0 else 1.0)
+    need_ratio = MIN_RSS_RATIO if boot_curves is not None else single_curve_ratio(k)
     reasons = []
     if k < MIN_LAYERS:
         reasons.append(f"window has {k} layers (< {MIN_LAYERS})")
-    if leader is not None and not ratio >= MIN_RSS_RATIO:
-        reasons.append(f"runner-up {runner} fits almost as well (rss ratio {ratio:.2f} < {MIN_RSS_RATIO})")
+    if leader is not None and not ratio >= need_ratio:
+        reasons.append(f"runner-up {runner} fits almost as well (rss ratio {ratio:.2f} < {need_ratio:.2f})")
     if leader is not None and not shares.get(leader, math.nan) >= need:
         reasons.append(f"{leader} wins only {shares.get(leader, math.nan):.0%} of {method} fits (< {need:.0%})")
     if leader is None:
@@ -246,7 +276,7 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
         "n": n_support,
         "wins": shares,
         "loo_wins": _shares(loo_win) if k >= 4 else {law: math.nan for law in LAWS},
-        "thresholds": {"min_layers": MIN_LAYERS, "min_rss_ratio": MIN_RSS_RATIO, "min_support": need},
+        "thresholds": {"min_layers": MIN_LAYERS, "min_rss_ratio": need_ratio, "min_support": need},
         "undecided_because": reasons,
     }
     return LawFit(window=(int(x[0]), int(x[-1])), laws=laws, best=best, support=support)
@@ -327,6 +357,7 @@ def format_law_table(laws: dict[str, LawFit]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     methods = sorted({lf.support.get("method", "") for lf in laws.values()})
     lines.append("* = smallest rss_log (sum of squared log residuals); wins: share of "
-                 f"{' / '.join(methods)} fits won. Decided when rss ratio >= {MIN_RSS_RATIO}, "
-                 f"wins >= {MIN_SUPPORT:.0%} (bootstrap) or {MIN_LOO_SUPPORT:.0%} (leave-one-out), >= {MIN_LAYERS} layers.")
+                 f"{' / '.join(methods)} fits won. Decided when the window has >= {MIN_LAYERS} layers and "
+                 f"either (bootstrap) rss ratio >= {MIN_RSS_RATIO} and wins >= {MIN_SUPPORT:.0%}, or (one curve) "
+                 f"rss ratio >= max({MIN_RSS_RATIO}, F95(k-2, k-2)) and wins >= {MIN_LOO_SUPPORT:.0%}.")
     return "\n".join(lines + verdicts)
