@@ -361,3 +361,36 @@ def format_law_table(laws: dict[str, LawFit]) -> str:
                  f"either (bootstrap) rss ratio >= {MIN_RSS_RATIO} and wins >= {MIN_SUPPORT:.0%}, or (one curve) "
                  f"rss ratio >= max({MIN_RSS_RATIO}, F95(k-2, k-2)) and wins >= {MIN_LOO_SUPPORT:.0%}.")
     return "\n".join(lines + verdicts)
+
+
+def preferred_law(fit_json: dict) -> tuple[str, bool]:
+    """(law to draw, decided?) from a GrowthFit JSON: the decided law, else the leader (undecided), else
+    the exponential (a fit without a ``law`` entry)."""
+    law = fit_json.get("law")
+    if not law:
+        return "exponential", False
+    if law.get("best") in LAWS:
+        return law["best"], True
+    leader = (law.get("support") or {}).get("leader")
+    return (leader if leader in LAWS else "exponential"), False
+
+
+def rate_text(fit_json: dict, law: Optional[str] = None) -> str:
+    """Short text of one law's rate from a GrowthFit JSON: ``+4.5 %/layer [4.1, 4.9]`` (exponential),
+    ``+3.2 % of n(a)/layer [..]`` (linear: relative slope), ``k = 0.55 [0.51, 0.60]`` (power)."""
+    law = law or preferred_law(fit_json)[0]
+    f = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    if law == "exponential" and not fit_json.get("law"):
+        value, (lo, hi) = f(fit_json.get("growth_factor")), [f(v) for v in fit_json.get("ci95", [None, None])]
+    else:
+        entry = fit_json["law"]["laws"][law]
+        name = RATE_PARAM[law]
+        value = f(entry["params"].get(name))
+        lo, hi = (f(v) for v in entry.get("ci95", {}).get(name, [None, None]))
+    ci_ok = math.isfinite(lo) and math.isfinite(hi)
+    if law == "power":
+        return f"k = {value:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if ci_ok else "")
+    if law == "exponential":
+        value, lo, hi = value - 1.0, lo - 1.0, hi - 1.0
+    unit = " %/layer" if law == "exponential" else " % of n(a)/layer"
+    return f"{100 * value:+.1f}{unit}" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if ci_ok else "")
