@@ -328,7 +328,7 @@ def fit_growth(
     y = np.log(mean_curve)
 
     line = fit_line(layers, y)
-    slope = line.slope
+    slope = float(polyfit_rows(layers, y, 1)[1])  # the same projection as the bootstrap replicates' slopes
     endpoint = float((mean_curve[-1] / mean_curve[0]) ** (1.0 / (b - a)))
     curvature = float(polyfit_rows(layers, y, 2)[2]) if k >= 3 else float("nan")
 
@@ -347,7 +347,7 @@ def fit_growth(
             c_lo = c_hi = float("nan")
         method, used_boot = CI_BOOTSTRAP, n_boot
     else:
-        slope_lo, slope_hi = line.slope_ci()
+        slope_lo, slope_hi = t_interval(slope, line.slope_se, line.df)
         if k >= 3:
             _, se_c, df_c = top_coefficient_se(layers, y, 2)
             c_lo, c_hi = t_interval(curvature, se_c, df_c)
