@@ -350,7 +350,7 @@ def format_law_table(laws: dict[str, LawFit]) -> str:
                          _f(entry["rss_log"], ".4g"), _f(lf.support["rss_ratio_to_leader"].get(law), ".2f"),
                          _f(entry.get("cv_log"), ".4g"), _f(lf.support["wins"].get(law), ".0%")])
         why = "; ".join(lf.support.get("undecided_because", []))
-        verdicts.append(f"{key}: preferred law {lf.best}" + (f" ({why})" if why else "")
+        verdicts.append(f"{key}: preferred law {lf.best}" + (f" ({why})" if why else f" ({LAW_MEANINGS[lf.best]})")
                         + ("" if lf.best in ("exponential", UNDECIDED) else "; the exponential is NOT the preferred law"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
