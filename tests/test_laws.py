@@ -284,7 +284,7 @@ def test_tables_show_the_law_and_each_rss():
     assert "linear" in row and "not exponential" in row
     text = format_law_table({"resid_post": fit.law})
     for law in LAWS:
-        line = next(ln for ln in text.splitlines() if ln.startswith("resid_post") and f" {law}" in ln)
+        line = next(ln for ln in text.splitlines() if ln.split()[:2] == ["resid_post", law])
         assert f"{fit.law.laws[law]['rss_log']:.4g}" in line
     assert "preferred law linear" in text and "NOT" in text
 
@@ -307,3 +307,22 @@ def test_compare_laws_compares_like_with_like():
     both_exp = compare_laws(e, legacy)
     assert both_exp["comparable"] and both_exp["parameter"] == "growth_factor"
     assert both_exp["difference"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_command_prints_each_law_and_writes_the_law(tmp_path):
+    from typer.testing import CliRunner
+
+    from normgrowth.cli import app
+
+    y = one_curve("linear", 48, 0.01, seed=12)
+    path = tmp_path / "curve.csv"
+    path.write_text("\n".join(repr(float(v)) for v in y) + "\n")
+    out = tmp_path / "fit.json"
+    result = CliRunner().invoke(app, ["fit", str(path), "--window", "5:41", "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    want = rss_by_hand(np.arange(5, 42, dtype=float), y[5:42])
+    for law in LAWS:
+        line = next(ln for ln in result.output.splitlines() if ln.split()[:2] == ["curve", law])
+        assert f"{want[law]:.4g}" in line
+    assert "preferred law linear" in result.output
+    assert json.loads(out.read_text())["law"]["best"] == "linear"
