@@ -8,7 +8,8 @@ makes ``m`` the token mean).
 Growth factor over an inclusive window ``a..b``: least squares of ``log m[l] = alpha + beta * l``,
 ``g = exp(beta)`` (so ``percent_per_layer = 100 (g - 1)``). 95% CIs: percentile bootstrap over
 sequences when there are several curves, otherwise the regression standard error with a t quantile.
-See docs/fit.md for every formula.
+Every fit also compares the exponential with a linear and a power law over the same window
+(:mod:`normgrowth.laws`). See docs/fit.md for every formula.
 """
 
 from __future__ import annotations
@@ -316,6 +317,8 @@ def fit_growth(
     endpoint g_end = (m[b]/m[a])^(1/(b-a)); curvature c from log m[l] = alpha + beta l + c l^2.
     CI: several rows -> percentile bootstrap over rows (n_boot resamples, rng = default_rng(seed));
     one row -> exp(beta +- t_{0.975,k-2} SE(beta)) and c +- t_{0.975,k-3} SE(c).
+    Growth laws: :func:`normgrowth.laws.fit_laws` on m (with the same bootstrap replicates). Warns when
+    2..29 sequences feed the bootstrap.
     """
     arr, w = _prepare(curves, weights)
     n_rows, n_layers = arr.shape
