@@ -181,16 +181,15 @@ class LawFit:
                    best=str(data["best"]), support=dict(data.get("support", {})))
 
 
-def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = None,
-             single_se: bool = True) -> LawFit:
+def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = None) -> LawFit:
     """Fit the three laws to ``mean_curve`` over ``layers`` and decide which describes it.
 
     ``boot_curves`` (``[n_boot, k]`` bootstrap replicates of the mean curve over sequences): the CI of
     every parameter is the percentile interval over replicates and ``support["wins"]`` is the share of
     replicates in which each law has the smallest ``rss_log``. Without them (one curve): the CI of each
     rate parameter is the OLS t interval of its fit (exponential and power on log m, linear on m, with a
-    delta-method interval for ``relative_slope``, :func:`relative_slope_ci`) and ``support["wins"]`` is the share of the ``k`` leave-one-layer-out refits
-    each law wins. ``support["loo_wins"]`` and each law's ``cv_log`` come from the leave-one-layer-out
+    delta-method interval for ``relative_slope``, :func:`relative_slope_ci`) and ``support["wins"]`` is
+    the share of the ``k`` leave-one-layer-out refits each law wins. ``support["loo_wins"]`` and each law's ``cv_log`` come from the leave-one-layer-out
     refits in both cases. Decision rule: module docstring.
     """
     x = np.asarray(layers, dtype=np.float64)
@@ -230,16 +229,13 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
         method, n_support, shares = SUPPORT_BOOTSTRAP, int(wins.size), _shares(wins)
         need = MIN_SUPPORT
     else:
-        if single_se and k >= 3:
-            for law, (xx, yy, transform) in {
-                "exponential": (x, np.log(m), math.exp),
-                "linear": (x, m, float),
-                "power": (np.log(x + 1.0), np.log(m), float),
-            }.items():
-                name = {"exponential": "growth_factor", "linear": "slope", "power": "exponent"}[law]
+        if k >= 3:
+            lines = {"exponential": ("growth_factor", x, np.log(m), math.exp),
+                     "linear": ("slope", x, m, float),
+                     "power": ("exponent", np.log(x + 1.0), np.log(m), float)}
+            for law, (name, xx, yy, transform) in lines.items():
                 lo, hi = fit_line(xx, yy).slope_ci()
-                laws[law]["ci95"][name] = [transform(lo) if math.isfinite(lo) else math.nan,
-                                           transform(hi) if math.isfinite(hi) else math.nan]
+                laws[law]["ci95"][name] = [transform(v) if math.isfinite(v) else math.nan for v in (lo, hi)]
             laws["linear"]["ci95"]["relative_slope"] = list(relative_slope_ci(x, m))
         method, n_support = SUPPORT_LOO, int(k) if k >= 4 else 0
         shares = _shares(loo_win) if k >= 4 else {law: math.nan for law in LAWS}
