@@ -326,3 +326,14 @@ def test_fit_command_prints_each_law_and_writes_the_law(tmp_path):
         assert f"{want[law]:.4g}" in line
     assert "preferred law linear" in result.output
     assert json.loads(out.read_text())["law"]["best"] == "linear"
+
+
+def test_single_curve_relative_slope_interval_coverage():
+    """Delta-method t interval of q / n(a) on n = 10 + 2 l + N(0, 0.5^2) over layers 2..13 (true 2/14)."""
+    layers = np.arange(16)
+    covered = 0
+    for seed in range(300):
+        y = P + Q * layers + np.random.default_rng(seed).normal(0, 0.5, 16)
+        lo, hi = fit_growth(y, window=(2, 13)).law.laws["linear"]["ci95"]["relative_slope"]
+        covered += lo <= Q / (P + 2 * Q) <= hi
+    assert 0.90 * 300 <= covered <= 0.99 * 300, covered
