@@ -10,9 +10,9 @@ Every law is scored by the same number, its residual sum of squares in log space
 ``rss_log = sum_l (log m[l] - log fit[l])^2`` (infinite when a fitted line is not positive at some layer
 of the window). Equal parameter counts make the smallest ``rss_log`` the preferred law; it is reported as
 decided only when the window has at least ``MIN_LAYERS`` layers, the runner-up's ``rss_log`` is at
-least ``MIN_RSS_RATIO`` times the leader's, and the leader also wins in at least ``MIN_SUPPORT`` of the
-bootstrap replicates over sequences (several curves) or ``MIN_LOO_SUPPORT`` of the leave-one-layer-out
-refits (one curve). Otherwise ``best = "undecided"``. See docs/fit.md.
+least ``MIN_RSS_RATIO`` times the leader's (one curve: at least ``max(MIN_RSS_RATIO, F_0.95(k-2, k-2))``
+times), and the leader also wins in at least ``MIN_SUPPORT`` of the bootstrap replicates over
+sequences (several curves) or ``MIN_LOO_SUPPORT`` of the leave-one-layer-out refits (one curve). Otherwise ``best = "undecided"``. See docs/fit.md.
 """
 
 from __future__ import annotations
