@@ -12,7 +12,8 @@ of the window). Equal parameter counts make the smallest ``rss_log`` the preferr
 decided only when the window has at least ``MIN_LAYERS`` layers, the runner-up's ``rss_log`` is at
 least ``MIN_RSS_RATIO`` times the leader's (one curve: at least ``max(MIN_RSS_RATIO, F_0.95(k-2, k-2))``
 times), and the leader also wins in at least ``MIN_SUPPORT`` of the bootstrap replicates over
-sequences (several curves) or ``MIN_LOO_SUPPORT`` of the leave-one-layer-out refits (one curve). Otherwise ``best = "undecided"``. See docs/fit.md.
+sequences (several curves) or ``MIN_LOO_SUPPORT`` of the leave-one-layer-out refits (one curve).
+Otherwise ``best = "undecided"``. See docs/fit.md.
 """
 
 from __future__ import annotations
