@@ -2,7 +2,9 @@
 
 The ratio is of token means of ||resid_post|| (positions >= 1); the band is the percentile bootstrap
 over sequences stored in report.json ("layer_ratios"). The thin horizontal segment in each model's colour
-is the fitted growth factor over the fit window; the black line at 1 means no growth.
+is the fitted growth factor over the fit window; the black line at 1 means no growth. A constant ratio is
+what an exponential law predicts; a linear law gives ratios falling like 1 + 1/(l + p/q), a power law
+1 + k/(l + 1). The legend names the preferred law of each model (see fig_norms).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from normgrowth.laws import preferred_law
 
 from common import (PAGE_WIDTH, arr, cli, discover, fnum, model_legend_handles, new_figure, rate_text, require,
                     run_figure, save, with_report)
@@ -37,7 +41,9 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         if fit is not None:
             a, b = fit["window"]
             ax.hlines(fnum(fit["growth_factor"]), a + 0.5, b, color=m.color, linewidth=3, alpha=0.35)
-            h.set_label(f"{m.name}  (fit {a}..{b}: {rate_text(fit)})")
+            law, decided = preferred_law(fit)
+            law_text = f"; law: {law}{'' if decided else '?'}" if fit.get("law") else ""
+            h.set_label(f"{m.name}  (fit {a}..{b}: {rate_text(fit)}{law_text})")
     ax.set_xlabel("layer l")
     ax.set_ylabel(f"growth ratio ‖x_l‖ / ‖x_(l-1)‖  ({SITE})")
     ax.set_title(f"Per-layer growth ratio of the mean {SITE} norm (band: 95 % CI, bootstrap over sequences; "

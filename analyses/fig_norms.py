@@ -1,14 +1,20 @@
-"""Figure 1: mean norm per layer at every residual site, every model, with the fitted exponential.
+"""Figure 1: mean norm per layer at every residual site, every model, with the preferred growth law.
 
 One panel per site (resid_pre, resid_mid, resid_post, attn_out, mlp_out); in each, the token mean of
-the L2 norm per layer (positions >= 1) of every model on a log axis, and the fitted exponential over
-the fit's window with its rate "+x.x %/layer [95 % CI]" in the legend.
+the L2 norm per layer (positions >= 1) of every model on a log axis and, over the fit's window, the
+fitted curve of the preferred law (exponential, linear or power law; the leading law, marked "?", when
+the choice is undecided) as a wide band with its rate and 95 % CI in the legend. When that law is not
+the exponential, the fitted exponential is drawn as a thin dotted line for reference.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from normgrowth.laws import law_curve, preferred_law, rate_text as law_rate_text
 
 from common import (NORM_LABEL, PAGE_WIDTH, SITES, arr, cli, discover, fit_line, grid_axes, log_axis, model_legend_handles,
                     new_figure, note, positive, rate_text, require, run_figure, save, with_report)
@@ -33,9 +39,20 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
                     alpha=0.85)
             fit = (m.report.get("fit") or {}).get(site)
             if fit is not None:
-                fx, fy = fit_line(mean, fit)
-                ax.plot(fx, fy, color=m.color, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1,
-                        label=f"{m.name}: {rate_text(fit)}")
+                law, decided = preferred_law(fit)
+                if fit.get("law"):
+                    a, b = fit["window"]
+                    fx = np.arange(a, b + 1, dtype=float)
+                    fy = law_curve(law, fit["law"]["laws"][law]["params"], fx)
+                    text = f"{law}{'' if decided else '?'} {law_rate_text(fit, law)}"
+                else:
+                    fx, fy = fit_line(mean, fit)
+                    text = f"exponential {rate_text(fit)}"
+                ax.plot(fx, positive(fy), color=m.color, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1,
+                        label=f"{m.name}: {text}")
+                if law != "exponential":
+                    ex, ey = fit_line(mean, fit)
+                    ax.plot(ex, ey, color=m.color, linewidth=0.9, linestyle=":", zorder=1)
             drawn = True
         ax.set_title(site)
         if not drawn:
@@ -44,12 +61,12 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         log_axis(ax)
         ax.set_xlabel("layer")
         ax.set_ylabel(NORM_LABEL)
-        ax.legend(loc="best", fontsize=7, title="fitted exponential (wide band), 95 % CI", handlelength=1.8)
+        ax.legend(loc="best", fontsize=7, title="law fit (band), 95 % CI; dotted: exp.", handlelength=1.8)
     legend_ax = axes[-1]
     legend_ax.axis("off")
     legend_ax.legend(handles=model_legend_handles(models), loc="center", title="model (mean over tokens at "
                      "positions ≥ 1)", fontsize=8)
-    fig.suptitle("Mean norm per layer at each residual-stream site, with log-linear growth fits")
+    fig.suptitle("Mean norm per layer at each residual-stream site, with the preferred growth law's fit")
     return save(fig, out_dir, STEM)
 
 

@@ -1,8 +1,11 @@
-"""Figure 8: residual-stream growth factor per layer (resid_post) of every model in the results directory.
+"""Figure 8: residual-stream growth (resid_post) of every model in the results directory, with its growth law.
 
 One row per model with a report.json, sorted by growth factor: the log-linear fit's g (point) with its
-95 % CI (bar: bootstrap over sequences), the fit window and the rate in % per layer. LN-free models
-are drawn with open squares (and "(no LN)" in the name); the vertical line at g = 1 means no growth.
+95 % CI (bar: bootstrap over sequences), the fit window and the rate in % per layer, then the preferred
+growth law (exponential, linear or power law, or "undecided" with the leading law) and that law's rate:
+its % per layer, its slope in % of the fitted norm at the window's first layer, or its exponent k.
+Rows whose preferred law is not the exponential are marked "≠ exp." (their g is a poor summary). LN-free
+models are drawn with open squares; the vertical line at g = 1 means no growth.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.lines import Line2D
+
+from normgrowth.laws import preferred_law, rate_text as law_rate_text
 
 from common import PAGE_WIDTH, cli, discover, fnum, new_figure, require, run_figure, save, with_report
 
@@ -23,7 +28,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     models = [m for m in with_report(discover(results_dir)) if (m.report.get("fit") or {}).get(SITE)]
     require(models, f"report.json with a {SITE} growth fit", results_dir)
     rows = sorted(models, key=lambda m: fnum(m.report["fit"][SITE]["growth_factor"]))
-    fig = new_figure(PAGE_WIDTH, max(2.4, 1.2 + 0.42 * len(rows)))
+    fig = new_figure(PAGE_WIDTH, max(2.4, 1.2 + 0.55 * len(rows)))
     ax = fig.subplots()
     for i, m in enumerate(rows):
         fit = m.report["fit"][SITE]
@@ -34,14 +39,21 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
                     markerfacecolor="white" if m.ln_free else m.color, markersize=6)
         a, b = fit["window"]
         ci = f" [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]" if np.isfinite([lo, hi]).all() else ""
-        ax.annotate(f"{100 * (g - 1):+.2f} %/layer{ci}, layers {a}..{b}", xy=(hi if np.isfinite(hi) else g, i),
+        law, decided = preferred_law(fit)
+        if fit.get("law"):
+            law_text = (f"law: {law if decided else f'undecided ({law}?)'} {law_rate_text(fit, law)}"
+                        + ("  ≠ exp." if decided and law != "exponential" else ""))
+        else:
+            law_text = "law: not fitted"
+        ax.annotate(f"{100 * (g - 1):+.2f} %/layer{ci}, layers {a}..{b}\n{law_text}",
+                    xy=(hi if np.isfinite(hi) else g, i),
                     xytext=(6, 0), textcoords="offset points", va="center", fontsize=7.5, color="0.25")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(np.arange(len(rows)), [m.name for m in rows])
     ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.margins(x=0.45)
+    ax.margins(x=0.6)
     ax.set_xlabel(f"growth factor per layer g of the mean {SITE} norm (95 % CI)")
-    ax.set_title(f"Residual-stream norm growth per layer ({SITE}, log-linear fit over the fit window)")
+    ax.set_title(f"Residual-stream norm growth per layer ({SITE}): exponential fit and preferred growth law")
     ax.legend(handles=[Line2D([], [], marker="o", color="0.3", linestyle="none", label="with normalisation"),
                        Line2D([], [], marker="s", color="0.3", markerfacecolor="white", linestyle="none",
                               label="LN-free")], loc="upper left", fontsize=7)

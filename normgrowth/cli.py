@@ -157,6 +157,7 @@ def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or colu
                 n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (only for several curves).")):
     """Fit a per-layer norm curve measured elsewhere (e.g. a published one)."""
     from .fit import fit_growth, format_fit_table, parse_window, read_curve
+    from .laws import format_law_table
 
     values = read_curve(curve)
     win = parse_window(window, len(values)) if window else None
@@ -165,6 +166,8 @@ def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or colu
     _echo(format_fit_table({curve.stem: fit}))
     a, b = fit.window
     _echo(f"endpoint estimate (n[{b}]/n[{a}])^(1/{b - a}) = {fit.endpoint_growth_factor:.6f}")
+    _echo(f"\ngrowth laws over layers {a}..{b} (exponential, linear, power; residual sums of squares of log n):")
+    _echo(format_law_table({curve.stem: fit.law}))
     _write_json(json_path, fit.to_json())
 
 

@@ -8,7 +8,8 @@ makes ``m`` the token mean).
 Growth factor over an inclusive window ``a..b``: least squares of ``log m[l] = alpha + beta * l``,
 ``g = exp(beta)`` (so ``percent_per_layer = 100 (g - 1)``). 95% CIs: percentile bootstrap over
 sequences when there are several curves, otherwise the regression standard error with a t quantile.
-See docs/fit.md for every formula.
+Every fit also compares the exponential with a linear and a power law over the same window
+(:mod:`normgrowth.laws`). See docs/fit.md for every formula.
 """
 
 from __future__ import annotations
@@ -17,31 +18,30 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-from scipy import stats
 
 from normgrowth.errors import NormgrowthError
+from normgrowth.laws import LawFit, fit_laws, law_label, UNDECIDED
+from normgrowth.numerics import (bootstrap_means, fit_line, percentile_ci, polyfit_rows, t_interval,
+                                 top_coefficient_se, weighted_mean, welch_satterthwaite_df)
+from normgrowth.storage import json_safe
 
 CI_BOOTSTRAP = "bootstrap over sequences"
 CI_SE = "regression standard error"
 CI_DIFF_BOOTSTRAP = "independent bootstraps over sequences"
 CI_DIFF_SE = "combined standard errors (Welch-Satterthwaite t)"
 MIN_BOOT = 100
-_BOOT_CHUNK_CELLS = 2_000_000  # resample-count matrix cells per chunk (n_boot_chunk * n_seqs)
+MIN_BOOT_SEQS = 30  # fewer sequences feeding a bootstrap: warn (percentile CIs come out too narrow)
+MIN_CURVATURE_LAYERS = 5  # curvature is tested (flag) only on windows with at least this many layers
 _HOLDS_RTOL = 1e-5  # relative slack for the appendix-1 bound check (float32 means)
 
 Window = tuple[int, int]
 WindowSpec = Union[Window, Sequence[int], str, None]
-
-
-def _json_float(x: float) -> float | None:
-    """Plain float for JSON; NaN/inf become None so the output is strict JSON."""
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _from_json_float(x: Any) -> float:
@@ -54,7 +54,11 @@ class GrowthFit:
 
     growth_factor = exp(slope of log m[l] on l over window a..b); percent_per_layer = 100 (g - 1);
     endpoint_growth_factor = (m[b] / m[a]) ** (1 / (b - a)); curvature = c in
-    log m[l] = alpha + beta l + c l^2 (natural log per layer^2). CIs are 95%; NaN when undefined.
+    log m[l] = alpha + beta l + c l^2 (natural log per layer^2); curvature_effect = exp(c (h^2 - v)) - 1,
+    the relative deviation of the quadratic from the exponential fit at either end of the window
+    (h = (b - a) / 2, v = (k^2 - 1) / 12); curvature_tested = the window has >= 5 layers (only then is
+    the curvature's CI read as a test); law = the exponential, linear and power-law fits and the
+    preferred law (:class:`normgrowth.laws.LawFit`). CIs are 95%; NaN when undefined.
     """
 
     window: Window
@@ -68,6 +72,10 @@ class GrowthFit:
     n_curves: int
     ci_method: str
     n_boot: int = 0
+    curvature_effect: float = float("nan")
+    curvature_effect_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    curvature_tested: bool = False
+    law: Optional[LawFit] = None
 
     @property
     def percent_per_layer_ci95(self) -> tuple[float, float]:
@@ -76,27 +84,34 @@ class GrowthFit:
 
     def to_json(self) -> dict:
         """Strict-JSON dict (NaN -> None); keys: window, growth_factor, ci95, percent_per_layer,
-        percent_per_layer_ci95, r2, endpoint_growth_factor, curvature, curvature_ci95, n_curves,
-        ci_method, n_boot."""
-        return {
+        percent_per_layer_ci95, r2, endpoint_growth_factor, curvature, curvature_ci95, curvature_effect,
+        curvature_effect_ci95, curvature_tested, n_curves, ci_method, n_boot and law (when fitted)."""
+        doc = {
             "window": [int(self.window[0]), int(self.window[1])],
-            "growth_factor": _json_float(self.growth_factor),
-            "ci95": [_json_float(self.ci95[0]), _json_float(self.ci95[1])],
-            "percent_per_layer": _json_float(self.percent_per_layer),
-            "percent_per_layer_ci95": [_json_float(v) for v in self.percent_per_layer_ci95],
-            "r2": _json_float(self.r2),
-            "endpoint_growth_factor": _json_float(self.endpoint_growth_factor),
-            "curvature": _json_float(self.curvature),
-            "curvature_ci95": [_json_float(self.curvature_ci95[0]), _json_float(self.curvature_ci95[1])],
+            "growth_factor": self.growth_factor,
+            "ci95": list(self.ci95),
+            "percent_per_layer": self.percent_per_layer,
+            "percent_per_layer_ci95": list(self.percent_per_layer_ci95),
+            "r2": self.r2,
+            "endpoint_growth_factor": self.endpoint_growth_factor,
+            "curvature": self.curvature,
+            "curvature_ci95": list(self.curvature_ci95),
+            "curvature_effect": self.curvature_effect,
+            "curvature_effect_ci95": list(self.curvature_effect_ci95),
+            "curvature_tested": bool(self.curvature_tested),
             "n_curves": int(self.n_curves),
             "ci_method": self.ci_method,
             "n_boot": int(self.n_boot),
         }
+        if self.law is not None:
+            doc["law"] = self.law.to_json()
+        return json_safe(doc)
 
     @classmethod
     def from_json(cls, data: dict) -> "GrowthFit":
-        """Inverse of :meth:`to_json` (None -> NaN; extra keys ignored)."""
+        """Inverse of :meth:`to_json` (None -> NaN; extra keys ignored; fields added later get defaults)."""
         try:
+            eff_ci = data.get("curvature_effect_ci95") or [None, None]
             return cls(
                 window=(int(data["window"][0]), int(data["window"][1])),
                 growth_factor=_from_json_float(data["growth_factor"]),
@@ -112,6 +127,10 @@ class GrowthFit:
                 n_curves=int(data.get("n_curves", 1)),
                 ci_method=str(data.get("ci_method", "")),
                 n_boot=int(data.get("n_boot", 0)),
+                curvature_effect=_from_json_float(data.get("curvature_effect")),
+                curvature_effect_ci95=(_from_json_float(eff_ci[0]), _from_json_float(eff_ci[1])),
+                curvature_tested=bool(data.get("curvature_tested", False)),
+                law=LawFit.from_json(data["law"]) if data.get("law") else None,
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise NormgrowthError(
@@ -259,11 +278,6 @@ def _check_positive(arr: np.ndarray, a: int, b: int, what: str = "norm curve") -
         )
 
 
-def _weighted_mean(arr: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """m[l] = sum_s w_s x[s, l] / sum_s w_s."""
-    return (w @ arr) / w.sum()
-
-
 def _check_n_boot(n_boot: int) -> int:
     n_boot = int(n_boot)
     if n_boot < MIN_BOOT:
@@ -271,58 +285,17 @@ def _check_n_boot(n_boot: int) -> int:
     return n_boot
 
 
-def _boot_means(arr: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap weighted-mean curves [n_boot, n_layers]: each replicate draws n rows with
-    replacement (counts c_s), mean = sum_s c_s w_s x_s / sum_s c_s w_s. Vectorised in chunks."""
-    n = arr.shape[0]
-    chunk = max(1, min(n_boot, _BOOT_CHUNK_CELLS // max(n, 1)))
-    out = np.empty((n_boot, arr.shape[1]))
-    done = 0
-    while done < n_boot:
-        m = min(chunk, n_boot - done)
-        idx = rng.integers(0, n, size=(m, n))
-        flat = (idx + (np.arange(m) * n)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
-        cw = counts * w
-        out[done : done + m] = (cw @ arr) / cw.sum(axis=1, keepdims=True)
-        done += m
-    return out
+def _warn_few_sequences(n_rows: int) -> None:
+    if 2 <= n_rows < MIN_BOOT_SEQS:
+        warnings.warn(f"only {n_rows} sequences feed the bootstrap over sequences, whose percentile CIs come out too "
+                      f"narrow below about {MIN_BOOT_SEQS} sequences; collect more sequences for reliable intervals.",
+                      stacklevel=3)
 
 
-def _design(layers: np.ndarray, deg: int) -> np.ndarray:
-    """Columns 1, (l - lbar), (l - lbar)^2 ... (centering leaves the slope / top coefficient unchanged)."""
-    x = layers - layers.mean()
-    return np.stack([x**p for p in range(deg + 1)], axis=1)
-
-
-def _polyfit(layers: np.ndarray, y: np.ndarray, deg: int) -> np.ndarray:
-    """Least-squares coefficients for each row of y (shape [..., k]) -> [..., deg + 1]."""
-    return y @ np.linalg.pinv(_design(layers, deg)).T
-
-
-def _se_fit(layers: np.ndarray, y: np.ndarray, deg: int) -> tuple[float, float, int]:
-    """OLS top coefficient, its standard error sqrt(s^2 [(X'X)^-1]_kk), s^2 = RSS/(k - deg - 1), and df."""
-    design = _design(layers, deg)
-    coef = _polyfit(layers, y, deg)
-    df = len(y) - (deg + 1)
-    if df <= 0:
-        return float(coef[deg]), float("nan"), df
-    resid = y - design @ coef
-    s2 = float(resid @ resid) / df
-    cov = s2 * np.linalg.inv(design.T @ design)
-    return float(coef[deg]), float(math.sqrt(max(cov[deg, deg], 0.0))), df
-
-
-def _t_interval(est: float, se: float, df: float) -> tuple[float, float]:
-    if not (math.isfinite(se) and df > 0):
-        return (float("nan"), float("nan"))
-    t = float(stats.t.ppf(0.975, df))
-    return (est - t * se, est + t * se)
-
-
-def _quantiles(x: np.ndarray, axis: int = 0) -> tuple[Any, Any]:
-    lo, hi = np.quantile(x, [0.025, 0.975], axis=axis)
-    return lo, hi
+def curvature_effect_scale(k: int) -> float:
+    """h^2 - v with h = (k - 1) / 2, v = (k^2 - 1) / 12: the quadratic fit minus the line fit at either end of a
+    k-layer window is c (h^2 - v) in log space (the centred l^2 column is orthogonal to l on an even grid)."""
+    return (k - 1) ** 2 / 4.0 - (k * k - 1) / 12.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +317,8 @@ def fit_growth(
     endpoint g_end = (m[b]/m[a])^(1/(b-a)); curvature c from log m[l] = alpha + beta l + c l^2.
     CI: several rows -> percentile bootstrap over rows (n_boot resamples, rng = default_rng(seed));
     one row -> exp(beta +- t_{0.975,k-2} SE(beta)) and c +- t_{0.975,k-3} SE(c).
+    Growth laws: :func:`normgrowth.laws.fit_laws` on m (with the same bootstrap replicates). Warns when
+    2..29 sequences feed the bootstrap.
     """
     arr, w = _prepare(curves, weights)
     n_rows, n_layers = arr.shape
@@ -352,51 +327,56 @@ def fit_growth(
     layers = np.arange(a, b + 1, dtype=np.float64)
     k = b - a + 1
     sub = arr[:, a : b + 1]
-    mean_curve = _weighted_mean(sub, w)
+    mean_curve = weighted_mean(sub, w)
     y = np.log(mean_curve)
 
-    lin = _polyfit(layers, y, 1)
-    slope = float(lin[1])
-    resid = y - _design(layers, 1) @ lin
-    ss_res = float(resid @ resid)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    line = fit_line(layers, y)
+    slope = float(polyfit_rows(layers, y, 1)[1])  # the same projection as the bootstrap replicates' slopes
     endpoint = float((mean_curve[-1] / mean_curve[0]) ** (1.0 / (b - a)))
-    curvature = float(_polyfit(layers, y, 2)[2]) if k >= 3 else float("nan")
+    curvature = float(polyfit_rows(layers, y, 2)[2]) if k >= 3 else float("nan")
 
+    boot = None
     if n_rows >= 2:
         n_boot = _check_n_boot(n_boot)
-        rng = np.random.default_rng(seed)
-        boot_y = np.log(_boot_means(sub, w, n_boot, rng))
-        slope_lo, slope_hi = _quantiles(_polyfit(layers, boot_y, 1)[:, 1])
+        _warn_few_sequences(n_rows)
+        boot = bootstrap_means(sub, w, n_boot, np.random.default_rng(seed))
+        boot_y = np.log(boot)
+        slope_ci = percentile_ci(polyfit_rows(layers, boot_y, 1)[:, 1])
+        slope_lo, slope_hi = slope_ci.lo, slope_ci.hi
         if k >= 3:
-            c_lo, c_hi = _quantiles(_polyfit(layers, boot_y, 2)[:, 2])
+            c_ci = percentile_ci(polyfit_rows(layers, boot_y, 2)[:, 2])
+            c_lo, c_hi = c_ci.lo, c_ci.hi
         else:
             c_lo = c_hi = float("nan")
         method, used_boot = CI_BOOTSTRAP, n_boot
     else:
-        _, se, df = _se_fit(layers, y, 1)
-        slope_lo, slope_hi = _t_interval(slope, se, df)
+        slope_lo, slope_hi = t_interval(slope, line.slope_se, line.df)
         if k >= 3:
-            _, se_c, df_c = _se_fit(layers, y, 2)
-            c_lo, c_hi = _t_interval(curvature, se_c, df_c)
+            _, se_c, df_c = top_coefficient_se(layers, y, 2)
+            c_lo, c_hi = t_interval(curvature, se_c, df_c)
         else:
             c_lo = c_hi = float("nan")
         method, used_boot = CI_SE, 0
 
+    scale = curvature_effect_scale(k)
+    effect = lambda c: math.exp(c * scale) - 1.0 if math.isfinite(c) else float("nan")  # noqa: E731
     g = math.exp(slope)
     return GrowthFit(
         window=(a, b),
         growth_factor=g,
         ci95=(float(np.exp(slope_lo)), float(np.exp(slope_hi))),
         percent_per_layer=100.0 * (g - 1.0),
-        r2=float(r2),
+        r2=float(line.r2),
         endpoint_growth_factor=endpoint,
         curvature=curvature,
         curvature_ci95=(float(c_lo), float(c_hi)),
         n_curves=int(n_rows),
         ci_method=method,
         n_boot=used_boot,
+        curvature_effect=effect(curvature),
+        curvature_effect_ci95=(effect(float(c_lo)), effect(float(c_hi))),
+        curvature_tested=k >= MIN_CURVATURE_LAYERS,
+        law=fit_laws(layers, mean_curve, boot_curves=boot),
     )
 
 
@@ -410,15 +390,16 @@ def layer_ratios(
     if n_layers < 2:
         raise NormgrowthError(f"layer ratios need at least 2 layers, the curve has {n_layers}; supply a longer curve.")
     _check_positive(arr, 0, n_layers - 1)
-    m = _weighted_mean(arr, w)
+    m = weighted_mean(arr, w)
     ratio = m[1:] / m[:-1]
     if n_rows < 2:
         nan = np.full(n_layers - 1, np.nan)
         return ratio, nan, nan.copy()
     n_boot = _check_n_boot(n_boot)
-    boot = _boot_means(arr, w, n_boot, np.random.default_rng(seed))
-    lo, hi = _quantiles(boot[:, 1:] / boot[:, :-1])
-    return ratio, np.asarray(lo), np.asarray(hi)
+    _warn_few_sequences(n_rows)
+    boot = bootstrap_means(arr, w, n_boot, np.random.default_rng(seed))
+    ci = percentile_ci(boot[:, 1:] / boot[:, :-1])
+    return ratio, np.asarray(ci.lo), np.asarray(ci.hi)
 
 
 def _slope_stats(
@@ -430,22 +411,16 @@ def _slope_stats(
     _check_positive(arr, a, b, what=f"norm curve of {what}")
     layers = np.arange(a, b + 1, dtype=np.float64)
     sub = arr[:, a : b + 1]
-    slope = float(_polyfit(layers, np.log(_weighted_mean(sub, w)), 1)[1])
+    slope = float(polyfit_rows(layers, np.log(weighted_mean(sub, w)), 1)[1])
     out: dict = {"window": (a, b), "slope": slope, "n_curves": arr.shape[0], "boot": None}
     if arr.shape[0] >= 2:
-        boot = _polyfit(layers, np.log(_boot_means(sub, w, n_boot, rng)), 1)[:, 1]
+        _warn_few_sequences(arr.shape[0])
+        boot = polyfit_rows(layers, np.log(bootstrap_means(sub, w, n_boot, rng)), 1)[:, 1]
         out.update(boot=boot, se=float(np.std(boot, ddof=1)), df=math.inf)
     else:
-        _, se, df = _se_fit(layers, np.log(sub[0]), 1)
+        _, se, df = top_coefficient_se(layers, np.log(sub[0]), 1)
         out.update(se=se, df=float(df) if df > 0 else float("nan"))
     return out
-
-
-def _ws_df(variances: Sequence[float], dfs: Sequence[float]) -> float:
-    """Welch-Satterthwaite df = (sum v_i)^2 / sum (v_i^2 / df_i); infinite-df terms contribute 0."""
-    num = sum(variances) ** 2
-    den = sum(v * v / d for v, d in zip(variances, dfs) if math.isfinite(d))
-    return math.inf if den == 0 else num / den
 
 
 def growth_difference(
@@ -483,15 +458,16 @@ def growth_difference(
     diff, ratio = g_a - g_b, g_a / g_b
 
     if sa["boot"] is not None and sb["boot"] is not None:
-        d_lo, d_hi = _quantiles(np.exp(sa["boot"]) - np.exp(sb["boot"]))
-        r_lo, r_hi = _quantiles(np.exp(sa["boot"] - sb["boot"]))
+        d_ci = percentile_ci(np.exp(sa["boot"]) - np.exp(sb["boot"]))
+        r_ci = percentile_ci(np.exp(sa["boot"] - sb["boot"]))
+        d_lo, d_hi, r_lo, r_hi = d_ci.lo, d_ci.hi, r_ci.lo, r_ci.hi
         method = CI_DIFF_BOOTSTRAP
     else:
         var_a, var_b = (g_a * sa["se"]) ** 2, (g_b * sb["se"]) ** 2
-        d_lo, d_hi = _t_interval(diff, math.sqrt(var_a + var_b), _ws_df([var_a, var_b], [sa["df"], sb["df"]]))
+        d_lo, d_hi = t_interval(diff, math.sqrt(var_a + var_b), welch_satterthwaite_df([var_a, var_b], [sa["df"], sb["df"]]))
         lv_a, lv_b = sa["se"] ** 2, sb["se"] ** 2
-        lr_lo, lr_hi = _t_interval(
-            math.log(ratio), math.sqrt(lv_a + lv_b), _ws_df([lv_a, lv_b], [sa["df"], sb["df"]])
+        lr_lo, lr_hi = t_interval(
+            math.log(ratio), math.sqrt(lv_a + lv_b), welch_satterthwaite_df([lv_a, lv_b], [sa["df"], sb["df"]])
         )
         r_lo, r_hi = math.exp(lr_lo), math.exp(lr_hi)
         method = CI_DIFF_SE
@@ -503,9 +479,9 @@ def growth_difference(
         "growth_factor_a": g_a,
         "growth_factor_b": g_b,
         "difference": diff,
-        "difference_ci95": [_json_float(d_lo), _json_float(d_hi)],
+        "difference_ci95": json_safe([d_lo, d_hi]),
         "ratio": ratio,
-        "ratio_ci95": [_json_float(r_lo), _json_float(r_hi)],
+        "ratio_ci95": json_safe([r_lo, r_hi]),
         "significant": significant,
         "ci_method": method,
         "n_curves_a": int(sa["n_curves"]),
@@ -714,7 +690,10 @@ def read_curve(path: str | Path) -> np.ndarray:
 
 
 def curvature_flag(fit: GrowthFit) -> str:
-    """'faster than exponential' if the curvature CI is above 0, 'slower ...' if below, else ''."""
+    """'faster than exponential' if the curvature CI is above 0, 'slower ...' if below, else ''; always ''
+    for windows of fewer than 5 layers (a quadratic through 3 or 4 points says nothing about the law)."""
+    if not fit.curvature_tested:
+        return ""
     lo, hi = fit.curvature_ci95
     if math.isfinite(lo) and lo > 0:
         return "faster than exponential"
@@ -723,16 +702,26 @@ def curvature_flag(fit: GrowthFit) -> str:
     return ""
 
 
+def law_note(fit: GrowthFit) -> str:
+    """'law: linear, not exponential' when a decided law other than the exponential is preferred, else ''."""
+    if fit.law is None or fit.law.best in ("exponential", UNDECIDED):
+        return ""
+    return f"law: {fit.law.best}, not exponential"
+
+
 def _fmt(x: float, spec: str) -> str:
     return format(x, spec) if math.isfinite(x) else "nan"
 
 
 def format_fit_table(fits: dict[str, GrowthFit]) -> str:
-    """Plain-text table, one row per site: g [95% CI], % per layer, endpoint g, R^2,
-    curvature [95% CI], window, curves, and a curvature flag when its CI excludes 0."""
-    header = ["site", "g/layer [95% CI]", "%/layer", "endpoint g", "R^2", "curvature [95% CI]", "window", "curves", "note"]
+    """Plain-text table, one row per site: g [95% CI], % per layer, endpoint g, R^2, curvature [95% CI]
+    and its effect at the window ends, window, curves, preferred law, and notes (curvature flag when its CI
+    excludes 0 on a window of >= 5 layers; a decided law other than the exponential)."""
+    header = ["site", "g/layer [95% CI]", "%/layer", "endpoint g", "R^2", "curvature [95% CI]", "curv. effect",
+              "window", "curves", "law", "note"]
     rows = [header]
     for site, fit in fits.items():
+        notes = [n for n in (curvature_flag(fit), law_note(fit)) if n]
         rows.append([
             str(site),
             f"{_fmt(fit.growth_factor, '.4f')} [{_fmt(fit.ci95[0], '.4f')}, {_fmt(fit.ci95[1], '.4f')}]",
@@ -740,14 +729,18 @@ def format_fit_table(fits: dict[str, GrowthFit]) -> str:
             _fmt(fit.endpoint_growth_factor, ".4f"),
             _fmt(fit.r2, ".4f"),
             f"{_fmt(fit.curvature, '+.2e')} [{_fmt(fit.curvature_ci95[0], '+.2e')}, {_fmt(fit.curvature_ci95[1], '+.2e')}]",
+            _fmt(100 * fit.curvature_effect, "+.1f") + "%",
             f"{fit.window[0]}:{fit.window[1]}",
             str(fit.n_curves),
-            curvature_flag(fit),
+            law_label(fit.law).replace("exponential", "exp."),
+            "; ".join(notes),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     ci_methods = sorted({fit.ci_method for fit in fits.values()})
     if ci_methods:
-        lines.append(f"CI: {'; '.join(ci_methods)}. curvature = c in log n = a + b*l + c*l^2 (per layer^2).")
+        lines.append(f"CI: {'; '.join(ci_methods)}. curvature = c in log n = a + b*l + c*l^2 (per layer^2); "
+                     "curv. effect = quadratic vs exponential fit at the window ends; law = smallest log-space "
+                     "RSS of exp./linear/power (undecided when not decisive).")
     return "\n".join(lines)

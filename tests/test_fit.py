@@ -210,11 +210,11 @@ def test_bootstrap_matches_naive_loop_with_unequal_weights():
 
 
 def test_bootstrap_chunking_does_not_change_results(monkeypatch):
-    import normgrowth.fit as fit_module
+    import normgrowth.numerics as numerics_module
 
     curves, weights = synth_curves(np.random.default_rng(27))
     whole = fit_growth(curves, weights=weights, seed=2)
-    monkeypatch.setattr(fit_module, "_BOOT_CHUNK_CELLS", 3 * curves.shape[0] + 1)  # 3 replicates per chunk
+    monkeypatch.setattr(numerics_module, "_BOOT_CHUNK_CELLS", 3 * curves.shape[0] + 1)  # 3 replicates per chunk
     chunked = fit_growth(curves, weights=weights, seed=2)
     assert chunked.ci95 == whole.ci95 and chunked.curvature_ci95 == whole.curvature_ci95
 
