@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normgrowth.collect import collect  # noqa: E402
+from normgrowth.collector import collect  # noqa: E402
 from normgrowth.data import TokenBatch  # noqa: E402
 from normgrowth.deletion import collect_deletion  # noqa: E402
 from normgrowth.models import load_model  # noqa: E402

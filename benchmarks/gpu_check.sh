@@ -50,7 +50,7 @@ for pkg in ("transformers", "transformer-lens", "numpy"):
         print(pkg, md.version(pkg))
     except md.PackageNotFoundError:
         print(pkg, "MISSING")
-import normgrowth.models, normgrowth.collect  # noqa: F401  (fails loudly if the environment is incomplete)
+import normgrowth.models, normgrowth.collector  # noqa: F401  (fails loudly if the environment is incomplete)
 print("normgrowth imports: ok")
 EOF
 log "environment ready"

@@ -79,7 +79,7 @@ def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, de
                      device_map=None):
     """Collected norm Results, reused from ``out`` when an identical run is cached there."""
     from .cache import cache_key, cache_path
-    from .collect import DEFAULT_SITES
+    from .collector import DEFAULT_SITES
     from .results import Results
 
     path = None
@@ -95,7 +95,7 @@ def _collect_or_load(model_spec: str, data: str, n_seqs, seq_len, batch_size, de
             except Exception:  # a stale or foreign entry is recomputed, never trusted
                 pass
     from .batching import run_with_oom_guard
-    from .collect import collect
+    from .collector import collect
     from .data import load_tokens
     from .models import load_model
 

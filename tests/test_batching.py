@@ -19,7 +19,7 @@ from normgrowth.batching import (
     retry_on_oom,
     run_with_oom_guard,
 )
-from normgrowth.collect import NormCollector, collect, norm_metrics
+from normgrowth.collector import NormCollector, collect, norm_metrics
 from normgrowth.data import TokenBatch
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import load_model
@@ -201,7 +201,7 @@ def _collect_with(model, batch, **kwargs):
     collector = NormCollector(model, ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"], True, True,
                               batch.tokens.shape[1], **kwargs)
     with torch.inference_mode(), model.hooks(collector.hooks()):
-        for tokens, mask in batch.batches(2):
+        for _, tokens, mask in batch.batches(2):
             model.forward(tokens, attention_mask=mask, logits=False)
             collector.end_batch(mask)
     return collector.results(batch, 2, None)
@@ -252,7 +252,7 @@ def test_half_precision_norms_are_float32(tiny_dirs, batch):
     collector = NormCollector(model, ["resid_post"], False, False, batch.tokens.shape[1])
     hooks = collector.hooks() + [("resid_post", 2, lambda x: captured.append(x.clone()))]
     with torch.inference_mode(), model.hooks(hooks):
-        for tokens, mask in batch.batches(4):
+        for _, tokens, mask in batch.batches(4):
             model.forward(tokens, attention_mask=mask, logits=False)
             collector.end_batch(mask)
     res = collector.results(batch, 4, None)

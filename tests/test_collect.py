@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, hf_model
-from normgrowth.collect import collect, head_write_norms, wo_gram_matrices
+from normgrowth.collector import collect, head_write_norms, wo_gram_matrices
 from normgrowth.data import TokenBatch, load_tokens
 from normgrowth.errors import NonFiniteNormError
 from normgrowth.stats import hist_quantile
@@ -146,7 +146,7 @@ def test_streaming_equals_numpy_on_concatenated_norms(loaded, token_file):
     batch = load_tokens(str(token_file), model)
     captured = []
     with torch.inference_mode(), model.hooks([("resid_post", 2, lambda x: captured.append(x.clone()))]):
-        for tokens, mask in batch.batches(2):
+        for _, tokens, mask in batch.batches(2):
             model.forward(tokens, attention_mask=mask)
     norms = np.concatenate([token_norms(x) for x in captured], 0)  # [n_seqs, pos]
     rest = norms[:, 1:].reshape(-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from normgrowth.collect import collect
+from normgrowth.collector import collect
 from normgrowth.data import builtin_prompts, load_tokens
 from normgrowth.errors import NormgrowthError
 from normgrowth.results import Results
@@ -210,7 +210,7 @@ def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path):
 
 def test_cli_out_of_memory_names_smaller_batch(tiny_dirs, token_file, tmp_path, monkeypatch):
     """An allocation failure during collection becomes one sentence naming a batch size to use."""
-    import normgrowth.collect as collect_module
+    import normgrowth.collector as collect_module
     from normgrowth.cli import _collect_or_load
 
     def oom(*args, **kwargs):

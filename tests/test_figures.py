@@ -46,7 +46,7 @@ def _token_batch(n_seqs: int = 6, seq_len: int = 12):
 
 
 def _write_model_results(ckpt: Path, root: Path, slug: str, batch) -> dict:
-    from normgrowth.collect import collect
+    from normgrowth.collector import collect
     from normgrowth.models import load_model
     from normgrowth.report import report_document
     from normgrowth.results import atomic_write_json
