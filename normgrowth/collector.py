@@ -48,10 +48,10 @@ def norm_metrics(x: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_active_fraction(pre: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[..., d_mlp] -> [...]: the fraction of entries > 0, in float32 (NaN where an entry is NaN).
+    """[..., d_mlp] -> [...]: the fraction of entries > 0 (a NaN entry is not > 0), in float32.
 
-    relu(x).sign() is 1 exactly where x > 0 and 0 elsewhere, and keeps NaN (so the non-finite guard sees
-    it); summing it is about 2x faster on the CPU than (x > 0).sum. ``out`` receives the result.
+    relu(x).sign() is 1 exactly where x > 0 and 0 elsewhere (NaN included); summing it is about 2x
+    faster on the CPU than (x > 0).sum. ``out`` receives the result.
     """
     positive = torch.relu(pre).sign_()
     return torch.sum(positive, -1, dtype=torch.float32, out=out).div_(pre.shape[-1])
