@@ -505,13 +505,21 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # HF's load reports and progress bars would break the one-line errors
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
     except (OSError, ValueError, RuntimeError, *_safetensors_errors()) as err:
-        raise NormgrowthError(f"cannot load the weights of model {spec!r} ({_first_line(err)}): "
-                              "check that the checkpoint is complete.") from None
+        raise _weights_error(spec, Path(os.path.expanduser(spec)) if local else None, err) from None
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
     if dev is not None:
         hf_model = hf_model.to(dev)
     hf_model.eval()
@@ -553,6 +561,17 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
         has_pos_embed="pos_embed" in bridge._modules, gated_mlp=bool(cfg.gated_mlp), act_fn=str(cfg.act_fn),
         eager_attention=getattr(hf_cfg, "_attn_implementation", None) == "eager", bos_token_id=bos_token_id,
     )
+
+
+def _weights_error(spec: str, directory: Optional[Path], err: BaseException) -> NormgrowthError:
+    """One sentence for a failure inside HF's loading, naming the weight files of a local checkpoint."""
+    files = sorted(p.name for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in directory.glob(pattern)
+                   ) if directory is not None else []
+    where = f" from {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}" if files else ""
+    detail = ("stored shapes differ from those config.json implies" if "mismatched_sizes" in str(err)
+              else _first_line(err))
+    return NormgrowthError(f"cannot load the weights of model {spec!r}{where} ({detail}): check that the checkpoint "
+                           "is complete and matches its config.json.")
 
 
 def _safetensors_errors() -> tuple[type, ...]:

@@ -196,6 +196,11 @@ def _corrupt(kind, source, target):
         (target / shard).unlink()
         return target / shard
     shutil.copytree(source, target)
+    if kind == "bin, wrong shape":  # a legacy torch.save checkpoint: HF's loader finds the mismatch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+        (target / "model.safetensors").unlink()
     if kind == "truncated":
         weights = target / "model.safetensors"
         data = weights.read_bytes()
@@ -204,13 +209,14 @@ def _corrupt(kind, source, target):
     config = json.loads((target / "config.json").read_text())
     config["n_inner"] = 2 * 4 * config["n_embd"]  # the stored MLP is 4 * n_embd wide
     (target / "config.json").write_text(json.dumps(config))
-    return target / "model.safetensors"
+    return target / ("pytorch_model.bin" if kind.startswith("bin") else "model.safetensors")
 
 
 @pytest.mark.parametrize("kind, message", [
     ("truncated", "is truncated or corrupt"),
     ("missing shard", "which is missing"),
     ("wrong shape", "with shape .* but config.json implies"),
+    ("bin, wrong shape", "stored shapes differ from those config.json implies"),
 ])
 def test_corrupt_checkpoint_is_one_line_naming_the_file(kind, message, tiny_dirs, token_file, tmp_path):
     import re
