@@ -61,13 +61,19 @@ def test_collector_series_bounds_the_rows_the_collector_keeps(name, loaded):
     assert (collector_series(model) == rows) == (name == "gpt2")
 
 
-def test_bytes_per_sequence_counts_what_it_says():
-    base = bytes_per_sequence(64, 256, 4, 100)
-    assert bytes_per_sequence(64, 256, 4, 200) == 2 * base  # linear in seq_len with SDPA
-    eager = bytes_per_sequence(64, 256, 4, 200, eager_attention=True)
-    assert eager - bytes_per_sequence(64, 256, 4, 200) == 4 * 3 * 4 * 200 * 200  # e * C_ATTN * heads * L^2
-    assert bytes_per_sequence(64, 256, 4, 100, dtype=torch.bfloat16) < base
-    assert bytes_per_sequence(64, 256, 4, 100, vocab_size=1000) > base
+def test_bytes_per_sequence_scales_as_the_tensors_it_counts():
+    """Scaling laws of the estimate, not its constants: activations are linear in seq_len under SDPA,
+    eager attention adds a term in heads * seq_len^2, half precision halves the activations, and each
+    per-token series or vocabulary entry adds the same bytes per token."""
+    def b(seq_len=100, heads=4, **kw):
+        return bytes_per_sequence(64, 256, heads, seq_len, **kw)
+
+    assert b(200) == 2 * b(100)
+    attn = {(n, h): b(n, h, eager_attention=True) - b(n, h) for n in (50, 100) for h in (4, 8)}
+    assert attn[(100, 4)] == 4 * attn[(50, 4)] and attn[(100, 8)] == 2 * attn[(100, 4)] > 0
+    assert 2 * b(dtype=torch.bfloat16) == b() == 2 * b(dtype=torch.float16)
+    assert b(n_series=20) - b(n_series=10) == b(n_series=10) - b() > 0
+    assert b(vocab_size=2000) - b(vocab_size=1000) == b(vocab_size=1000) - b() > 0
 
 
 def test_auto_batch_size_never_below_one(loaded):
