@@ -543,7 +543,7 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
         raise NormgrowthError(f"model {spec!r} uses normalisation {kind!r}, which normgrowth cannot measure: "
                               "use a model with LayerNorm or RMSNorm.")
     normalization = BRIDGE_NORMALIZATION[kind]
-    block = bridge.blocks[0]._modules
+    block = dict(bridge.blocks[0].named_children())
     input_norm = any(name in block for name in INPUT_NORMS)
     output_norm = any(name in block for name in OUTPUT_NORMS)
     norm_names = [name for name in INPUT_NORMS + OUTPUT_NORMS if name in block]
@@ -558,7 +558,8 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
         norm_eps=norm_eps, input_norm=input_norm, output_norm=output_norm,
         norm_placement="none" if normalization == "none" else placement_of(input_norm, output_norm, ln_free),
         parallel_blocks=bool(cfg.parallel_attn_mlp), positional_embedding=str(cfg.positional_embedding_type),
-        has_pos_embed="pos_embed" in bridge._modules, gated_mlp=bool(cfg.gated_mlp), act_fn=str(cfg.act_fn),
+        has_pos_embed="pos_embed" in dict(bridge.named_children()), gated_mlp=bool(cfg.gated_mlp),
+        act_fn=str(cfg.act_fn),
         eager_attention=getattr(hf_cfg, "_attn_implementation", None) == "eager", bos_token_id=bos_token_id,
     )
 
