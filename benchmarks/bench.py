@@ -203,7 +203,7 @@ def _reductions(model: Any, cache: dict, w_o: Any, valid: Any) -> list[float]:
     explicit z_h W_O^h, MLP activation rates; reduced to token means over ``valid``."""
     import torch
 
-    from normgrowth.collect import norm_metrics
+    from normgrowth.collector import norm_metrics
 
     out = []
     vf = valid.to(torch.float32)
@@ -287,7 +287,7 @@ def build_runner(config: str, model_dir: Path, device: str, dtype: str, n_seqs: 
                 for tok, m in chunks(n):
                     body(tok, attention_mask=m.long(), use_cache=False)
     elif config == "e":
-        from normgrowth.collect import norm_metrics
+        from normgrowth.collector import norm_metrics
 
         def run(n):
             with torch.inference_mode():
@@ -306,7 +306,7 @@ def build_runner(config: str, model_dir: Path, device: str, dtype: str, n_seqs: 
                 for tok, m in chunks(n):
                     model.forward(tok, attention_mask=m)
     elif config == "c":
-        from normgrowth.collect import collect
+        from normgrowth.collector import collect
 
         def run(n):
             collect(model, TokenBatch(tokens[:n], mask[:n], "random"), batch_size=batch_size)

@@ -1,15 +1,19 @@
 """normgrowth: measure, fit and explain residual-stream norm growth in transformers.
 
-Public entry points (imported lazily so that ``normgrowth --help`` stays fast):
-``load_model``, ``load_tokens``, ``collect``, ``Results``.
+Public entry points (imported lazily so that ``normgrowth --help`` stays fast): ``load_model``,
+``load_tokens``, ``collect`` (a function: ``normgrowth.collect(model, data)``), ``Results``,
+``TokenBatch``, ``ModelConfig``, ``LoadedModel``, ``NormgrowthError``.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": ("normgrowth.models", "load_model"),
+    "ModelConfig": ("normgrowth.models", "ModelConfig"),
+    "LoadedModel": ("normgrowth.models", "LoadedModel"),
     "load_tokens": ("normgrowth.data", "load_tokens"),
-    "collect": ("normgrowth.collect", "collect"),
+    "TokenBatch": ("normgrowth.data", "TokenBatch"),
+    "collect": ("normgrowth.collector", "collect"),
     "Results": ("normgrowth.results", "Results"),
     "NormgrowthError": ("normgrowth.errors", "NormgrowthError"),
 }

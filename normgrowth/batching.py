@@ -45,7 +45,6 @@ STATS_BYTES_PER_SERIES = 4 + 6 * 8  # collector buffer (float32) + float64 tempo
 LOGITS_FLOATS = 3  # float entries per vocabulary item when logits are formed (logits, float32 copy, log-softmax)
 DEFAULT_CPU_BYTES = 4 * 2**30  # used when /proc/meminfo cannot be read
 MAX_AUTO_BATCH = 1024
-EAGER_FAMILIES = ("gpt-neo",)  # HF runs these with eager attention (no SDPA path)
 
 
 def free_memory_bytes(device: Any = None) -> int:
@@ -69,7 +68,7 @@ def cpu_available_bytes(meminfo: Union[str, Path] = "/proc/meminfo") -> int:
 
 
 def activation_bytes(dtype: torch.dtype) -> int:
-    """Bytes of one activation entry (norms are computed in float32 from it, see collect.py)."""
+    """Bytes of one activation entry (norms are computed in float32 from it, see collector.py)."""
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -114,7 +113,7 @@ def auto_batch_size(model: Any, seq_len: int, device: Any = None, logits: bool =
     free = free_memory_bytes(dev) if free_bytes is None else int(free_bytes)
     per_seq = bytes_per_sequence(
         model.d_model, model.d_mlp, model.n_heads, seq_len, dtype=model.dtype,
-        eager_attention=getattr(model, "family", "") in EAGER_FAMILIES, n_series=collector_series(model),
+        eager_attention=bool(getattr(model, "eager_attention", False)), n_series=collector_series(model),
         vocab_size=model.vocab_size if logits else 0) + int(extra_bytes_per_token) * seq_len
     return int(max(1, min(MAX_AUTO_BATCH, math.floor(MEMORY_FRACTION * free / max(per_seq, 1)))))
 
@@ -183,26 +182,3 @@ def run_with_oom_guard(fn: Callable[[], T], batch_size: int) -> T:
             raise
         _release_cached_memory()
         raise oom_error(batch_size) from None
-
-
-def retry_on_oom(fn: Callable[[int], T], batch_size: int, on_retry: Optional[Callable[[int, int], None]] = None) -> T:
-    """``fn(batch_size)``, halving the batch size after each out-of-memory failure down to 1.
-
-    ``fn`` must start from scratch on every call (``collect`` does). ``on_retry(old, new)`` is told
-    about each retry. At batch size 1 the failure becomes the :class:`NormgrowthError` of
-    :func:`run_with_oom_guard`.
-    """
-    size = batch_size
-    while True:
-        try:
-            return fn(size)
-        except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-            _release_cached_memory()
-            if size <= 1:
-                raise oom_error(1) from None
-            new = smaller_batch_size(size)
-            if on_retry is not None:
-                on_retry(size, new)
-            size = new

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .data import iter_batches
 from .errors import NormgrowthError
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null")
@@ -522,17 +523,6 @@ def _batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def _batches(tokens: torch.Tensor, mask: torch.Tensor, batch_size: int):
-    """(start, tokens, mask) slices of ``batch_size`` sequences, trimmed of all-padding columns."""
-    if batch_size < 1:
-        raise NormgrowthError(f"batch size must be at least 1, got {batch_size}.")
-    for start in range(0, tokens.shape[0], batch_size):
-        m = mask[start:start + batch_size]
-        nz = torch.nonzero(m.any(0))
-        width = max(int(nz.max()) + 1 if nz.numel() else 1, 1)
-        yield start, tokens[start:start + batch_size, :width], m[:, :width]
-
-
 def _valid(mask: torch.Tensor) -> torch.Tensor:
     """Tokens in the statistics: real (mask True) and not at position 0."""
     valid = mask.clone()
@@ -636,7 +626,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     per_token_bytes = 4 * (6 * n_c * n_c + 3 * n_q * n_r * n_c)
     chunk = max(1, _CHUNK_BYTES // per_token_bytes)
     with torch.inference_mode(), model.hooks(collector.hooks()):
-        for start, tok, m in _batches(tokens, mask, batch_size):
+        for start, tok, m in iter_batches(tokens, mask, batch_size):
             valid = _valid(m)
             collector.start_batch(valid)
             model.forward(tok, attention_mask=m, logits=False)  # the stream only
@@ -775,7 +765,7 @@ def _write_means(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: S
             hooks.append((site, layer, adder(lab)))
     n = 0
     with model.hooks(hooks):
-        for _, tok, m in _batches(tokens, mask, batch_size):
+        for _, tok, m in iter_batches(tokens, mask, batch_size):
             state["valid"] = _valid(m)
             n += int(state["valid"].sum())
             model.forward(tok, attention_mask=m, logits=False)
@@ -819,7 +809,7 @@ def ablation_check(model: Any, batch: Any, writes: Any = None, batch_size: int =
 
         readers = [(site, layer, reader_hook(r)) for r, (site, layer) in enumerate(reader_sites)]
         done = 0
-        for _, tok, m in _batches(tokens, mask, batch_size):
+        for _, tok, m in iter_batches(tokens, mask, batch_size):
             valid = _valid(m)
             state.update(mode="clean", clean={}, valid=valid)
             with model.hooks(readers):

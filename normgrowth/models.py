@@ -13,23 +13,27 @@ such attention bridge run the wrapped HF attention module itself (SDPA as config
 output projection routed through the bridge's ``o`` so ``hook_z`` still fires; see
 :meth:`LoadedModel.reconstructed_attention` to get the bridge's own attention back.
 
-Architecture differences live in two declarative tables:
+Model facts live in one frozen :class:`ModelConfig`, read at load time from the bridge's config, the
+bridge's block layout, HF's config and the live normalisation modules. Architecture differences live
+in declarative tables:
 
 * :data:`SITE_HOOKS` maps an abstract site (``resid_pre``, ``attn_out``, ``z`` ...) to the bridge's
-  hook name, the same for every family;
-* :data:`FAMILIES` maps an HF architecture to the facts the analyses need (normalisation kind,
-  parallel blocks, learned position embeddings).
+  hook name, the same for every family; :data:`SITE_REQUIRES` names the config fact a site needs;
+* :data:`FAMILIES` maps an HF architecture to what no config says (the family's name, and checkpoints
+  to refuse). Supporting a family the bridge wraps is one row there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -52,72 +56,169 @@ SITE_HOOKS: dict[str, str] = {
 }
 PER_LAYER_SITES = {k for k, v in SITE_HOOKS.items() if "{layer}" in v}
 
+# Sites that exist only where a ModelConfig fact (a boolean field or property) holds; the rest always exist.
+SITE_REQUIRES: dict[str, str] = {
+    "resid_mid": "has_resid_mid",  # parallel blocks have no stream between attention and MLP
+    "pos_embed": "has_pos_embed",  # rotary / ALiBi models write no position embedding
+    "ln1_in": "input_norm",  # output-only normalisation has no input norm to hook
+    "ln2_in": "input_norm",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A checkpoint of a supported architecture that is refused when ``hf_field`` of its config is ``value``."""
+
+    hf_field: str
+    value: Any
+    reason: str  # completes "model 'X' ...", one sentence with what to do
+
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between supported architectures."""
+    """What neither the bridge's config nor HF's says about an architecture: its name in reports."""
 
-    name: str  # short family name used in reports
-    normalization: str  # "LN" (LayerNorm, subtracts the mean) or "RMS" (RMSNorm)
-    has_pos_embed: bool  # learned absolute position embeddings written into the stream
-    parallel_attr: Optional[str] = None  # config flag meaning "attention and MLP read the same stream"
-    parallel_default: bool = False  # value when the flag is absent from the config
+    name: str  # short family name used in reports, e.g. "gpt-neox"
+    label: str  # how users call it, for error messages, e.g. "GPT-NeoX/Pythia"
+    refuse: Optional[Refusal] = None
 
 
+# HF architecture -> family. Every other fact is read from the bridge's and HF's configs (model_config).
 FAMILIES: dict[str, Family] = {
-    "GPT2LMHeadModel": Family("gpt2", "LN", has_pos_embed=True),
-    "GPTNeoXForCausalLM": Family(
-        "gpt-neox", "LN", has_pos_embed=False, parallel_attr="use_parallel_residual", parallel_default=True
-    ),
-    "LlamaForCausalLM": Family("llama", "RMS", has_pos_embed=False),
-    "OPTForCausalLM": Family("opt", "LN", has_pos_embed=True),
-    "GPTNeoForCausalLM": Family("gpt-neo", "LN", has_pos_embed=True),
+    "GPT2LMHeadModel": Family("gpt2", "GPT-2"),
+    "GPTNeoXForCausalLM": Family("gpt-neox", "GPT-NeoX/Pythia"),
+    "LlamaForCausalLM": Family("llama", "Llama"),
+    "OPTForCausalLM": Family("opt", "OPT", Refusal(
+        "do_layer_norm_before", False, "is a post-LayerNorm OPT model (like opt-350m), whose residual stream is "
+        "re-normalised after every layer: use a pre-LN OPT model")),
+    "GPTNeoForCausalLM": Family("gpt-neo", "GPT-Neo"),
 }
+
+# HF config fields holding the MLP's hidden width, first one set wins (the bridge's d_mlp misses ffn_dim).
+HF_D_MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
+# The bridge's normalization_type -> the kind of norm ("LN" subtracts the mean, "RMS" does not).
+BRIDGE_NORMALIZATION = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: "none"}
+# Bridge block children that normalise a sublayer's input / output.
+INPUT_NORMS = ("ln1", "ln2")
+OUTPUT_NORMS = ("ln1_post", "ln2_post")
+# (input norm, output norm) -> placement; LN-free and norm-free models are "none".
+PLACEMENTS = {(True, False): "pre", (True, True): "peri", (False, True): "post", (False, False): "none"}
 
 LN_FREE_MIN_EPS = 1e6  # published LN-free checkpoints store eps = 1e12
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class LoadedModel:
-    """A loaded model plus the facts every analysis needs (one place, documented field by field)."""
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every fact about a loaded model that the analyses use, read once at load time.
 
-    spec: str  # hub name or local directory, as given
-    revision: Optional[str]  # hub revision, or None for a local directory / default branch
-    architecture: str  # HF architecture class name, e.g. "GPT2LMHeadModel"
-    family: str  # short family name, e.g. "gpt2", "gpt-neox", "llama"
-    n_layers: int  # number of transformer blocks
-    d_model: int  # width of the residual stream
-    n_heads: int  # query heads per attention layer
-    n_kv_heads: int  # key/value heads (< n_heads for grouped-query attention)
-    d_head: int  # width of one head
-    d_mlp: int  # MLP hidden width
-    n_ctx: int  # longest sequence the model accepts
+    Derived from the TransformerLens bridge's config (``bridge.cfg``), the bridge's block layout, HF's
+    config and the live normalisation modules; :data:`FAMILIES` adds only the family's name.
+
+    Attributes:
+        spec: hub name or local directory, as given to :func:`load_model`.
+        revision: hub revision, or None for a local directory / the default branch.
+        architecture: HF architecture class name, e.g. ``"GPT2LMHeadModel"``.
+        family: short family name from :data:`FAMILIES`, e.g. ``"gpt2"``, ``"gpt-neox"``, ``"llama"``.
+        n_layers: number of transformer blocks.
+        d_model: width of the residual stream.
+        n_heads: query heads per attention layer.
+        n_kv_heads: key/value heads (fewer than ``n_heads`` for grouped-query attention).
+        d_head: width of one attention head.
+        d_mlp: hidden width of the MLP (of each gate/up projection for gated MLPs).
+        n_ctx: longest sequence the model accepts.
+        vocab_size: number of token ids.
+        normalization: ``"LN"`` (LayerNorm: subtracts the mean, divides by the std), ``"RMS"`` (RMSNorm:
+            divides by the root mean square) or ``"none"`` (LN-free: the norms divide by a constant).
+        ln_free: the LayerNorms are stored in the published LN-free format: every eps >= 1e6 (1e12 in
+            practice) with weights scaled by about sqrt(eps) / sigma_avg.
+        centers: the normalisation subtracts the per-token mean (LayerNorm, LN-free included).
+        norm_eps: eps of the first block's input norm, read from the live module (never changed).
+        input_norm: each sublayer reads the stream through a norm (``ln1`` / ``ln2``).
+        output_norm: each sublayer's output passes a norm before it is added (``ln1_post`` / ``ln2_post``).
+        norm_placement: ``"pre"`` (input norms only), ``"peri"`` (input and output norms), ``"post"`` (output
+            norms only) or ``"none"`` (LN-free, or no norms at all).
+        parallel_blocks: attention and MLP both read ``resid_pre`` and their writes are added together;
+            there is no ``resid_mid``.
+        positional_embedding: the bridge's ``positional_embedding_type``: ``"standard"`` (learned absolute
+            positions added to the stream), ``"rotary"``, ``"alibi"`` ...
+        has_pos_embed: a position embedding is written into the stream (the bridge has ``pos_embed``).
+        gated_mlp: the MLP is gated, ``act(x W_gate) * (x W_in)`` (Llama's SwiGLU).
+        act_fn: the MLP's activation function, e.g. ``"gelu_new"``, ``"silu"``, ``"relu"``.
+        eager_attention: HF runs the attention eagerly and materialises ``[batch, head, pos, pos]`` scores
+            (no SDPA path for this architecture).
+        bos_token_id: id prepended to text (from the tokenizer, else HF's config), or None.
+    """
+
+    spec: str
+    revision: Optional[str]
+    architecture: str
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
     vocab_size: int
-    normalization: str  # "LN", "RMS", or "none" for an LN-free checkpoint (divides by a constant)
-    ln_free: bool  # LayerNorms stored in the published LN-free format (eps >= 1e6, scaled weights)
-    centers: bool  # the normalisation subtracts the per-token mean (LayerNorm, LN-free included)
-    norm_eps: float  # eps of the blocks' normalisation (1e12 for LN-free checkpoints)
-    parallel_blocks: bool  # attention and MLP both read resid_pre; there is no resid_mid
-    has_pos_embed: bool  # a learned position embedding is written into the stream
+    normalization: str
+    ln_free: bool
+    centers: bool
+    norm_eps: float
+    input_norm: bool
+    output_norm: bool
+    norm_placement: str
+    parallel_blocks: bool
+    positional_embedding: str
+    has_pos_embed: bool
+    gated_mlp: bool
+    act_fn: str
+    eager_attention: bool
     bos_token_id: Optional[int]
-    tokenizer: Any  # HF tokenizer, or None when the checkpoint ships none
-    device: torch.device
-    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.normalization not in ("LN", "RMS", "none"):
+            raise ValueError(f"normalization must be LN, RMS or none, got {self.normalization!r}")
+        if self.norm_placement not in set(PLACEMENTS.values()):
+            raise ValueError(f"norm_placement must be one of {sorted(set(PLACEMENTS.values()))}")
+
+    @property
+    def has_resid_mid(self) -> bool:
+        """A stream exists between attention and MLP (sequential blocks)."""
+        return not self.parallel_blocks
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def placement_of(input_norm: bool, output_norm: bool, ln_free: bool) -> str:
+    """Norm placement from the block layout: "none" for LN-free models, else :data:`PLACEMENTS`."""
+    return "none" if ln_free else PLACEMENTS[(bool(input_norm), bool(output_norm))]
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A loaded model: its :class:`ModelConfig` plus the runtime handles.
+
+    Every config field reads through as an attribute (``model.n_layers`` is ``model.config.n_layers``).
+    """
+
+    config: ModelConfig
     hf_model: torch.nn.Module = field(repr=False)
     bridge: Any = field(repr=False)  # transformer_lens TransformerBridge (use the methods below)
+    tokenizer: Any = field(repr=False)  # HF tokenizer, or None when the checkpoint ships none
+    device: torch.device  # device of the embedding (where inputs go)
+    dtype: torch.dtype  # dtype the weights were loaded in
     # attention bridges switched to the HF module's own attention (see _use_native_attention)
-    native_attention: list = field(default_factory=list, repr=False)
+    native_attention: tuple = field(default=(), repr=False)
 
     # ----- sites and hooks -------------------------------------------------------------------
     def has_site(self, site: str) -> bool:
-        """Whether ``site`` exists in this architecture (``resid_mid`` is absent in parallel blocks)."""
-        if site == "resid_mid":
-            return not self.parallel_blocks
-        if site == "pos_embed":
-            return self.has_pos_embed
-        return site in SITE_HOOKS
+        """Whether ``site`` exists in this architecture (see :data:`SITE_REQUIRES`)."""
+        need = SITE_REQUIRES.get(site)
+        return site in SITE_HOOKS and (need is None or bool(getattr(self.config, need)))
 
     def hook_name(self, site: str, layer: Optional[int] = None) -> str:
         if not self.has_site(site):
@@ -247,10 +348,21 @@ class LoadedModel:
 
     def norm_modules(self, which: str) -> list[torch.nn.Module]:
         """The HF normalisation modules behind ``ln1`` / ``ln2`` (one per block) or ``ln_final``."""
-        b = self.bridge
-        if which == "ln_final":
-            return [b.ln_final.original_component]
-        return [getattr(blk, which).original_component for blk in b.blocks]
+        return _norm_modules(self.bridge, which)
+
+
+def _norm_modules(bridge: Any, which: str) -> list[torch.nn.Module]:
+    if which == "ln_final":
+        return [bridge.ln_final.original_component]
+    return [getattr(blk, which).original_component for blk in bridge.blocks]
+
+
+def _forward_to_config(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (see :class:`ModelConfig`).")
+
+
+for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid"]:
+    setattr(LoadedModel, _name, _forward_to_config(_name))
 
 
 STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
@@ -364,7 +476,8 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     """Load ``spec`` (hub name or local HF checkpoint directory) and wrap it in a TransformerLens bridge.
 
     ``device_map`` (e.g. ``"auto"``) spreads a model over several GPUs through accelerate; then
-    ``device`` is ignored and inputs go to the embedding's device.
+    ``device`` is ignored and inputs go to the embedding's device. A local checkpoint's files are
+    checked first (:func:`check_checkpoint_files`).
     """
     spec = str(spec)
     torch_dtype = resolve_dtype(dtype)
@@ -373,50 +486,101 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     archs = list(getattr(config, "architectures", None) or [])
     arch = next((a for a in archs if a in FAMILIES), None)
     if arch is None:
+        labels = ", ".join(f.label for f in FAMILIES.values())
         raise NormgrowthError(
             f"model {spec!r} has architecture {archs[0] if archs else config.model_type!r}, which normgrowth does "
-            f"not support: use a GPT-2, GPT-NeoX/Pythia, Llama, OPT or GPT-Neo checkpoint."
+            f"not support: use a checkpoint of one of these families: {labels}."
         )
-    fam = FAMILIES[arch]
-    if arch == "OPTForCausalLM" and not getattr(config, "do_layer_norm_before", True):
-        raise NormgrowthError(f"model {spec!r} is a post-LayerNorm OPT model (like opt-350m), whose residual "
-                              "stream is re-normalised after every layer: use a pre-LN OPT model.")
+    refuse = FAMILIES[arch].refuse
+    if refuse is not None and getattr(config, refuse.hf_field, None) == refuse.value:
+        raise NormgrowthError(f"model {spec!r} {refuse.reason}.")
 
     from transformers import AutoModelForCausalLM
 
     local = Path(os.path.expanduser(spec)).is_dir()
+    if local:
+        check_checkpoint_files(Path(os.path.expanduser(spec)), config)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if not local:
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # HF's load reports and progress bars would break the one-line errors
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise NormgrowthError(f"cannot load the weights of model {spec!r} ({_first_line(err)}): "
-                              "check that the checkpoint is complete.") from None
+    except (OSError, ValueError, RuntimeError, *_safetensors_errors()) as err:
+        raise _weights_error(spec, Path(os.path.expanduser(spec)) if local else None, err) from None
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
     if dev is not None:
         hf_model = hf_model.to(dev)
     hf_model.eval()
     tokenizer = _load_tokenizer(spec if not local else os.path.expanduser(spec), revision)
     bridge = _build_bridge(hf_model, arch)
+    model_cfg = model_config(spec, revision, arch, hf_model, bridge, _bos_id(config, tokenizer))
+    if model_cfg.ln_free and torch_dtype == torch.float16:
+        raise NormgrowthError(f"model {spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
+                              "(about 1e6) overflow float16: use --dtype float32 or bfloat16.")
+    return LoadedModel(config=model_cfg, hf_model=hf_model, bridge=bridge, tokenizer=tokenizer,
+                       device=hf_model.get_input_embeddings().weight.device, dtype=torch_dtype,
+                       native_attention=tuple(_use_native_attention(bridge)))
 
-    model = LoadedModel(
-        spec=spec, revision=revision, architecture=arch, family=fam.name,
-        n_layers=int(bridge.cfg.n_layers), d_model=int(bridge.cfg.d_model), n_heads=int(bridge.cfg.n_heads),
-        n_kv_heads=int(getattr(bridge.cfg, "n_key_value_heads", None) or bridge.cfg.n_heads),
-        d_head=int(bridge.cfg.d_head), d_mlp=int(bridge.cfg.d_mlp), n_ctx=int(bridge.cfg.n_ctx),
-        vocab_size=int(bridge.cfg.d_vocab), normalization=fam.normalization, ln_free=False,
-        centers=fam.normalization == "LN", norm_eps=0.0,
-        parallel_blocks=bool(getattr(config, fam.parallel_attr, fam.parallel_default)) if fam.parallel_attr else False,
-        has_pos_embed=fam.has_pos_embed, bos_token_id=_bos_id(config, tokenizer), tokenizer=tokenizer,
-        device=hf_model.get_input_embeddings().weight.device, dtype=torch_dtype, hf_model=hf_model, bridge=bridge,
-        native_attention=_use_native_attention(bridge),
+
+def model_config(spec: str, revision: Optional[str], architecture: str, hf_model: torch.nn.Module, bridge: Any,
+                 bos_token_id: Optional[int]) -> ModelConfig:
+    """The :class:`ModelConfig` of a model wrapped in ``bridge`` (see the field docs for each source)."""
+    cfg, hf_cfg = bridge.cfg, hf_model.config
+    kind = cfg.normalization_type
+    if kind not in BRIDGE_NORMALIZATION:
+        raise NormgrowthError(f"model {spec!r} uses normalisation {kind!r}, which normgrowth cannot measure: "
+                              "use a model with LayerNorm or RMSNorm.")
+    normalization = BRIDGE_NORMALIZATION[kind]
+    block = dict(bridge.blocks[0].named_children())
+    input_norm = any(name in block for name in INPUT_NORMS)
+    output_norm = any(name in block for name in OUTPUT_NORMS)
+    norm_names = [name for name in INPUT_NORMS + OUTPUT_NORMS if name in block]
+    norm_eps, ln_free = _norm_facts(bridge, normalization, norm_names, spec)
+    d_mlp = next((getattr(hf_cfg, f) for f in HF_D_MLP_FIELDS if getattr(hf_cfg, f, None)), None) or cfg.d_mlp
+    return ModelConfig(
+        spec=spec, revision=revision, architecture=architecture, family=FAMILIES[architecture].name,
+        n_layers=int(cfg.n_layers), d_model=int(cfg.d_model), n_heads=int(cfg.n_heads),
+        n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads), d_head=int(cfg.d_head),
+        d_mlp=int(d_mlp), n_ctx=int(cfg.n_ctx), vocab_size=int(cfg.d_vocab),
+        normalization="none" if ln_free else normalization, ln_free=ln_free, centers=normalization == "LN",
+        norm_eps=norm_eps, input_norm=input_norm, output_norm=output_norm,
+        norm_placement="none" if normalization == "none" else placement_of(input_norm, output_norm, ln_free),
+        parallel_blocks=bool(cfg.parallel_attn_mlp), positional_embedding=str(cfg.positional_embedding_type),
+        has_pos_embed="pos_embed" in dict(bridge.named_children()), gated_mlp=bool(cfg.gated_mlp),
+        act_fn=str(cfg.act_fn),
+        eager_attention=getattr(hf_cfg, "_attn_implementation", None) == "eager", bos_token_id=bos_token_id,
     )
-    _check_norms(model, config)
-    return model
+
+
+def _weights_error(spec: str, directory: Optional[Path], err: BaseException) -> NormgrowthError:
+    """One sentence for a failure inside HF's loading, naming the weight files of a local checkpoint."""
+    files = sorted(p.name for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in directory.glob(pattern)
+                   ) if directory is not None else []
+    where = f" from {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}" if files else ""
+    detail = ("stored shapes differ from those config.json implies" if "mismatched_sizes" in str(err)
+              else _first_line(err))
+    return NormgrowthError(f"cannot load the weights of model {spec!r}{where} ({detail}): check that the checkpoint "
+                           "is complete and matches its config.json.")
+
+
+def _safetensors_errors() -> tuple[type, ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
@@ -470,31 +634,128 @@ def norm_eps_of(module: torch.nn.Module) -> float:
     raise NormgrowthError(f"cannot find the eps of normalisation module {type(module).__name__}.")
 
 
-def _check_norms(model: LoadedModel, config: Any) -> None:
-    """Read eps from the live modules (never overwritten), and detect the LN-free storage format.
+def _norm_facts(bridge: Any, normalization: str, norm_names: Sequence[str], spec: str) -> tuple[float, bool]:
+    """``(norm_eps, ln_free)`` from the live modules (eps is read, never overwritten).
 
     LN-free (published format): every LayerNorm has eps >= 1e6 (1e12 in practice) and weights scaled
     by about sqrt(eps)/sigma_avg, so LN(x) = (x - mean) * w / sqrt(var + eps) ~ (x - mean) * w / sqrt(eps).
     """
-    mods = model.norm_modules("ln1") + model.norm_modules("ln2") + model.norm_modules("ln_final")
+    if normalization == "none":
+        return 0.0, False
+    mods = [m for which in norm_names for m in _norm_modules(bridge, which)] + _norm_modules(bridge, "ln_final")
     eps = [norm_eps_of(m) for m in mods]
-    model.norm_eps = eps[0]
-    if model.normalization != "LN":
-        return
+    if normalization != "LN":
+        return eps[0], False
     huge = [e >= LN_FREE_MIN_EPS for e in eps]
     if all(huge):
         scales = torch.cat([m.weight.detach().abs().float().flatten().cpu() for m in mods])
         median_gain = float(scales.median()) / (eps[0] ** 0.5)
         if median_gain < 1e-4:
-            warnings.warn(f"model {model.spec!r}: LayerNorm eps is {eps[0]:g} but the weights are not scaled "
+            warnings.warn(f"model {spec!r}: LayerNorm eps is {eps[0]:g} but the weights are not scaled "
                           "to compensate; its normalised inputs are close to zero.")
-        model.ln_free, model.normalization = True, "none"
-        if model.dtype == torch.float16:
-            raise NormgrowthError(f"model {model.spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
-                                  "(about 1e6) overflow float16: use --dtype float32 or bfloat16.")
-    elif any(huge):
-        warnings.warn(f"model {model.spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
+        return eps[0], True
+    if any(huge):
+        warnings.warn(f"model {spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
                       "LN-free); it is treated as an ordinary LayerNorm model.")
+    return eps[0], False
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint files: one line naming the file that is corrupt, missing or of the wrong shape
+# ----------------------------------------------------------------------------------------------
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def check_checkpoint_files(directory: Path, hf_config: Any = None) -> None:
+    """Refuse, in one sentence naming the file, a local checkpoint that cannot load as ``hf_config`` says.
+
+    Checks, in the order HF reads the files: every shard an index names exists; every safetensors
+    file's header is complete and describes exactly the file's size (a truncated copy fails this);
+    and, given ``hf_config``, every stored tensor whose name the model has has the model's shape.
+    """
+    directory = Path(directory)
+    if (directory / SAFE_INDEX).is_file():
+        files = _index_shards(directory / SAFE_INDEX)
+    elif (directory / SAFE_WEIGHTS).is_file():
+        files = [directory / SAFE_WEIGHTS]
+    else:
+        if (directory / BIN_INDEX).is_file():
+            _index_shards(directory / BIN_INDEX)
+        return
+    stored = {}
+    for path in files:
+        for name, shape in safetensors_shapes(path).items():
+            stored[name] = (shape, path)
+    if hf_config is not None and getattr(hf_config, "quantization_config", None) is None:
+        _check_shapes(stored, hf_config)
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise NormgrowthError(f"checkpoint index {str(index)!r} is not a readable weight map: copy or download "
+                              "it again.") from None
+    for shard in shards:
+        if not (index.parent / shard).is_file():
+            raise NormgrowthError(f"checkpoint index {str(index)!r} names the shard {shard!r}, which is missing: "
+                                  "download the missing file (or the whole checkpoint) again.")
+    return [index.parent / shard for shard in shards]
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, after checking that the file is complete.
+
+    Layout: 8 bytes little-endian header length n, n bytes of JSON ``{name: {dtype, shape,
+    data_offsets: [begin, end]}}``, then the data; the last ``end`` must reach the end of the file.
+    """
+    size = path.stat().st_size
+
+    def corrupt(detail: str) -> NormgrowthError:
+        return NormgrowthError(f"checkpoint file {str(path)!r} is truncated or corrupt ({detail}): copy or "
+                               "download it again.")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise corrupt(f"the header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(e["data_offsets"][1]) for e in entries.values()), default=0)
+            shapes = {k: tuple(int(d) for d in e["shape"]) for k, e in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise corrupt("its header is not a valid tensor table") from None
+    if 8 + n + end != size:
+        raise corrupt(f"{size} bytes where its header describes {8 + n + end}")
+    return shapes
+
+
+def _check_shapes(stored: dict[str, tuple[tuple[int, ...], Path]], hf_config: Any) -> None:
+    """Compare stored shapes with those of the model ``hf_config`` builds (on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            meta = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # a config transformers cannot build fails later, with HF's own message
+        return
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    prefix = getattr(meta, "base_model_prefix", "")
+    for name, (shape, path) in stored.items():
+        key = name if name in expected else f"{prefix}.{name}"
+        if key in expected and expected[key] != shape:
+            raise NormgrowthError(
+                f"checkpoint file {str(path)!r} holds {name} with shape {list(shape)} but config.json implies "
+                f"{list(expected[key])}: the weights and config.json come from different models; use matching files.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def _batch_size(settings: RunSettings, model: Any, n_positions: int, emit: _Emit
 def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _ModelHandle
                 ) -> tuple["Results", Optional[Path], bool]:
     """Collected norm Results: from the cache when an identical run is there, else collected (and cached)."""
-    from .collect import DEFAULT_SITES
+    from .collector import DEFAULT_SITES
     from .results import Results
 
     base = _entry("report", spec, settings, {"sites": list(DEFAULT_SITES)})
@@ -297,7 +297,7 @@ def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _Model
     if res is not None:
         return res, base, True
     from .batching import run_with_oom_guard
-    from .collect import collect
+    from .collector import collect
     from .data import load_tokens
 
     model = handle.get()

@@ -7,8 +7,9 @@ figure scripts read. On top of :meth:`Results.to_json` it adds:
   per-sequence curves; 95 % CI by bootstrap over sequences);
 * ``layer_ratios``: per site, norm[l] / norm[l-1] with bootstrap CIs;
 * ``appendix1``: the study's bound g_l - 1 <= (||attn_out_l|| + ||mlp_out_l||) / ||resid_pre_l|| (means);
-* ``position``: mean ||x|| per position for resid_pre and resid_post (position 0 included), and the
-  number of sequences reaching each position;
+  None unless resid_pre, attn_out, mlp_out and resid_post were all collected;
+* ``position``: mean ||x|| per position for resid_pre and resid_post (position 0 included; None for a
+  site not collected), and the number of sequences reaching each position;
 * ``head_seq_count``: the number of per-sequence curves behind each fit.
 """
 
@@ -18,20 +19,19 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .fit import GrowthFit, appendix1_bound, fit_growth, layer_ratios, parse_window
+from .fit import GrowthFit, appendix1_bound, layer_ratios, parse_window
 from .results import SITES, Results
 
 N_BOOT = 1000
+APPENDIX1_SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in appendix1_bound's argument order
 
 
 def site_fits(res: Results, window: Optional[str] = None, seed: int = 0) -> dict[str, GrowthFit]:
-    """A GrowthFit per site, from the per-sequence mean curves weighted by their token counts."""
-    n_layers = res.meta.n_layers
-    if n_layers < 2:
+    """``{site: res.fit(site, window, seed)}`` for every collected site (empty for a one-layer model)."""
+    if res.meta.n_layers < 2:
         return {}
-    win = parse_window(window, n_layers) if window else None
-    return {site: fit_growth(st.seq_mean, window=win, weights=res.seq_n_tokens, n_boot=N_BOOT, seed=seed)
-            for site, st in res.sites.items() if st is not None}
+    win = parse_window(window, res.meta.n_layers) if window else None
+    return {site: res.fit(site, win, seed) for site, st in res.sites.items() if st is not None}
 
 
 def report_document(res: Results, window: Optional[str] = None, fits: Optional[dict[str, GrowthFit]] = None
@@ -47,10 +47,13 @@ def report_document(res: Results, window: Optional[str] = None, fits: Optional[d
             ratio, lo, hi = layer_ratios(st.seq_mean, weights=res.seq_n_tokens, n_boot=N_BOOT)
             ratios[site] = {"ratio": ratio, "ci95_lo": lo, "ci95_hi": hi}
     doc["layer_ratios"] = ratios
-    s = res.sites
-    bound = appendix1_bound(s["resid_pre"].mean, s["attn_out"].mean, s["mlp_out"].mean, s["resid_post"].mean)
-    doc["appendix1"] = {k: np.asarray(v) for k, v in bound.items()}
-    doc["position"] = {site: res.sites[site].position_mean for site in ("resid_pre", "resid_post")}
+    s = {site: st for site, st in res.sites.items() if st is not None}
+    if all(site in s for site in APPENDIX1_SITES):
+        bound = appendix1_bound(*(s[site].mean for site in APPENDIX1_SITES))
+        doc["appendix1"] = {k: np.asarray(v) for k, v in bound.items()}
+    else:
+        doc["appendix1"] = None
+    doc["position"] = {site: s[site].position_mean if site in s else None for site in ("resid_pre", "resid_post")}
     doc["position_count"] = res.position_count
     doc["sites_order"] = list(SITES)
     return doc

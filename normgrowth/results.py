@@ -49,7 +49,7 @@ class SiteStats:
     position_mean: np.ndarray  # [n_layers, n_positions] mean ||x|| per position (position 0 included)
     seq_mean: np.ndarray  # [n_seqs, n_layers] per-sequence mean ||x|| over that sequence's tokens >= 1
     seq_centered_mean: np.ndarray  # [n_seqs, n_layers]
-    hist: np.ndarray  # [n_layers, HIST_BINS] counts of ||x|| in log-spaced bins (stats.hist_edges())
+    hist: np.ndarray  # [n_layers, HIST_BINS] counts of ||x|| in the log-spaced bins of stats.py
 
     def summary_json(self) -> dict[str, list]:
         """The stable ``S`` object of the report JSON."""

@@ -190,11 +190,6 @@ def histogram_counts(values: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx.reshape(-1), minlength=k * HIST_BINS)
 
 
-def hist_edges() -> np.ndarray:
-    """The HIST_BINS + 1 bin edges (values, not logs)."""
-    return 10.0 ** np.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
-
-
 def hist_quantile(counts: np.ndarray, q: float) -> np.ndarray:
     """Quantile q of each row of histogram counts [K, HIST_BINS], interpolating log-linearly inside a bin.
 
@@ -215,9 +210,3 @@ def hist_quantile(counts: np.ndarray, q: float) -> np.ndarray:
         frac = (target - below) / counts[i, j] if counts[i, j] > 0 else 0.5
         out[i] = 10.0 ** (HIST_LOG10_MIN + (j + min(max(frac, 0.0), 1.0)) * width)
     return out
-
-
-def std_from_moments(m2: np.ndarray, count: float) -> np.ndarray:
-    """Population standard deviation sqrt(M2 / n)."""
-    return np.sqrt(np.asarray(m2) / max(count, 1))
-

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .collector import mlp_active_fraction
 from .errors import NormgrowthError
 from .models import norm_eps_of
 from .protocol import ResultProtocol
@@ -404,9 +405,9 @@ def random_input_gains(model: Any, n_seqs: int = 8, seq_len: int = 64, seed: int
 
     def record_pre(layer: int):
         def fn(act: torch.Tensor) -> None:
-            body = act[:, 1:]
-            active[layer] += float((body > 0).sum())
-            pre_count[layer] += body.numel()
+            rates = mlp_active_fraction(act[:, 1:])  # [batch, pos - 1]
+            active[layer] += float(rates.sum(dtype=torch.float64))
+            pre_count[layer] += rates.numel()
         return fn
 
     hooks = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, hf_model
-from normgrowth.collect import collect, head_write_norms, wo_gram_matrices
+from normgrowth.collector import collect, head_write_norms, wo_gram_matrices
 from normgrowth.data import TokenBatch, load_tokens
 from normgrowth.errors import NonFiniteNormError
 from normgrowth.stats import hist_quantile
@@ -146,7 +146,7 @@ def test_streaming_equals_numpy_on_concatenated_norms(loaded, token_file):
     batch = load_tokens(str(token_file), model)
     captured = []
     with torch.inference_mode(), model.hooks([("resid_post", 2, lambda x: captured.append(x.clone()))]):
-        for tokens, mask in batch.batches(2):
+        for _, tokens, mask in batch.batches(2):
             model.forward(tokens, attention_mask=mask)
     norms = np.concatenate([token_norms(x) for x in captured], 0)  # [n_seqs, pos]
     rest = norms[:, 1:].reshape(-1)
@@ -242,3 +242,156 @@ def test_planted_growth_model_collected_and_fitted(tmp_path):
     fit = fit_growth(res.sites["resid_post"].seq_mean, weights=res.seq_n_tokens)
     assert abs(fit.growth_factor / g - 1) < 5e-3
     assert fit.ci95[0] <= fit.growth_factor <= fit.ci95[1]
+
+
+# ----- the notebook API: what collect accepts ----------------------------------------------------------
+WORDS = ("the a cat dog sat ran on under mat tree and then it was big small red blue one two three four five "
+         "six seven eight nine ten house car bird fish slept ate jumped over quick slow happy sad day night sun "
+         "moon").split()
+
+
+@pytest.fixture(scope="module")
+def gpt2_with_tokenizer(tiny_dirs, tmp_path_factory):
+    """The tiny GPT-2 checkpoint plus a word-level tokenizer (BOS id 0) saved beside it."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from normgrowth.models import load_model
+
+    path = tmp_path_factory.mktemp("tok") / "gpt2"
+    shutil.copytree(tiny_dirs["gpt2"], path)
+    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>").save_pretrained(path)
+    return load_model(str(path)), tok
+
+
+def assert_same_results(a, b):
+    for key, arr in a.arrays().items():
+        np.testing.assert_array_equal(b.arrays()[key], arr, err_msg=key)
+
+
+def test_collect_ids_tensor_and_array_give_the_token_batch_numbers(loaded, padded_batch):
+    model = loaded("llama")
+    ref = collect(model, padded_batch, batch_size=2)
+    ids, mask = padded_batch.tokens, padded_batch.attention_mask
+    assert_same_results(ref, collect(model, ids, batch_size=2, attention_mask=mask))
+    assert_same_results(ref, collect(model, ids.numpy(), batch_size=2, attention_mask=mask.numpy().astype(int)))
+    full = collect(model, ids[[0, 2, 4]], batch_size=2)  # no mask: every id is a real token
+    assert full.meta.n_tokens == 3 * (ids.shape[1] - 1)
+
+
+def test_collect_texts_give_the_token_batch_numbers(gpt2_with_tokenizer):
+    model, tok = gpt2_with_tokenizer
+    texts = ["the cat sat on the mat", "a big red dog ran under the tree and then it slept",
+             "one two three", "happy fish jumped over the moon at night"]
+    rows = [[0] + tok.encode(t).ids for t in texts]  # BOS, then the words
+    width = max(map(len, rows))
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    ref = collect(model, TokenBatch(tokens, mask, "manual"), batch_size=3)
+    got = collect(model, texts, batch_size=3)
+    assert_same_results(ref, got)
+    assert got.meta.n_tokens == sum(len(r) - 1 for r in rows)
+
+
+def test_collect_texts_without_tokenizer_is_one_clear_error(loaded):
+    from normgrowth.errors import NormgrowthError
+
+    with pytest.raises(NormgrowthError, match="no tokenizer.*token ids"):
+        collect(loaded("gpt2"), ["some text"])
+    with pytest.raises(NormgrowthError, match="cannot collect from a dict"):
+        collect(loaded("gpt2"), {"tokens": [1, 2]})
+    with pytest.raises(NormgrowthError, match="integer array"):
+        collect(loaded("gpt2"), torch.zeros(4))
+
+
+def test_left_padding_gives_the_unpadded_numbers(loaded):
+    """Sequences left-padded into one batch give what each gives alone, unpadded."""
+    model = loaded("gpt2")
+    gen = torch.Generator().manual_seed(8)
+    lengths = [5, 11, 8]
+    seqs = [torch.randint(0, 100, (n,), generator=gen) for n in lengths]
+    tokens = torch.full((3, 11), 7, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, 11 - len(s):] = s
+        mask[i, 11 - len(s):] = True
+    left = collect(model, tokens, attention_mask=mask, batch_size=3)
+    alone = [collect(model, s[None], batch_size=1) for s in seqs]
+    for site in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        seq = np.concatenate([r.sites[site].seq_mean for r in alone])
+        np.testing.assert_allclose(left.sites[site].seq_mean, seq, rtol=1e-5, err_msg=site)
+        bos = np.mean([r.sites[site].bos_mean for r in alone], axis=0)
+        np.testing.assert_allclose(left.sites[site].bos_mean, bos, rtol=1e-5)
+    np.testing.assert_array_equal(left.seq_n_tokens, np.array(lengths) - 1)
+
+
+def test_any_subset_of_sites_goes_through_the_report(loaded, padded_batch):
+    import json
+
+    from normgrowth.report import report_document
+    from normgrowth.results import format_report_table
+    from normgrowth.storage import json_safe
+
+    model = loaded("gpt2")
+    full = collect(model, padded_batch, batch_size=2)
+    part = collect(model, padded_batch, batch_size=2, sites=["resid_post"], heads=False, act_rate=False)
+    np.testing.assert_allclose(part.sites["resid_post"].mean, full.sites["resid_post"].mean, rtol=1e-6)
+    doc = json.loads(json.dumps(json_safe(report_document(part))))
+    assert [s for s, v in doc["sites"].items() if v is not None] == ["resid_post"]
+    assert set(doc["fit"]) == {"resid_post"} and set(doc["layer_ratios"]) == {"resid_post"}
+    assert doc["appendix1"] is None and doc["position"]["resid_pre"] is None
+    assert doc["heads"] is None and doc["mlp_act_rate"] is None
+    row = format_report_table(part).splitlines()[4].split()  # layer 0: layer, 5 sites, bos
+    assert row[0] == "0" and row[1] == "-" and row[3] != "-"
+
+
+@pytest.mark.parametrize("family, pre_module", [("gpt2", "mlp.c_fc"), ("llama", "mlp.gate_proj"), ("opt", "fc1")])
+def test_mlp_activation_rate_equals_plain_hf(family, pre_module, tiny_dirs, loaded, padded_batch):
+    """mlp_act_rate = mean over real tokens >= 1 of the fraction of pre-activation entries > 0, where the
+    pre-activation is the input of the MLP's nonlinearity, read from plain HF modules."""
+    model = loaded(family)
+    hf = hf_model(tiny_dirs[family])
+    blocks = hf.get_submodule(HF_LAYOUT[family][0])
+    pres = []
+    handles = [b.get_submodule(pre_module).register_forward_hook(lambda m, a, out: pres.append(out.detach()))
+               for b in blocks]
+    tokens, mask = padded_batch.tokens, padded_batch.attention_mask
+    with torch.no_grad():
+        hf(tokens, attention_mask=mask.long())
+    for h in handles:
+        h.remove()
+    main = mask.clone()
+    main[:, 0] = False
+    expected = [(p.reshape(*tokens.shape, -1) > 0).double().mean(-1)[main].mean().item() for p in pres]
+    res = collect(model, padded_batch, batch_size=2)
+    np.testing.assert_allclose(res.mlp_act_rate, expected, rtol=1e-6)
+
+
+def test_mlp_active_fraction_counts_entries_above_zero():
+    from normgrowth.collector import mlp_active_fraction
+
+    pre = torch.tensor([[0.0, -0.0, 1e-30, -1e-30, 3.0, -2.0, float("inf"), 5.0],
+                        [float("-inf"), 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0],
+                        [float("nan"), 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    got = mlp_active_fraction(pre)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), [4 / 8, 6 / 8, 7 / 8])
+    np.testing.assert_array_equal(got.numpy(), (pre.numpy() > 0).mean(-1).astype(np.float32))
+
+
+def test_collect_is_a_function_on_every_access():
+    import subprocess
+    import sys
+
+    code = ("import inspect, normgrowth; a = normgrowth.collect; b = normgrowth.collect; "
+            "import normgrowth.collector as c; "
+            "print(inspect.isfunction(a), inspect.isfunction(b), a is b is c.collect, normgrowth.collect is c.collect)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["True"] * 4, proc.stdout + proc.stderr

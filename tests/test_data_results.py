@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from normgrowth.collect import collect
-from normgrowth.data import builtin_prompts, load_tokens
+from normgrowth.collector import collect
+from normgrowth.data import TokenBatch, builtin_prompts, iter_batches, load_tokens
 from normgrowth.errors import NormgrowthError
 from normgrowth.results import Results
 
@@ -41,6 +41,56 @@ def test_text_gets_bos_and_mask_not_pad_id(tmp_path):
     lengths = batch.attention_mask.sum(1).tolist()
     assert lengths == [1 + len("first doc\nstill first"), 1 + len("second"), 1 + len("third one here")]
     assert batch.n_tokens == sum(lengths) - 3
+
+
+def test_list_of_strings_is_documents_not_a_dataset_name():
+    texts = ["first doc", "second", "a third document here"]
+    batch = load_tokens(texts, tokenizer=CharTokenizer(), bos_token_id=0, n_ctx=64)
+    assert len(batch) == 3 and (batch.tokens[:, 0] == 0).all()
+    assert batch.attention_mask.sum(1).tolist() == [1 + len(t) for t in texts]
+    assert batch.tokens[1, 1:7].tolist() == [10 + ord(c) % 90 for c in "second"]
+    assert len(load_tokens(texts, tokenizer=CharTokenizer(), bos_token_id=0, n_seqs=2)) == 2
+    for bad in ([], ["ok", 3]):
+        with pytest.raises(NormgrowthError, match="list of documents"):
+            load_tokens(bad, tokenizer=CharTokenizer(), bos_token_id=0)
+
+
+def _left_and_right(lengths, width, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, 100, (n,), generator=gen) for n in lengths]
+    left = torch.full((len(seqs), width), -5, dtype=torch.long)
+    right = torch.full((len(seqs), width), -5, dtype=torch.long)
+    lmask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    rmask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        left[i, width - len(s):], lmask[i, width - len(s):] = s, True
+        right[i, : len(s)], rmask[i, : len(s)] = s, True
+    return seqs, (left, lmask), (right, rmask)
+
+
+def test_iter_batches_right_aligns_left_padding_and_trims():
+    seqs, (left, lmask), (right, rmask) = _left_and_right([3, 7, 1, 5, 2], width=9)
+    for size in (1, 2, 5):
+        got = list(iter_batches(left, lmask, size))
+        ref = list(iter_batches(right, rmask, size))
+        assert [g[0] for g in got] == list(range(0, 5, size))
+        for (start, tok, m), (_, rtok, rm) in zip(got, ref):
+            assert torch.equal(m, rm) and torch.equal(tok[m], rtok[rm])
+            assert m.shape[1] == max(len(s) for s in seqs[start:start + size])  # no all-padding column
+            for i, s in enumerate(seqs[start:start + size]):
+                assert tok[i, : len(s)].tolist() == s.tolist()  # position 0 = the first real token
+    batch = TokenBatch(left, lmask, "left")
+    assert batch.n_tokens == sum(len(s) - 1 for s in seqs)
+    assert torch.equal(batch.attention_mask, rmask)
+
+
+def test_mask_with_padding_inside_is_refused():
+    tokens = torch.ones(2, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    with pytest.raises(NormgrowthError, match="row 1 of the attention mask has padding between real tokens"):
+        TokenBatch(tokens, mask, "holes")
+    with pytest.raises(NormgrowthError, match="mask shape"):
+        TokenBatch(tokens, mask[:, :4], "short")
 
 
 def test_jsonl_and_bad_jsonl(tmp_path):
@@ -210,7 +260,7 @@ def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path):
 
 def test_cli_out_of_memory_names_smaller_batch(tiny_dirs, token_file, tmp_path, monkeypatch):
     """An allocation failure during collection becomes one sentence naming a batch size to use."""
-    import normgrowth.collect as collect_module
+    import normgrowth.collector as collect_module
     from normgrowth.pipeline import run_report
 
     def oom(*args, **kwargs):

@@ -1,16 +1,36 @@
-"""Model loading: logits parity with plain HF, LN-free detection, clear errors."""
+"""Model loading: logits parity with plain HF, model facts, LN-free detection, clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, STORIES, hf_model
+from conftest import FAMILIES, STORIES, hf_model, tiny_config
 from normgrowth.errors import NormgrowthError
-from normgrowth.models import load_model
+from normgrowth.models import ModelConfig, load_model, placement_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Facts read off the plain HF model, independently of the bridge: the blocks, the MLP's input projection
+# (and the axis of its weight holding the hidden width), the learned position embedding if any.
+HF_FACTS = {
+    "gpt2": ("transformer.h", "mlp.c_fc", 1, "transformer.wpe"),
+    "neox": ("gpt_neox.layers", "mlp.dense_h_to_4h", 0, None),
+    "llama": ("model.layers", "mlp.up_proj", 0, None),
+    "opt": ("model.decoder.layers", "fc1", 0, "model.decoder.embed_positions"),
+    "neo": ("transformer.h", "mlp.c_fc", 0, "transformer.wpe"),
+}
+HF_INPUT_NORM = {"gpt2": "ln_1", "neox": "input_layernorm", "llama": "input_layernorm", "opt": "self_attn_layer_norm",
+                 "neo": "ln_1"}  # each block's first input norm
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "gpt2_lnfree"])
@@ -32,12 +52,75 @@ def test_family_facts(loaded):
     assert loaded("gpt2").has_site("resid_mid") and loaded("gpt2").has_pos_embed
     llama = loaded("llama")
     assert (llama.normalization, llama.centers, llama.n_kv_heads, llama.n_heads) == ("RMS", False, 2, 4)
+    assert llama.gated_mlp and llama.act_fn == "silu" and llama.positional_embedding == "rotary"
     assert loaded("opt").family == "opt" and loaded("neo").family == "gpt-neo"
+    assert loaded("neo").eager_attention and not loaded("gpt2").eager_attention  # HF's GPT-Neo has no SDPA
+    assert not any(loaded(f).gated_mlp for f in FAMILIES if f != "llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_config_matches_the_plain_hf_model(family, tiny_dirs, loaded):
+    """Sizes and layout facts agree with what the plain HF model's modules and config say."""
+    model = loaded(family)
+    hf = hf_model(tiny_dirs[family])
+    blocks_path, mlp_in, width_axis, pos_path = HF_FACTS[family]
+    blocks = hf.get_submodule(blocks_path)
+    cfg = hf.config
+    assert model.n_layers == len(blocks)
+    assert model.d_model == hf.get_input_embeddings().weight.shape[1]
+    assert model.vocab_size == hf.get_input_embeddings().weight.shape[0]
+    assert model.d_mlp == blocks[0].get_submodule(mlp_in).weight.shape[width_axis]
+    assert model.n_heads == getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", None))
+    assert model.d_head * model.n_heads == model.d_model
+    assert model.has_pos_embed == (pos_path is not None) == model.has_site("pos_embed")
+    assert (model.positional_embedding == "standard") == model.has_pos_embed
+    assert model.norm_placement == "pre" and model.input_norm and not model.output_norm
+    first_norm = hf.get_submodule(blocks_path)[0].get_submodule(HF_INPUT_NORM[family])
+    assert model.norm_eps == getattr(first_norm, "eps", getattr(first_norm, "variance_epsilon", None))
+    assert model.bos_token_id == cfg.bos_token_id
+
+
+def test_parallel_blocks_come_from_the_checkpoint_config(tmp_path):
+    """A sequential GPT-NeoX (use_parallel_residual=False) has resid_mid; nothing is hard-coded per family."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("neox")
+    cfg.use_parallel_residual = False
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "seq")
+    model = load_model(str(tmp_path / "seq"))
+    assert not model.parallel_blocks and model.has_site("resid_mid")
+    got, tokens = [], torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), model.hooks([("resid_mid", 1, lambda x: got.append(x.clone())),
+                                               ("resid_pre", 1, lambda x: got.append(x.clone())),
+                                               ("attn_out", 1, lambda x: got.append(x.clone()))]):
+        model.forward(tokens)
+    pre, attn, mid = got  # forward order
+    torch.testing.assert_close(mid, pre + attn, rtol=1e-5, atol=1e-6)
+
+
+def test_config_is_frozen_and_read_through(loaded):
+    model = loaded("gpt2")
+    for f in dataclasses.fields(ModelConfig):
+        assert getattr(model, f.name) == getattr(model.config, f.name), f.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.config.ln_free = True
+    with pytest.raises(AttributeError):
+        model.ln_free = True  # no patching after load
+    assert json.loads(json.dumps(model.config.to_json()))["norm_placement"] == "pre"
+
+
+def test_norm_placement_names():
+    """pre: input norms only; peri: input and output norms (Gemma 2); post: output norms only (OLMo 2)."""
+    assert placement_of(True, False, ln_free=False) == "pre"
+    assert placement_of(True, True, ln_free=False) == "peri"
+    assert placement_of(False, True, ln_free=False) == "post"
+    assert placement_of(True, False, ln_free=True) == "none"
 
 
 def test_ln_free_detected_and_eps_untouched(loaded):
     model = loaded("gpt2_lnfree")
-    assert model.ln_free and model.normalization == "none" and model.centers
+    assert model.ln_free and model.normalization == "none" and model.centers and model.norm_placement == "none"
     for which in ("ln1", "ln2", "ln_final"):
         for module in model.norm_modules(which):
             assert module.eps == 1e12  # nothing overwrote it
@@ -93,3 +176,65 @@ def test_bad_dtype_and_device(tiny_dirs):
     if not torch.cuda.is_available():
         with pytest.raises(NormgrowthError, match="no CUDA GPU"):
             load_model(str(tiny_dirs["gpt2"]), device="cuda")
+
+
+# ----- corrupt or partial checkpoints: one line naming the file, exit code 2 --------------------------
+def _cli_report(model_dir, token_file):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "normgrowth.cli", "report", str(model_dir), "--data", str(token_file)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+
+
+def _corrupt(kind, source, target):
+    """A copy of the checkpoint ``source`` broken in one way."""
+    from transformers import AutoModelForCausalLM
+
+    if kind == "missing shard":
+        AutoModelForCausalLM.from_pretrained(source).save_pretrained(target, max_shard_size="20KB")
+        index = json.loads((target / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[1]
+        (target / shard).unlink()
+        return target / shard
+    shutil.copytree(source, target)
+    if kind == "bin, wrong shape":  # a legacy torch.save checkpoint: HF's loader finds the mismatch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+        (target / "model.safetensors").unlink()
+    if kind == "truncated":
+        weights = target / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) * 2 // 3])
+        return weights
+    config = json.loads((target / "config.json").read_text())
+    config["n_inner"] = 2 * 4 * config["n_embd"]  # the stored MLP is 4 * n_embd wide
+    (target / "config.json").write_text(json.dumps(config))
+    return target / ("pytorch_model.bin" if kind.startswith("bin") else "model.safetensors")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "is truncated or corrupt"),
+    ("missing shard", "which is missing"),
+    ("wrong shape", "with shape .* but config.json implies"),
+    ("bin, wrong shape", "stored shapes differ from those config.json implies"),
+])
+def test_corrupt_checkpoint_is_one_line_naming_the_file(kind, message, tiny_dirs, token_file, tmp_path):
+    import re
+
+    bad = _corrupt(kind, tiny_dirs["gpt2"], tmp_path / "ckpt")
+    proc = _cli_report(tmp_path / "ckpt", token_file)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert bad.name in lines[0] and re.search(message, lines[0]), lines[0]
+
+
+def test_intact_sharded_checkpoint_loads(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]).save_pretrained(tmp_path / "s", max_shard_size="20KB")
+    assert len(list((tmp_path / "s").glob("*.safetensors"))) > 1
+    model = load_model(str(tmp_path / "s"))
+    tokens = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward(tokens), hf_model(tiny_dirs["gpt2"])(tokens).logits)

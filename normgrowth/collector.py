@@ -8,8 +8,8 @@ per-token numbers, in float32 whatever the model's dtype:
 
 Per-head write norms ``||z_h W_O^h||`` come from ``attn.hook_z`` with the per-layer Gram matrices
 ``G_h = W_O^h W_O^h^T`` (``[n_heads, d_head, d_head]``): ``||z_h W_O^h||^2 = z_h G_h z_h^T``, so no
-``[batch, pos, head, d_model]`` tensor is ever built. The MLP activation rate is the fraction of the
-pre-activation entries that are > 0.
+``[batch, pos, head, d_model]`` tensor is ever built. The MLP activation rate of a token is the fraction
+of its pre-activation entries that are > 0 (:func:`mlp_active_fraction`).
 
 The per-token numbers of one batch (``[K, batch, pos]``, a few floats per token) are then folded into
 :class:`normgrowth.stats.TokenStats`; nothing of size ``d_model`` outlives its hook.
@@ -18,17 +18,15 @@ The per-token numbers of one batch (``[K, batch, pos]``, a few floats per token)
 from __future__ import annotations
 
 import math
-import sys
-import types
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
-from .data import TokenBatch
+from .data import TokenBatch, as_token_batch
 from .errors import NonFiniteNormError, NormgrowthError
 from .models import LoadedModel
 from .results import EMBED_SITES, SITES, HeadStats, Results, RunMeta, SiteStats
@@ -47,6 +45,16 @@ def norm_metrics(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     centered = torch.linalg.vector_norm(x - x.mean(-1, keepdim=True), dim=-1)
     return torch.stack([torch.linalg.vector_norm(x, dim=-1), centered, centered / math.sqrt(x.shape[-1])])
+
+
+def mlp_active_fraction(pre: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[..., d_mlp] -> [...]: the fraction of entries > 0 (a NaN entry is not > 0), in float32.
+
+    relu(x).sign() is 1 exactly where x > 0 and 0 elsewhere (NaN included); summing it is about 2x
+    faster on the CPU than (x > 0).sum. ``out`` receives the result.
+    """
+    positive = torch.relu(pre).sign_()
+    return torch.sum(positive, -1, dtype=torch.float32, out=out).div_(pre.shape[-1])
 
 
 def head_write_norms(z: torch.Tensor, wo_gram: torch.Tensor) -> torch.Tensor:
@@ -97,7 +105,6 @@ class NormCollector:
         ``var_mean`` is ~8x slower than a norm). Both are exact up to float32 rounding."""
         self.model = model
         self.sites = [s for s in sites if model.has_site(s)]
-        self.missing = [s for s in sites if not model.has_site(s)]
         self.series: list[_Series] = []
         row = 0
         # norm series first (they get histograms and log-means), then heads, then activation rates
@@ -129,7 +136,6 @@ class NormCollector:
         self._spare: Optional[torch.Tensor] = None  # last batch's buffer, reused (no allocation per batch)
         self._filled = torch.zeros(row, dtype=torch.bool)
         self._last_post: Optional[tuple] = None  # (layer, weakref to resid_post, its row) of this batch
-        self._act_width = model.d_mlp
 
     # ----- hooks --------------------------------------------------------------------------------
     def hooks(self) -> list[tuple[str, Optional[int], Callable]]:
@@ -154,8 +160,8 @@ class NormCollector:
 
     # The hooks write raw per-token values straight into the batch buffer (``out=`` where the
     # activation is on the buffer's device) and leave what is cheaper to do once per batch over all
-    # rows to :meth:`_finish_rows`: std = centred / sqrt(d), sqrt of the squared head norms, and the
-    # division of positive counts by d_mlp. No hook synchronises with the device.
+    # rows to :meth:`_finish_rows`: std = centred / sqrt(d) and the sqrt of the squared head norms. No
+    # hook synchronises with the device.
     def _norm_hook(self, site: str, layer: int, row: int) -> Callable:
         def hook(x: torch.Tensor) -> None:
             buf = self._buffer(x.shape, x.device)
@@ -208,20 +214,16 @@ class NormCollector:
 
         def hook(pre: torch.Tensor) -> None:
             buf = self._buffer(pre.shape, pre.device)
-            self._act_width = pre.shape[-1]
-            # relu(x).sign() is 1 exactly where x > 0 and 0 elsewhere (NaN stays NaN): 2x faster than
-            # (x > 0).sum on the CPU
-            positive = torch.relu(pre).sign_()
             if pre.device == buf.device:
-                torch.sum(positive, -1, dtype=torch.float32, out=buf[row])
+                mlp_active_fraction(pre, out=buf[row])
             else:
-                buf[row] = positive.sum(-1, dtype=torch.float32).to(buf.device)
+                buf[row] = mlp_active_fraction(pre).to(buf.device)
             self._filled[row] = True
 
         return hook
 
     def _finish_rows(self, values: torch.Tensor) -> None:
-        """Once per batch, over all rows at once: norm rows, sqrt of squared head norms, rates."""
+        """Once per batch, over all rows at once: norm rows and the sqrt of squared head norms."""
         n_series = self.n_norm_rows // len(METRICS)
         if n_series:
             d = self.model.d_model
@@ -235,8 +237,6 @@ class NormCollector:
                 torch.mul(rows[:, 1], 1.0 / math.sqrt(d), out=rows[:, 2])
         if self.heads:
             values[self.head_row:self.act_row].clamp_(min=0).sqrt_()
-        if self.act_rate:
-            values[self.act_row:self.act_row + self.model.n_layers].div_(self._act_width)
 
     # ----- per batch ------------------------------------------------------------------------------
     def end_batch(self, valid: torch.Tensor) -> None:
@@ -319,12 +319,18 @@ class NormCollector:
                        seq_n_tokens=st.seq_counts(), position_count=st.pos_count.cpu().numpy())
 
 
-def collect(model: LoadedModel, batch: TokenBatch, batch_size: int = 8, sites: Sequence[str] = DEFAULT_SITES,
+def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[str] = DEFAULT_SITES,
             heads: bool = True, act_rate: bool = True, seq_len: Optional[int] = None,
-            progress: Optional[Callable[[int, int], None]] = None) -> Results:
-    """Run ``model`` over ``batch`` and return streamed norm statistics (see the module docstring).
+            progress: Optional[Callable[[int, int], None]] = None, *, attention_mask: Any = None,
+            n_seqs: Optional[int] = None) -> Results:
+    """Run ``model`` over ``data`` and return streamed norm statistics (see the module docstring).
 
-    ``sites`` that the architecture lacks (``resid_mid`` in parallel blocks) are reported as None.
+    ``data``: a :class:`~normgrowth.data.TokenBatch`; token ids ``[n_seqs, seq_len]`` as a torch tensor
+    or numpy array (``attention_mask`` of the same shape optional, left or right padding); a list of
+    strings (tokenised with the model's tokenizer, BOS prepended); or a source name / path that
+    :func:`~normgrowth.data.load_tokens` reads. ``n_seqs`` / ``seq_len`` keep the first sequences /
+    positions. ``sites`` may be any subset of :data:`DEFAULT_SITES`; sites not asked for, or that the
+    architecture lacks (``resid_mid`` in parallel blocks), are reported as None.
     ``progress(n_done, n_total)`` is called after each batch with sequence counts.
     """
     unknown = [s for s in sites if s not in DEFAULT_SITES]
@@ -332,24 +338,15 @@ def collect(model: LoadedModel, batch: TokenBatch, batch_size: int = 8, sites: S
         raise NormgrowthError(f"unknown site(s) {unknown}: choose from {', '.join(DEFAULT_SITES)}.")
     if batch_size < 1:
         raise NormgrowthError(f"batch size must be at least 1, got {batch_size}.")
+    batch = as_token_batch(data, model, attention_mask=attention_mask, n_seqs=n_seqs, seq_len=seq_len)
     collector = NormCollector(model, sites, heads, act_rate, n_positions=batch.tokens.shape[1],
                               expected_sequences=batch.tokens.shape[0])
     done = 0
     with torch.inference_mode(), model.hooks(collector.hooks()):
-        for tokens, mask in batch.batches(batch_size):
+        for _, tokens, mask in batch.batches(batch_size):
             model.forward(tokens, attention_mask=mask, logits=False)  # the stream only: no unembedding
             collector.end_batch(mask)
             done += tokens.shape[0]
             if progress is not None:
                 progress(done, len(batch))
     return collector.results(batch, batch_size, seq_len)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``normgrowth.collect(...)`` call :func:`collect` although ``normgrowth.collect`` is this module."""
-
-    def __call__(self, *args, **kwargs) -> Results:
-        return collect(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
