@@ -57,6 +57,7 @@ ZERO_WRITE_TOL = 1e-5  # a write whose centred RMS is below this fraction of its
 RETENTION_KEPT = 0.8  # retention at distance >= 2 above this: kept; below: erased
 EXCESS_DECAY_MIN = 1.02  # excess-dilution decay per layer above this: dilution outpaces its equal-norm null
 _CHUNK_BYTES = 256 * 2**20  # working memory for one chunk of per-token quantities
+_BOOT_BLOCK = 128  # bootstrap replicates evaluated together
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,12 +438,14 @@ def summarize_deletion(seq_gram: np.ndarray, seq_n_tokens: np.ndarray, seq_infl:
     n_seqs = int(seq_gram.shape[0])
     boot: dict[str, list] = {}
     if n_boot > 0 and n_seqs >= 2:
-        for counts in resample_counts(n_seqs, n_boot, seed):
-            st = _statistics(np.einsum("bs,sij->bij", counts, seq_gram), np.einsum("bs,src->brc", counts, infl),
-                             counts @ fnorm, counts @ n_tok, des, sel)
-            for k, v in st.items():
-                if not k.startswith("matrix."):
-                    boot.setdefault(k, []).append(v)
+        for chunk in resample_counts(n_seqs, n_boot, seed):
+            for lo in range(0, chunk.shape[0], _BOOT_BLOCK):  # bounded memory: [block, R, C] per matrix
+                counts = chunk[lo:lo + _BOOT_BLOCK]
+                st = _statistics(np.einsum("bs,sij->bij", counts, seq_gram), np.einsum("bs,src->brc", counts, infl),
+                                 counts @ fnorm, counts @ n_tok, des, sel)
+                for k, v in st.items():
+                    if not k.startswith("matrix."):
+                        boot.setdefault(k, []).append(v)
     cis = {k: percentile_ci(np.concatenate(v, 0)) for k, v in boot.items()}
     return {"point": point, "ci": cis, "design": des, "summary_writes": sel, "n_seqs": n_seqs,
             "n_boot": n_boot if cis else 0, "parts": stream_parts(gamma, mean_gram, int(N), layout.reader_index),

@@ -287,6 +287,27 @@ def test_bootstrap_ci_is_exact_for_identical_sequences_and_counts_nothing():
     assert any("fewer than 30" in w for w in doc["warnings"])
 
 
+def test_nan_replicates_are_counted_and_reported():
+    """A write that is non-zero in one sequence only: replicates that miss that sequence are undefined."""
+    lay = stream_layout(2)
+    rng = np.random.default_rng(12)
+    P = rng.standard_normal((40, lay.n_writes, 8))
+    # attn_out.0 (read 2 layers later by the final stream) writes only in sequence 0, with token mean 0
+    P[:, 1] = 0.0
+    P[0:2, 1], P[2:4, 1] = P[0, 1] + 1.0, -(P[0, 1] + 1.0)
+    seq = np.repeat(np.arange(10), 4)
+    sums = _sums_from_writes(P, seq, 10, lay.reader_index, eps=1e-5)
+    summ = summarize_deletion(*sums, lay, n_boot=200, seed=1)
+    assert np.isfinite(summ["point"]["retention_far"])
+    # count independently: replicates drawing no copy of sequence 0 (same draws as the bootstrap)
+    from normgrowth.numerics import resample_counts
+    missing = int(sum((c[:, 0] == 0).sum() for c in resample_counts(10, 200, 1)))
+    assert missing > 20
+    doc = deletion_document(summ)
+    assert doc["bootstrap"]["nonfinite_replicates"]["retention_far"] == missing
+    assert any("gave NaN" in w for w in doc["warnings"])
+
+
 def test_locality_on_planted_shares():
     lay = stream_layout(2)  # writes embed(0) a0(1) m0(1) a1(2) m1(2); readers layers 1, 2, 3
     dist = distance_matrix(lay.write_layer, lay.reader_layer)
