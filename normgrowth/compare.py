@@ -110,11 +110,9 @@ def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
 
 
 def _position0_is_fixed(res: Results) -> bool:
-    """True when position 0 holds the same token in every sequence (its norms then do not vary)."""
-    tokens = getattr(res, "first_tokens", None)
-    if tokens is not None:
-        return len(set(np.asarray(tokens).tolist())) <= 1
-    st = res.sites.get("resid_post") or next(iter(res.sites.values()))
+    """True when position 0 holds the same token in every sequence: the norm of position 0 then does not
+    vary between sequences (standard deviation <= 1e-6 of its mean at every layer)."""
+    st = res.sites.get("resid_post") or next(s for s in res.sites.values() if s is not None)
     sd = np.asarray(st.bos_std, dtype=float)
     scale = np.maximum(np.abs(np.asarray(st.bos_mean, dtype=float)), 1e-30)
     return bool(np.all(sd <= 1e-6 * scale))
