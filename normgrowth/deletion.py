@@ -615,6 +615,9 @@ class DeletionResults(ResultProtocol):
                 "shared_component": {"write_mean_norm": np.sqrt(np.clip(np.diag(self.mean_gram), 0, None))},
             }
             out.update(deletion_document(self.statistics()))
+            if self.ln_free:
+                out["verdict"]["note"] = ("LN-free model: nothing divides by the stream's size, so dilution does not "
+                                          "reduce a write's influence here; the label describes geometry only")
             out["ablation"] = self.ablation if self.ablation is not None else {
                 "writes": [], "distance": [], "normalized_input_change": [], "final_kl": [], "run": False}
             self._doc = json_safe(out)
@@ -705,7 +708,7 @@ def format_deletion_json(doc: dict) -> str:
         lines.append(f"warning: {w}")
     rf, ex = v["retention_far"], v["excess_dilution_decay_per_layer"]
     th = v["thresholds"]
-    lines += ["", f"VERDICT: {v['label']} - {v['reason']}",
+    lines += ["", f"VERDICT: {v['label']} - {v['reason']}" + (f" ({v['note']})" if v.get("note") else ""),
               f"  retention at distance >= 2 (mean over {v.get('n_far_pairs', '?')} pairs of attn/MLP writes): "
               f"{_with_ci(rf['value'], rf['ci95'])}  (kept if the CI is >= {th['retention_kept_min']}, erased if < it)",
               f"  excess-dilution decay per layer, delta/delta0 (mean slope over {v.get('n_writes_in_summary', '?')} "
