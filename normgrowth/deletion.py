@@ -693,6 +693,9 @@ def format_deletion_report(res: DeletionResults) -> str:
 
 def format_deletion_json(doc: dict) -> str:
     """The report of :func:`format_deletion_report` from a :meth:`DeletionResults.to_json` document."""
+    if "verdict" not in doc or "per_write" not in doc:
+        raise NormgrowthError(f"the deletion result for {doc.get('model', '?')!r} was computed by an older normgrowth "
+                              "(no verdict): delete the cached file and run `normgrowth deletion` again.")
     by, loc, v = doc["by_distance"], doc["locality"], doc["verdict"]
     kind = "LN-free" if doc.get("ln_free") else doc.get("normalization", "")
     centred = "centred" if doc.get("centers", True) else "uncentred"

@@ -16,9 +16,9 @@ from scipy import stats
 
 from normgrowth.deletion import (QUANTITIES, DeletionResults, _ablation_hooks, _write_means, _WriteCollector,
                                  ablation_check, collect_deletion, deletion_document, deletion_quantities,
-                                 deletion_verdict, distance_matrix, format_deletion_report, gram_from_writes, locality,
-                                 normalized_change, parse_ablate, stream_layout, stream_parts, summarize_deletion,
-                                 token_sums, write_slopes)
+                                 deletion_verdict, distance_matrix, format_deletion_json, format_deletion_report,
+                                 gram_from_writes, locality, normalized_change, parse_ablate, stream_layout,
+                                 stream_parts, summarize_deletion, token_sums, write_slopes)
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import load_model
 
@@ -559,6 +559,8 @@ def test_to_json_schema_report_save_load_and_frame(model_dirs, tmp_path):
     sel = frame[(frame.statistic == "dilution") & (frame.site == "embed") & (frame.reader == "final")]
     assert float(sel.value.iloc[0]) == pytest.approx(out["dilution"][3][0])
     assert "magnitude" in res.summary() or out["verdict"]["label"] in res.summary()
+    with pytest.raises(NormgrowthError, match="older normgrowth"):
+        format_deletion_json({k: v for k, v in out.items() if k != "verdict"})
     empty = collect_deletion(model, batch, batch_size=4, n_boot=0).to_json()["ablation"]
     assert empty["writes"] == [] and empty["final_kl"] == []
 
