@@ -1,9 +1,10 @@
 """Figure 6b: where each reader's stream comes from: the reading-share matrix and its equal-norm null.
 
-Reading share R(L, c) = <P(w_c), P(r_L)> / ||P(r_L)||^2: the part of the (projected) stream r_L read by
-reader L (rows: block inputs resid_pre.l and the final stream) that write c (columns: embedding, then
-attn_out.l and mlp_out.l in forward order) contributes; each row sums to 1 and cells can be negative
-(a write pointing against the rest). Token means over positions >= 1. Right of each model: the same
+Reading share R(L, c) = sum <w~_c, r~_L> / sum ||r~_L||^2 (sums over tokens at positions >= 1 of token-centred
+projected writes w~ and stream r~): the part of the stream read by reader L (rows: block inputs
+resid_pre.l and the final stream) that write c (columns: embedding, then attn_out.l and mlp_out.l in
+forward order) contributes; each row sums to 1 and cells can be negative (a write pointing against the
+rest). Right of each model: the same
 matrix after every write is rescaled to one common norm (directions kept), i.e. what the reading would
 be if writes did not differ in size. Grey: the write comes after the reader. Shared diverging colour
 scale per model, symmetric about 0.
@@ -65,7 +66,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
             ax.grid(False)
         bar = fig.colorbar(image, ax=list(row), shrink=0.9)
         bar.set_label("share of ‖P(r)‖² (row sums to 1)")
-    fig.suptitle("Reading shares: which writes make up each reader's stream (token means, positions ≥ 1)")
+    fig.suptitle("Reading shares: which writes make up each reader's stream (ratio of sums, positions ≥ 1)")
     return save(fig, out_dir, STEM)
 
 

@@ -4,24 +4,38 @@ Every row holds each model's value with its 95 % CI and the difference A − B w
 
 * growth factors per site: difference by independent bootstraps over each model's sequences
   (:func:`normgrowth.fit.growth_difference`);
-* everything else (position-0 norms, mean write norms, weight-norm growth, deletion summaries): a normal
-  approximation, SE_i = (hi_i − lo_i) / (2 · 1.96) from each model's own CI,
-  CI(A − B) = (A − B) ± 1.96 · sqrt(SE_A² + SE_B²).
-A difference is called significant when its CI excludes 0. Rows without CIs are marked descriptive.
+* everything else: a normal approximation, SE_i = (hi_i − lo_i) / (2 · 1.96) from each model's own CI,
+  CI(A − B) = (A − B) ± 1.96 · sqrt(SE_A² + SE_B²) (:func:`normgrowth.numerics.difference_ci_from_cis`).
+
+Each row with a CI gets a two-sided p-value from the normal approximation z = (A − B) / SE with
+SE = (hi − lo) / (2 · 1.96) of the difference's CI, and the p-values of all rows are Holm-adjusted
+together (family-wise error 5 %). A row is significant (raw) when its CI excludes 0 and significant
+(Holm) when its adjusted p < 0.05; both are shown. Rows without CIs are descriptive; position-0 rows
+are deterministic (no CI, no significance claim) when position 0 holds the same token in every
+sequence. Weight rows compare LN-free and LN models in the same units: an LN-free model's folded
+weights (gain / sigma_avg, acting on the raw stream) are multiplied per layer by the mean per-token
+standard deviation of the stream they read, which makes them gains on the normalised input.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
+from scipy import stats
 
-from .fit import growth_difference
+from .numerics import Z95, difference_ci_from_cis, excludes_zero, holm_adjust, weighted_mean_ci
+from .protocol import ResultProtocol
 from .results import SITES, Results
+from .storage import json_safe
 
-Z95 = 1.959963984540054
+ALPHA = 0.05
+MIN_BOOT_SEQS = 30  # fewer sequences than this feeding a bootstrap: a warning
+# weight series -> the stream site whose normalisation they read (None: no gain folded in)
+WEIGHT_SERIES = {"W_OV_mean": "resid_pre", "W_in": "resid_mid", "W_out": None, "gain_attn": "resid_pre",
+                 "gain_mlp": "resid_mid"}
 
 
 def _name(spec: str, ln_free: bool) -> str:
@@ -29,64 +43,144 @@ def _name(spec: str, ln_free: bool) -> str:
     return name + (" (no LN)" if ln_free and "noln" not in name.lower() and "lnfree" not in name.lower() else "")
 
 
-def _mean_ci(values: np.ndarray, weights: Optional[np.ndarray] = None) -> tuple[float, list[float]]:
-    """Weighted mean of per-sequence values with a normal 95 % CI (weighted SE, Kish effective n)."""
-    v = np.asarray(values, dtype=float)
-    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
-    keep = np.isfinite(v) & (w > 0)
-    v, w = v[keep], w[keep]
-    mean = float(np.sum(w * v) / np.sum(w))
-    if v.size < 2:
-        return mean, [math.nan, math.nan]
-    n_eff = np.sum(w) ** 2 / np.sum(w**2)
-    var = float(np.sum(w * (v - mean) ** 2) / np.sum(w))
-    se = math.sqrt(var / max(n_eff - 1, 1))
-    return mean, [mean - Z95 * se, mean + Z95 * se]
+def _num(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def p_value_from_ci(diff: float, ci: Any) -> Optional[float]:
+    """Two-sided p of ``diff`` from its 95 % CI by the normal approximation:
+    ``z = diff / SE``, ``SE = (hi - lo) / (2 * 1.96)``, ``p = 2 (1 - Phi(|z|))``; None without a CI."""
+    lo, hi = (_num(v) for v in ci)
+    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(diff)):
+        return None
+    se = (hi - lo) / (2 * Z95)
+    if se <= 0:
+        return 0.0 if diff != 0 else 1.0
+    return float(2 * stats.norm.sf(abs(diff) / se))
 
 
 def row(label: str, a: float, a_ci: Any, b: float, b_ci: Any, diff: Optional[float] = None,
-        diff_ci: Optional[Any] = None, method: str = "normal approximation from each model's CI") -> dict[str, Any]:
-    """One comparison row; the difference CI comes from the two CIs unless given."""
-    a_ci = [float(x) if x is not None else math.nan for x in (a_ci if a_ci is not None else [math.nan] * 2)]
-    b_ci = [float(x) if x is not None else math.nan for x in (b_ci if b_ci is not None else [math.nan] * 2)]
-    a = float(a) if a is not None else math.nan
-    b = float(b) if b is not None else math.nan
-    if diff is None:
-        diff = a - b
-        se = [(hi - lo) / (2 * Z95) for lo, hi in (a_ci, b_ci)]
-        if all(np.isfinite(se)):
-            half = Z95 * math.sqrt(se[0] ** 2 + se[1] ** 2)
-            diff_ci = [diff - half, diff + half]
-        else:
-            diff_ci, method = [math.nan, math.nan], "no CI (descriptive)"
-    diff_ci = [float(x) for x in diff_ci]
-    has_ci = all(np.isfinite(diff_ci))
-    significant = bool(has_ci and (diff_ci[0] > 0 or diff_ci[1] < 0))
+        diff_ci: Optional[Any] = None, method: str = "normal approximation from each model's CI",
+        deterministic: bool = False) -> dict[str, Any]:
+    """One comparison row; the difference CI comes from the two CIs unless given.
+
+    ``deterministic``: the values are exact (not samples), so the row has no CI and makes no
+    significance claim.
+    """
+    a_ci = [_num(x) for x in (a_ci if a_ci is not None else [None, None])]
+    b_ci = [_num(x) for x in (b_ci if b_ci is not None else [None, None])]
+    a, b = _num(a), _num(b)
+    if deterministic:
+        a_ci = b_ci = [math.nan, math.nan]
+        diff, diff_ci, method = a - b, [math.nan, math.nan], "deterministic (position 0 is the same token everywhere)"
+    elif diff is None:
+        diff, diff_ci = difference_ci_from_cis(a, a_ci, b, b_ci)
+        if not all(math.isfinite(x) for x in diff_ci):
+            method = "no CI (descriptive)"
+    diff_ci = [_num(x) for x in diff_ci]
+    has_ci = all(math.isfinite(x) for x in diff_ci)
     return {"label": label, "a": a, "a_ci95": a_ci, "b": b, "b_ci95": b_ci, "difference": float(diff),
-            "difference_ci95": diff_ci, "significant": significant, "has_ci": has_ci, "method": method}
+            "difference_ci95": diff_ci, "significant": bool(has_ci and excludes_zero(diff_ci)), "has_ci": has_ci,
+            "deterministic": bool(deterministic), "method": method,
+            "p_value": p_value_from_ci(float(diff), diff_ci) if has_ci else None}
+
+
+def adjust_rows(rows: list[dict[str, Any]], alpha: float = ALPHA) -> None:
+    """Add Holm-adjusted p-values (over every row with a p-value) and the adjusted verdict, in place."""
+    adjusted = holm_adjust([r.get("p_value") for r in rows])
+    for r, p in zip(rows, adjusted):
+        r["p_holm"] = p
+        r["significant_holm"] = bool(p is not None and p < alpha)
 
 
 def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
+    if r.get("deterministic"):
+        return (f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} (position 0 is the same token in "
+                "every sequence: exact values, no CI, no significance claim).")
     if not r["has_ci"]:
         return f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} (no CI: descriptive only)."
     lo, hi = r["difference_ci95"]
+    holm = f"Holm-adjusted p = {r['p_holm']:.3g}" if r.get("p_holm") is not None else "no adjusted p"
     if r["significant"]:
         higher = name_a if r["difference"] > 0 else name_b
-        return (f"{r['label']}: {higher} is higher by {abs(r['difference']):.3g} "
-                f"(95 % CI of A-B [{lo:.3g}, {hi:.3g}] excludes 0: significant).")
-    return f"{r['label']}: no significant difference (95 % CI of A-B [{lo:.3g}, {hi:.3g}] contains 0)."
+        after = "significant" if r.get("significant_holm") else "not significant"
+        return (f"{r['label']}: {higher} is higher by {abs(r['difference']):.3g} (95 % CI of A-B [{lo:.3g}, {hi:.3g}] "
+                f"excludes 0: significant alone; {holm}: {after} after correction for {r.get('n_tests', '?')} rows).")
+    return f"{r['label']}: no significant difference (95 % CI of A-B [{lo:.3g}, {hi:.3g}] contains 0; {holm})."
+
+
+def _position0_is_fixed(res: Results) -> bool:
+    """True when position 0 holds the same token in every sequence: the norm of position 0 then does not
+    vary between sequences (standard deviation <= 1e-6 of its mean at every layer)."""
+    st = res.sites.get("resid_post") or next(s for s in res.sites.values() if s is not None)
+    sd = np.asarray(st.bos_std, dtype=float)
+    scale = np.maximum(np.abs(np.asarray(st.bos_mean, dtype=float)), 1e-30)
+    return bool(np.all(sd <= 1e-6 * scale))
+
+
+def _weight_series(doc: dict, name: str) -> Optional[np.ndarray]:
+    """Per-layer values of a weight series from a weights document (list-of-layers or dict layout)."""
+    layers = doc.get("layers")
+    if isinstance(layers, dict):
+        if name == "W_OV_mean":
+            heads = layers.get("W_OV_heads")
+            return None if heads is None else np.asarray(heads, dtype=float).mean(1)
+        vals = layers.get(name)
+    elif isinstance(layers, list) and layers:
+        if name == "W_OV_mean":
+            return np.array([np.mean(r["W_OV_heads"]) for r in layers], dtype=float)
+        vals = [r.get(name) for r in layers]
+    else:
+        return None
+    if vals is None or any(v is None for v in vals):
+        return None
+    return np.asarray(vals, dtype=float)
+
+
+def comparable_weight_fit(weights: dict, res: Results, series: str) -> tuple[Optional[dict], str]:
+    """The growth fit of a weight series in units comparable across LN and LN-free models.
+
+    LN / RMS models: the stored fit. LN-free: the folded series times ``sigma_l``, the mean per-token
+    standard deviation of the stream site the series' normalisation reads (``token_std_mean``),
+    refitted over the same window (gains on the normalised input). Returns (fit JSON, units note).
+    """
+    fit = (weights.get("fit") or {}).get(series)
+    site = WEIGHT_SERIES.get(series)
+    if not fit or not weights.get("ln_free") or site is None:
+        return fit, "as stored"
+    from .fit import fit_growth
+
+    if site not in res.sites or res.sites.get(site) is None:
+        site = "resid_pre"
+    values = _weight_series(weights, series)
+    sigma = np.asarray(res.sites[site].token_std_mean, dtype=float)
+    if values is None or values.shape != sigma.shape or np.any(values <= 0) or np.any(sigma <= 0):
+        return None, "not comparable (no per-layer values)"
+    return fit_growth(values * sigma, window=tuple(fit["window"])).to_json(), f"x sigma of {site} (gain on N(x))"
+
+
+def _n_seqs(res: Results) -> int:
+    return int(np.asarray(res.seq_n_tokens).size)
 
 
 def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, weights_a: Optional[dict] = None,
                       weights_b: Optional[dict] = None, del_a: Optional[dict] = None, del_b: Optional[dict] = None,
                       n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The comparison JSON: rows (with sentences) plus the curves the comparison figure needs."""
+    """The comparison JSON: rows (with sentences, raw and Holm-adjusted verdicts) plus the curves the
+    comparison figure needs."""
+    from .fit import growth_difference
+
     name_a, name_b = _name(res_a.meta.model, res_a.meta.ln_free), _name(res_b.meta.model, res_b.meta.ln_free)
     rows: list[dict[str, Any]] = []
+    warnings_: list[str] = []
+    for res, name in ((res_a, name_a), (res_b, name_b)):
+        if _n_seqs(res) < MIN_BOOT_SEQS:
+            warnings_.append(f"{name}: only {_n_seqs(res)} sequences feed the bootstraps (fewer than "
+                             f"{MIN_BOOT_SEQS}): CIs and p-values are unreliable")
     growth: dict[str, Any] = {}
     for site in SITES:
         sa, sb = res_a.sites.get(site), res_b.sites.get(site)
-        if sa is None or sb is None or site not in rep_a["fit"] or site not in rep_b["fit"]:
+        if sa is None or sb is None or site not in rep_a.get("fit", {}) or site not in rep_b.get("fit", {}):
             continue
         fa, fb = rep_a["fit"][site], rep_b["fit"][site]
         gd = growth_difference(sa.seq_mean, sb.seq_mean, (tuple(fa["window"]), tuple(fb["window"])),
@@ -94,68 +188,78 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
         growth[site] = {"a": fa, "b": fb, "difference": gd}
         rows.append(row(f"growth factor per layer, {site}", fa["growth_factor"], fa["ci95"], fb["growth_factor"],
                         fb["ci95"], gd["difference"], gd["difference_ci95"], gd.get("ci_method", "bootstrap")))
-    # position 0 against the rest, last layer of resid_post
-    post_a, post_b = res_a.sites["resid_post"], res_b.sites["resid_post"]
     bos: dict[str, Any] = {}
     for site in ("resid_pre", "resid_post"):
-        bos[site] = {"a": res_a.sites[site].bos_mean, "b": res_b.sites[site].bos_mean,
-                     "a_rest": res_a.sites[site].mean, "b_rest": res_b.sites[site].mean}
+        if res_a.sites.get(site) is not None and res_b.sites.get(site) is not None:
+            bos[site] = {"a": res_a.sites[site].bos_mean, "b": res_b.sites[site].bos_mean,
+                         "a_rest": res_a.sites[site].mean, "b_rest": res_b.sites[site].mean}
+    fixed = _position0_is_fixed(res_a) and _position0_is_fixed(res_b)
+    post_a, post_b = res_a.sites.get("resid_post"), res_b.sites.get("resid_post")
+    if post_a is not None and post_b is not None:
+        def bos_ci(res: Results) -> tuple[float, list[float]]:
+            st = res.sites["resid_post"]
+            m, sd, n = float(st.bos_mean[-1]), float(st.bos_std[-1]), max(res.meta.n_bos_tokens, 1)
+            half = Z95 * sd / math.sqrt(n) if n > 1 else math.nan
+            return m, [m - half, m + half]
 
-    def bos_ci(res: Results) -> tuple[float, list[float]]:
-        st = res.sites["resid_post"]
-        m, sd, n = st.bos_mean[-1], st.bos_std[-1], max(res.meta.n_bos_tokens, 1)
-        half = Z95 * sd / math.sqrt(n) if n > 1 else math.nan
-        return float(m), [m - half, m + half]
-
-    (ba, ba_ci), (bb, bb_ci) = bos_ci(res_a), bos_ci(res_b)
-    rows.append(row("position-0 norm, last resid_post", ba, ba_ci, bb, bb_ci))
-    rows.append(row("position-0 / other positions, last resid_post", post_a.bos_mean[-1] / post_a.mean[-1], None,
-                    post_b.bos_mean[-1] / post_b.mean[-1], None))
-    # write norms: per-sequence mean over layers
+        (ba, ba_ci), (bb, bb_ci) = bos_ci(res_a), bos_ci(res_b)
+        rows.append(row("position-0 norm, last resid_post", ba, ba_ci, bb, bb_ci, deterministic=fixed))
+        rows.append(row("position-0 / other positions, last resid_post", post_a.bos_mean[-1] / post_a.mean[-1], None,
+                        post_b.bos_mean[-1] / post_b.mean[-1], None, deterministic=fixed))
     writes: dict[str, Any] = {}
     for site in ("attn_out", "mlp_out"):
-        ma, ca = _mean_ci(res_a.sites[site].seq_mean.mean(1), res_a.seq_n_tokens)
-        mb, cb = _mean_ci(res_b.sites[site].seq_mean.mean(1), res_b.seq_n_tokens)
+        if res_a.sites.get(site) is None or res_b.sites.get(site) is None:
+            continue
+        ma, ca = weighted_mean_ci(res_a.sites[site].seq_mean.mean(1), res_a.seq_n_tokens)
+        mb, cb = weighted_mean_ci(res_b.sites[site].seq_mean.mean(1), res_b.seq_n_tokens)
         writes[site] = {"a": res_a.sites[site].mean, "b": res_b.sites[site].mean}
         rows.append(row(f"mean {site} norm (average over layers)", ma, ca, mb, cb))
-    # weights
+    weight_units: dict[str, Any] = {}
     if weights_a is not None and weights_b is not None:
-        for series in ("W_OV_mean", "W_in", "W_out", "gain_attn", "gain_mlp"):
-            fa, fb = weights_a.get("fit", {}).get(series), weights_b.get("fit", {}).get(series)
+        for series in WEIGHT_SERIES:
+            fa, ua = comparable_weight_fit(weights_a, res_a, series)
+            fb, ub = comparable_weight_fit(weights_b, res_b, series)
             if fa and fb:
+                weight_units[series] = {"a": ua, "b": ub}
                 rows.append(row(f"weight-norm growth per layer, {series}", fa["growth_factor"], fa["ci95"],
                                 fb["growth_factor"], fb["ci95"]))
-    # deletion by magnitude
     deletion: dict[str, Any] = {}
     if del_a is not None and del_b is not None:
-        da, db = del_a["by_distance"], del_b["by_distance"]
-        deletion = {"a": da, "b": db, "locality_a": del_a["locality"], "locality_b": del_b["locality"]}
-        for key, label in (("dilution_decay_per_layer", "dilution decay per layer of distance"),
-                           ("visibility_decay_per_layer", "visibility decay per layer of distance"),
-                           ("share_explained_by_dilution", "share of the visibility fall explained by dilution")):
-            rows.append(row(label, da.get(key), da.get(key + "_ci95"), db.get(key), db.get(key + "_ci95")))
-        common = sorted(set(da["distance"]) & set(db["distance"]))
-        for d in ([common[0], common[-1]] if common else []):
-            ia, ib = da["distance"].index(d), db["distance"].index(d)
-            ci_a = da.get("retention_ci95", [[None, None]] * len(da["distance"]))[ia]
-            ci_b = db.get("retention_ci95", [[None, None]] * len(db["distance"]))[ib]
-            rows.append(row(f"retention at distance {d}", da["retention"][ia], ci_a, db["retention"][ib], ci_b))
-        la, lb = del_a["locality"], del_b["locality"]
-        rows.append(row("reading: mean distance (average over readers)", _nanmean(la["mean_distance"]), None,
-                        _nanmean(lb["mean_distance"]), None))
-        rows.append(row("equal-norm null: mean distance", _nanmean(la["mean_distance_null"]), None,
-                        _nanmean(lb["mean_distance_null"]), None))
+        deletion = _deletion_rows(del_a, del_b, rows, warnings_, (name_a, name_b))
+    adjust_rows(rows)
+    n_tests = sum(r["p_value"] is not None for r in rows)
     for r in rows:
+        r["n_tests"] = n_tests
         r["sentence"] = _sentence(r, name_a, name_b)
-    return {
+    return json_safe({
         "models": [res_a.meta.model, res_b.meta.model], "names": [name_a, name_b],
         "ln_free": [res_a.meta.ln_free, res_b.meta.ln_free], "rows": rows, "growth": growth, "bos": bos,
-        "writes": writes, "deletion": deletion,
+        "position0_deterministic": fixed, "writes": writes, "weight_units": weight_units, "deletion": deletion,
         "curves": {site: {"a": res_a.sites[site].mean, "b": res_b.sites[site].mean}
                    for site in SITES if res_a.sites.get(site) is not None and res_b.sites.get(site) is not None},
-        "sentences": [r["sentence"] for r in rows],
-        "method": __doc__.strip().split("\n\n", 1)[1],
-    }
+        "sentences": [r["sentence"] for r in rows], "warnings": warnings_, "n_tests": n_tests,
+        "alpha": ALPHA, "method": __doc__.strip().split("\n\n", 1)[1],
+    })
+
+
+def _deletion_rows(da: dict, db: dict, rows: list, warnings_: list, names: tuple[str, str]) -> dict[str, Any]:
+    ba, bb = da["by_distance"], db["by_distance"]
+    for key, label in (("retention_far", "retention at distance >= 2"),
+                       ("excess_dilution_decay_per_layer", "excess-dilution decay per layer (delta/delta0)"),
+                       ("dilution_decay_per_layer", "dilution decay per layer of distance"),
+                       ("visibility_decay_per_layer", "visibility decay per layer of distance")):
+        if key in ba and key in bb:
+            rows.append(row(label, ba.get(key), ba.get(key + "_ci95"), bb.get(key), bb.get(key + "_ci95")))
+    la, lb = da["locality"], db["locality"]
+    for key, label in (("mean_distance", "reading: mean distance (average over readers)"),
+                       ("mean_distance_null", "equal-norm null: mean distance"),
+                       ("mean_distance_influence", "direct influence: mean distance")):
+        if key in la and key in lb:
+            rows.append(row(label, _nanmean(la[key]), None, _nanmean(lb[key]), None))
+    for doc, name in zip((da, db), names):
+        warnings_.extend(f"{name} deletion: {w}" for w in doc.get("warnings", []))
+    return {"a": ba, "b": bb, "locality_a": la, "locality_b": lb,
+            "verdict_a": da.get("verdict"), "verdict_b": db.get("verdict")}
 
 
 def _nanmean(values: Any) -> float:
@@ -163,77 +267,170 @@ def _nanmean(values: Any) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else math.nan
 
 
+class ComparisonResult(ResultProtocol):
+    """A comparison document (:func:`compare_documents`) with the result protocol."""
+
+    kind = "compare"
+
+    def __init__(self, doc: dict[str, Any]):
+        self.doc = doc
+
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
+    @classmethod
+    def from_saved(cls, doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> "ComparisonResult":
+        return cls({k: v for k, v in doc.items() if k not in ("result_kind", "arrays")})
+
+    def frame_rows(self) -> Iterable[dict[str, Any]]:
+        a, b = self.doc["models"]
+        for r in self.doc["rows"]:
+            for model, key in ((a, "a"), (b, "b")):
+                lo, hi = r[key + "_ci95"]
+                yield {"model": model, "site": r["label"], "layer": None, "statistic": "value", "value": r[key],
+                       "ci_lo": lo, "ci_hi": hi}
+            lo, hi = r["difference_ci95"]
+            yield {"model": f"{a} - {b}", "site": r["label"], "layer": None, "statistic": "difference",
+                   "value": r["difference"], "ci_lo": lo, "ci_hi": hi, "p_value": r.get("p_value"),
+                   "p_holm": r.get("p_holm"), "significant": r["significant"],
+                   "significant_holm": r.get("significant_holm")}
+
+    def summary(self) -> str:
+        rows = self.doc["rows"]
+        sig = [r["label"] for r in rows if r.get("significant_holm")]
+        return (f"{self.doc['names'][0]} vs {self.doc['names'][1]}: {len(rows)} rows, {len(sig)} significant "
+                f"after Holm correction" + (": " + "; ".join(sig) if sig else ""))
+
+
+def compare_results(*args: Any, **kwargs: Any) -> ComparisonResult:
+    """:func:`compare_documents` wrapped in a :class:`ComparisonResult`."""
+    return ComparisonResult(compare_documents(*args, **kwargs))
+
+
 def format_comparison(doc: dict[str, Any]) -> str:
-    a, b = doc["names"]
     lines = [f"A = {doc['models'][0]}{' (LN-free)' if doc['ln_free'][0] else ''}",
              f"B = {doc['models'][1]}{' (LN-free)' if doc['ln_free'][1] else ''}", ""]
     width = max(len(r["label"]) for r in doc["rows"])
-    lines.append(f"{'quantity':<{width}}  {'A [95% CI]':>28}  {'B [95% CI]':>28}  {'A - B [95% CI]':>30}  sig")
+    lines.append(f"{'quantity':<{width}}  {'A [95% CI]':>28}  {'B [95% CI]':>28}  {'A - B [95% CI]':>30}  "
+                 f"{'p':>8}  {'p Holm':>8}  sig (raw/Holm)")
 
-    def cell(x: float, ci: list[float], w: int) -> str:
-        text = f"{x:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if all(np.isfinite(ci)) else "")
+    def num(x: Any) -> float:
+        return math.nan if x is None else float(x)
+
+    def cell(x: Any, ci: list, w: int) -> str:
+        ci = [num(v) for v in ci]
+        text = f"{num(x):.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if all(math.isfinite(v) for v in ci) else "")
         return f"{text:>{w}}"
 
     for r in doc["rows"]:
-        sig = "yes" if r["significant"] else ("no" if r["has_ci"] else "-")
+        if r.get("deterministic"):
+            sig = "exact"
+        elif r["has_ci"]:
+            sig = f"{'yes' if r['significant'] else 'no'}/{'yes' if r.get('significant_holm') else 'no'}"
+        else:
+            sig = "-"
+        p = "-" if r.get("p_value") is None else f"{r['p_value']:.3g}"
+        ph = "-" if r.get("p_holm") is None else f"{r['p_holm']:.3g}"
         lines.append(f"{r['label']:<{width}}  {cell(r['a'], r['a_ci95'], 28)}  {cell(r['b'], r['b_ci95'], 28)}  "
-                     f"{cell(r['difference'], r['difference_ci95'], 30)}  {sig}")
+                     f"{cell(r['difference'], r['difference_ci95'], 30)}  {p:>8}  {ph:>8}  {sig}")
+    verdicts = doc.get("deletion") or {}
+    if verdicts.get("verdict_a") or verdicts.get("verdict_b"):
+        lines.append("")
+        for name, key in zip(doc["names"], ("verdict_a", "verdict_b")):
+            v = verdicts.get(key)
+            if v:
+                lines.append(f"deletion verdict, {name}: {v['label']} ({v['reason']})")
     lines.append("")
+    lines.extend(f"warning: {w}" for w in doc.get("warnings", []))
     lines.extend(doc["sentences"])
     return "\n".join(lines)
 
 
-def plot_comparison(doc: dict[str, Any], path: str | Path) -> list[Path]:
-    """Three panels: resid_post norm per layer (log), growth factors with CIs, retention/dilution by distance.
+# ----------------------------------------------------------------------------------------------
+# the comparison figure (the one implementation; analyses/fig_compare.py draws through it)
+# ----------------------------------------------------------------------------------------------
+def draw_comparison(fig: Any, doc: dict[str, Any], colors: tuple[str, str] = ("#1f77b4", "#d62728")) -> None:
+    """Four panels on ``fig`` from a comparison document: (a) resid_post norm per layer (log) with the
+    fitted exponential over its window; (b) growth factors with 95 % CIs and Δg = g_A − g_B with the CI
+    computed by :func:`compare_documents`; (c) retention and (d) dilution against distance with CI bands."""
+    names = doc["names"]
+    ax_n, ax_g, ax_r, ax_d = fig.subplots(2, 2).ravel()
+    for i, key in enumerate(("a", "b")):
+        curve = np.array([np.nan if v is None else v for v in doc["curves"]["resid_post"][key]], dtype=float)
+        fit = (doc["growth"].get("resid_post") or {}).get(key)
+        label = names[i]
+        if fit and fit.get("percent_per_layer") is not None:
+            label += f": {fit['percent_per_layer']:+.1f} %/layer"
+        ax_n.plot(np.arange(curve.size), curve, "o-", color=colors[i], label=label, ms=3)
+        if fit and fit.get("growth_factor"):
+            lo, hi = fit["window"]
+            x = np.arange(lo, hi + 1)
+            slope = math.log(fit["growth_factor"])
+            anchor = np.mean(np.log(curve[lo:hi + 1]) - slope * x)  # least-squares intercept for that slope
+            ax_n.plot(x, np.exp(anchor + slope * x), color=colors[i], lw=6, alpha=0.25, zorder=1)
+    ax_n.set_yscale("log")
+    ax_n.set_xlabel("layer")
+    ax_n.set_ylabel("mean ‖resid_post‖₂ (log scale)")
+    ax_n.set_title("(a) residual norm per layer, fitted exponential (band)")
+    ax_n.legend(fontsize=8)
+    sites = list(doc["growth"])
+    y = np.arange(len(sites))
+    for i, key in enumerate(("a", "b")):
+        g = np.array([_num(doc["growth"][s][key]["growth_factor"]) for s in sites], dtype=float)
+        ci = np.array([[_num(v) for v in doc["growth"][s][key]["ci95"]] for s in sites], dtype=float).reshape(-1, 2)
+        err = np.abs(np.vstack([g - ci[:, 0], ci[:, 1] - g]))
+        ax_g.errorbar(g, y + (0.15 if i == 0 else -0.15), xerr=np.where(np.isfinite(err), err, 0), fmt="o",
+                      color=colors[i], capsize=3, label=names[i])
+    labels = []
+    for s in sites:
+        d = doc["growth"][s]["difference"]
+        lo, hi = (_num(v) for v in d["difference_ci95"])
+        star = " *" if excludes_zero([lo, hi]) else ""
+        labels.append(f"{s}\nΔg = {d['difference']:+.4f}\n[{lo:+.4f}, {hi:+.4f}]{star}")
+    ax_g.axvline(1.0, color="black", lw=0.8)
+    ax_g.set_yticks(y, labels, fontsize=7.5)
+    ax_g.set_ylim(-0.6, max(len(sites), 1) - 0.4)
+    ax_g.set_xlabel("growth factor per layer g (95 % CI)")
+    ax_g.set_title("(b) growth factors; Δg = g(A) − g(B), bootstrap CI; * excludes 0", fontsize=8.5)
+    ax_g.legend(fontsize=8)
+    dele = doc.get("deletion") or {}
+    for ax, q, log, title in ((ax_r, "retention", False, "(c) retention ρ (1 = kept, 0 = erased)"),
+                              (ax_d, "dilution", True, "(d) dilution δ = sqrt(Σ‖w̃‖² / Σ‖r̃‖²)")):
+        ax.set_title(title)
+        if not dele:
+            ax.text(0.5, 0.5, "no deletion results", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for i, key in enumerate(("a", "b")):
+            by = dele[key]
+            d = np.array(by["distance"], dtype=float)
+            v = np.array([_num(x) for x in by[q]], dtype=float)
+            ci = np.array([[_num(x) for x in c] for c in by.get(q + "_ci95", [])], dtype=float).reshape(-1, 2)
+            label = names[i]
+            verdict = dele.get(f"verdict_{key}")
+            if verdict and q == "retention":
+                label += f": {verdict['label']}"
+            ax.plot(d, v, "o-", color=colors[i], ms=3, label=label)
+            if ci.shape[0] == d.size and np.isfinite(ci).any():
+                ax.fill_between(d, ci[:, 0], ci[:, 1], color=colors[i], alpha=0.2, lw=0)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.axhline(1.0, color="black", lw=0.8, zorder=1)
+        ax.set_xlabel("distance (layers)")
+        ax.set_ylabel(q + (" (log scale)" if log else ""))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{names[0]} vs {names[1]}")
 
-    Writes ``path`` (PNG, 150 dpi) and the same name with ``.pdf``; returns both paths.
-    """
+
+def plot_comparison(doc: dict[str, Any], path: str | Path) -> list[Path]:
+    """:func:`draw_comparison` to ``path`` (PNG, 150 dpi) and the same name with ``.pdf``; returns both."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = doc["names"]
-    colors = ["tab:blue", "tab:orange"]
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
-    ax_norm, ax_growth, ax_del = fig.subplots(1, 3)
-    for i, key in enumerate(("a", "b")):
-        curve = np.array(doc["curves"]["resid_post"][key], dtype=float)
-        fit = doc["growth"].get("resid_post", {}).get(key)
-        label = names[i]
-        if fit:
-            label += f": {fit['percent_per_layer']:+.1f} %/layer"
-        ax_norm.plot(np.arange(len(curve)), curve, "o-", color=colors[i], label=label, ms=3)
-    ax_norm.set_yscale("log")
-    ax_norm.set_xlabel("layer")
-    ax_norm.set_ylabel("mean ‖resid_post‖₂ (log scale)")
-    ax_norm.set_title("residual norm per layer")
-    ax_norm.legend(fontsize=8)
-    sites = list(doc["growth"])
-    for i, key in enumerate(("a", "b")):
-        g = np.array([doc["growth"][s][key]["growth_factor"] for s in sites], dtype=float)
-        ci = np.array([doc["growth"][s][key]["ci95"] for s in sites], dtype=float)
-        x = np.arange(len(sites)) + (i - 0.5) * 0.25
-        ax_growth.errorbar(x, g, yerr=[g - ci[:, 0], ci[:, 1] - g], fmt="o", color=colors[i], label=names[i], capsize=3)
-    ax_growth.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax_growth.set_xticks(np.arange(len(sites)), sites, rotation=30, fontsize=8)
-    ax_growth.set_ylabel("growth factor per layer (95 % CI)")
-    ax_growth.set_title("fitted growth")
-    ax_growth.legend(fontsize=8)
-    if doc.get("deletion"):
-        for i, key in enumerate(("a", "b")):
-            by = doc["deletion"][key]
-            d = np.array(by["distance"], dtype=float)
-            ax_del.plot(d, np.array(by["retention"], dtype=float), "o-", color=colors[i], ms=3,
-                        label=f"{names[i]} retention ρ")
-            ax_del.plot(d, np.array(by["dilution"], dtype=float), "s--", color=colors[i], ms=3,
-                        label=f"{names[i]} dilution δ")
-        ax_del.set_yscale("log")
-        ax_del.set_xlabel("distance (layers)")
-        ax_del.set_ylabel("mean over (reader, write) pairs (log)")
-        ax_del.set_title("deletion by magnitude")
-        ax_del.legend(fontsize=7)
-    else:
-        ax_del.set_axis_off()
-        ax_del.text(0.5, 0.5, "no deletion results", ha="center", va="center")
-    fig.suptitle(f"{names[0]} vs {names[1]}")
+    fig = Figure(figsize=(10, 8.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    draw_comparison(fig, doc)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = out.with_suffix(".png"), out.with_suffix(".pdf")

@@ -54,6 +54,11 @@ def test_compare_schema_and_sentences(compare_json):
     labels = [r["label"] for r in doc["rows"]]
     assert any("position-0" in x for x in labels) and any("attn_out norm" in x for x in labels)
     assert any("retention at distance" in x for x in labels) and any("W_OV_mean" in x for x in labels)
+    assert doc["n_tests"] == sum(r["p_value"] is not None for r in doc["rows"])
+    for r in doc["rows"]:
+        assert (r["p_holm"] is None) == (r["p_value"] is None)
+        if r["p_value"] is not None:
+            assert r["p_holm"] >= r["p_value"]
     assert len(doc["sentences"]) == len(doc["rows"])
     for r in doc["rows"]:
         if r["significant"]:
@@ -105,8 +110,9 @@ def test_deletion_command_schema(tiny_dirs, token_file, tmp_path):
     assert len(doc["writes"]) == n_writes and len(doc["readers"]) == n_readers
     assert np.array(doc["retention"], dtype=float).shape == (n_readers, n_writes)
     for key in ("distance", "retention", "dilution", "visibility", "reading", "visibility_decay_per_layer",
-                "dilution_decay_per_layer", "share_explained_by_dilution"):
+                "dilution_decay_per_layer", "excess_dilution_decay_per_layer", "retention_far"):
         assert key in doc["by_distance"]
+    assert doc["verdict"]["label"] in ("magnitude", "erasure", "mixed", "neither", "inconclusive")
     assert set(doc["locality"]["share_within"]) == {"1", "2", "4", "8"}
     assert doc["ablation"]["writes"] == ["attn_out.0", "mlp_out.0", "attn_out.2", "mlp_out.2"]
 

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from normgrowth.deletion import (QUANTITIES, _ablation_hooks, _GramCollector, _write_means, ablation_check,
-                                 collect_deletion, deletion_quantities, dilution_share, distance_matrix,
-                                 format_deletion_report, gram_from_writes, locality, log_linear_slope,
-                                 pair_average_by_distance, parse_ablate, stream_layout, summarize_deletion)
+from scipy import stats
+
+from normgrowth.deletion import (QUANTITIES, DeletionResults, _ablation_hooks, _write_means, _WriteCollector,
+                                 ablation_check, collect_deletion, deletion_document, deletion_quantities,
+                                 deletion_verdict, distance_matrix, format_deletion_json, format_deletion_report,
+                                 gram_from_writes, locality, normalized_change, parse_ablate, stream_layout,
+                                 stream_parts, summarize_deletion, token_sums, write_slopes)
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import load_model
 
@@ -28,7 +31,7 @@ STORIES = Path(__file__).parents[2] / "shared" / "fixtures" / "stories260K"
 # independent numpy reference (explicit writes, no Gram matrix)
 # ----------------------------------------------------------------------------------------------
 def direct_quantities(writes: np.ndarray, reader_index, center: bool) -> dict[str, np.ndarray]:
-    """rho, delta, nu, R, R0 from explicit writes [T, C, d], token by token, in float64."""
+    """rho, delta, nu, R and the equal-norm nulls from explicit writes [T, C, d], token by token, in float64."""
     w = np.asarray(writes, dtype=np.float64)
     P = w - w.mean(-1, keepdims=True) if center else w
     T, C, _ = P.shape
@@ -48,6 +51,10 @@ def direct_quantities(writes: np.ndarray, reader_index, center: bool) -> dict[st
             out["reading"][:, r, c] = np.einsum("td,td->t", P[:, c], stream) / np.einsum("td,td->t", stream, stream)
             out["reading_null"][:, r, c] = (np.einsum("td,td->t", unit[:, c], stream0)
                                             / np.einsum("td,td->t", stream0, stream0))
+            delta0 = 1.0 / np.linalg.norm(stream0, axis=-1)
+            out["dilution_null"][:, r, c] = delta0
+            out["visibility_null"][:, r, c] = np.einsum("td,td->t", unit[:, c:k].sum(1), unit[:, c]) * delta0
+            out["excess_dilution"][:, r, c] = delta / delta0
     return out
 
 
@@ -153,72 +160,152 @@ def test_distance_convention_first_reader_is_one():
     assert d[0, 0] == 1 and d[3, 0] == 4 and d[3, 1] == 3 and d[1, 2] == 1
 
 
-def test_orthogonal_growing_writes_planted():
+def centred_tokens(writes: np.ndarray) -> np.ndarray:
+    """Projected writes [T, C, d] minus each write's mean over the tokens."""
+    return writes - writes.mean(0, keepdims=True)
+
+
+def ratio_of_sums(wt: np.ndarray, reader_index) -> dict[str, np.ndarray]:
+    """rho, delta, R from token-centred writes [T, C, d], summing over tokens with explicit vectors."""
+    T, C, _ = wt.shape
+    out = {q: np.full((len(reader_index), C), np.nan) for q in ("retention", "dilution", "reading")}
+    for r, k in enumerate(reader_index):
+        stream = wt[:, :k].sum(1)
+        for c in range(k):
+            w = wt[:, c]
+            out["retention"][r, c] = np.sum(wt[:, c:k].sum(1) * w) / np.sum(w * w)
+            out["dilution"][r, c] = math.sqrt(np.sum(w * w) / np.sum(stream * stream))
+            out["reading"][r, c] = np.sum(w * stream) / np.sum(stream * stream)
+    return out
+
+
+def _sums_from_writes(P: np.ndarray, seq_of_token: np.ndarray, n_seqs: int, reader_index, eps: float):
+    """Per-sequence sums for summarize_deletion from projected writes [T, C, d] (via token_sums)."""
+    mu = P.mean(0)
+    gram, change, size = token_sums(torch.from_numpy(P), torch.from_numpy(mu), reader_index, eps)
+    C, R = P.shape[1], len(reader_index)
+    seq_gram, seq_infl, seq_f = np.zeros((n_seqs, C, C)), np.zeros((n_seqs, R, C)), np.zeros((n_seqs, R))
+    np.add.at(seq_gram, seq_of_token, gram.numpy())
+    np.add.at(seq_infl, seq_of_token, change.numpy())
+    np.add.at(seq_f, seq_of_token, size.numpy())
+    return seq_gram, np.bincount(seq_of_token, minlength=n_seqs), seq_infl, seq_f, mu @ mu.T
+
+
+def test_ratio_of_sums_equal_explicit_vectors_and_split_into_sequences():
+    rng = np.random.default_rng(7)
+    lay = stream_layout(3)
+    T = 60
+    writes = rng.standard_normal((T, lay.n_writes, 12)) * np.exp(rng.uniform(-1, 1, (1, lay.n_writes, 1))) + 0.5
+    P = writes - writes.mean(-1, keepdims=True)
+    seq = np.repeat(np.arange(6), 10)
+    sums = _sums_from_writes(P, seq, 6, lay.reader_index, eps=1e-5)
+    summ = summarize_deletion(*sums, lay, n_boot=0)
+    want = ratio_of_sums(centred_tokens(P), lay.reader_index)
+    for q in ("retention", "dilution", "reading"):
+        np.testing.assert_allclose(summ["point"][f"matrix.{q}"], want[q], rtol=1e-9, err_msg=q)
+    # the null: every token-centred write rescaled to one RMS norm, directions kept
+    wt = centred_tokens(P)
+    unit = wt / np.sqrt((wt**2).sum((0, 2)))[None, :, None]
+    np.testing.assert_allclose(summ["point"]["matrix.reading_null"],
+                               ratio_of_sums(unit, lay.reader_index)["reading"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.dilution_null"],
+                               ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.excess_dilution"],
+                               want["dilution"] / ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
+
+
+def test_normalized_change_equals_explicit_vectors():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((50, 16)) * 3
+    w = rng.standard_normal((50, 16)) * np.exp(rng.uniform(-6, 0, (50, 1)))  # down to 1e-3 of the stream
+    for eps in (1e-5, 1e12):
+        N = lambda x: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)  # noqa: E731
+        want = np.linalg.norm(N(a) - N(a - w), axis=-1)
+        got, size = normalized_change((a * a).sum(-1), (a * w).sum(-1), (w * w).sum(-1), 16, eps)
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(size, np.linalg.norm(N(a), axis=-1), rtol=1e-12)
+
+
+def test_write_slopes_are_least_squares_per_write():
+    lay = stream_layout(4)
+    dist = distance_matrix(lay.write_layer, lay.reader_layer)
+    rng = np.random.default_rng(9)
+    m = np.where(np.isfinite(dist), np.exp(rng.standard_normal(dist.shape)), np.nan)
+    slopes = write_slopes(m, dist)
+    for c in range(lay.n_writes):
+        rows = np.isfinite(dist[:, c])
+        if rows.sum() < 2:
+            assert math.isnan(slopes[c])
+            continue
+        assert slopes[c] == pytest.approx(stats.linregress(dist[rows, c], np.log(m[rows, c])).slope, rel=1e-10)
+    m[2, 0] = -1.0  # a non-positive value makes that write's slope undefined, not silently refitted
+    assert math.isnan(write_slopes(m, dist)[0])
+
+
+def test_orthogonal_growing_writes_dilution_decays_at_the_growth_rate():
+    """Mean-free orthogonal writes with norm g^layer: retention 1, every write's dilution falls by ~g."""
     growth, n_layers = 1.3, 10
-    writes = planted_growth_writes(n_layers, growth, n_tokens=16, dim=32)
     lay = stream_layout(n_layers)
-    q = deletion_quantities(gram_from_writes(torch.tensor(writes, dtype=torch.float32), True), lay.reader_index)
-    mean = {k: torch.nanmean(v, 0).double().numpy() for k, v in q.items()}
-    before = np.isfinite(distance_matrix(lay.write_layer, lay.reader_layer))
-    np.testing.assert_allclose(mean["retention"][before], 1.0, atol=1e-4)
-    summ = summarize_deletion(mean, lay.write_layer, lay.reader_layer, n_boot=0)
-    by = summ["by_distance"]
-    assert by["dilution_decay_per_layer"] == pytest.approx(growth, rel=0.03)
-    assert by["visibility_decay_per_layer"] == pytest.approx(growth, rel=0.03)
-    assert by["retention_decay_per_layer"] == pytest.approx(1.0, abs=1e-4)
-    assert by["share_explained_by_dilution"] == pytest.approx(1.0, abs=1e-3)
-    # far from the start, dilution falls by exactly `growth` per extra layer of distance
-    final = mean["dilution"][-1]
-    assert final[lay.writes.index("mlp_out.4")] / final[lay.writes.index("mlp_out.5")] == pytest.approx(1 / growth, rel=1e-4)
+    rng = np.random.default_rng(0)
+    norms = growth ** np.asarray(lay.write_layer, dtype=float)
+    X = np.stack([orthonormal_mean_free(lay.n_writes, 32, rng) * norms[:, None] for _ in range(20)])
+    P = np.concatenate([X, -X])  # every write has token mean exactly 0
+    sums = _sums_from_writes(P, np.repeat(np.arange(8), 5), 8, lay.reader_index, eps=1e-5)
+    doc = deletion_document(summarize_deletion(*sums, lay, n_boot=50))
+    rho = np.array(doc["retention"], dtype=float)
+    np.testing.assert_allclose(rho[np.isfinite(rho)], 1.0, atol=1e-9)
+    mlp4 = lay.writes.index("mlp_out.4")
+    final = np.array(doc["dilution"])[-1]
+    assert final[mlp4] / final[mlp4 + 2] == pytest.approx(1 / growth, rel=1e-9)
+    far = [r for r in doc["per_write"] if r["write"] == "mlp_out.0"][0]
+    assert far["dilution_decay_per_layer"] == pytest.approx(growth, rel=0.05)
+    assert doc["verdict"]["label"] == "magnitude"
+    assert [bool(u) for u in doc["by_distance"]["used"]] == [n >= 3 for n in doc["by_distance"]["n_pairs"]]
+    assert not doc["by_distance"]["used"][-1]  # the largest distance has 2 pairs: never pooled
 
 
-def test_erasing_stream_has_low_dilution_share():
-    """Each write keeps a fraction q of the stream and adds a new unit direction: content is erased."""
-    keep, n_layers, dim = 0.6, 8, 40
-    lay = stream_layout(n_layers)
-    rng = np.random.default_rng(5)
-    toks = []
-    for _ in range(6):
-        basis = orthonormal_mean_free(lay.n_writes + 30, dim + 40, rng)
-        stream = sum(keep ** (29 - j) * basis[j] for j in range(30))  # already stationary when the model starts
-        writes = [stream]
-        for c in range(1, lay.n_writes):
-            new = keep * stream + basis[30 + c]
-            writes.append(new - stream)
-            stream = new
-        toks.append(np.stack(writes))
-    writes = np.stack(toks)
-    q = deletion_quantities(gram_from_writes(torch.tensor(writes, dtype=torch.float32), True), lay.reader_index)
-    mean = {k: torch.nanmean(v, 0).double().numpy() for k, v in q.items()}
-    want = {k: np.nanmean(v, 0) for k, v in direct_quantities(writes, lay.reader_index, True).items()}
-    for k in QUANTITIES:
-        np.testing.assert_allclose(mean[k], want[k], rtol=1e-3, atol=1e-4)
-    by = summarize_deletion(mean, lay.write_layer, lay.reader_layer, n_boot=0)["by_distance"]
-    assert by["retention"][0] > by["retention"][-1] + 0.2  # later writes erase it
-    assert by["visibility_decay_per_layer"] > 1.05
-    assert by["share_explained_by_dilution"] < 0.5
-    # fitted share equals the ratio of independently fitted slopes of the numpy curves
-    d, curves, n_pairs = pair_average_by_distance(np.stack([want["dilution"], want["visibility"]]),
-                                                  distance_matrix(lay.write_layer, lay.reader_layer))
-    A = np.vstack([d, np.ones_like(d)]).T * np.sqrt(n_pairs)[:, None]
-    s_delta = np.linalg.lstsq(A, np.log(curves[0]) * np.sqrt(n_pairs), rcond=None)[0][0]
-    s_nu = np.linalg.lstsq(A, np.log(curves[1]) * np.sqrt(n_pairs), rcond=None)[0][0]
-    assert by["share_explained_by_dilution"] == pytest.approx(s_delta / s_nu, rel=1e-3, abs=1e-3)
+def test_verdict_labels_and_thresholds():
+    v = deletion_verdict(1.0, [0.95, 1.05], 1.2, [1.1, 1.3])
+    assert v["label"] == "magnitude" and v["thresholds"] == {"retention_kept_min": 0.8, "excess_decay_min": 1.02}
+    assert deletion_verdict(0.3, [0.2, 0.4], 1.0, [0.99, 1.01])["label"] == "erasure"
+    assert deletion_verdict(0.3, [0.2, 0.4], 1.2, [1.1, 1.3])["label"] == "mixed"
+    assert deletion_verdict(1.0, [0.9, 1.1], 1.0, [0.99, 1.01])["label"] == "neither"
+    assert deletion_verdict(0.8, [0.7, 0.9], 1.2, [1.1, 1.3])["label"] == "inconclusive"
+    assert deletion_verdict(1.0, [None, None], 1.2, [1.1, 1.3])["label"] == "inconclusive"
 
 
-def test_dilution_share_and_slope_on_planted_curves():
-    d = np.arange(1, 9, dtype=float)
-    g, keep = 1.2, 0.9
-    dil, ret = g ** -d, keep ** d
-    s_delta, s_nu = log_linear_slope(d, dil), log_linear_slope(d, dil * ret)
-    assert s_delta == pytest.approx(-math.log(g), rel=1e-10)
-    assert dilution_share(s_delta, s_nu) == pytest.approx(math.log(g) / (math.log(g) - math.log(keep)), rel=1e-10)
-    assert dilution_share(log_linear_slope(d, np.full_like(d, 0.3)), log_linear_slope(d, ret)) == pytest.approx(0, abs=1e-12)
-    assert math.isnan(dilution_share(-0.1, 0.05))  # visibility not falling: undefined
-    vals = 2.0 * 0.5 ** d
-    vals[3] = -1.0  # non-positive points are skipped
-    assert log_linear_slope(d, vals) == pytest.approx(math.log(0.5))
-    assert math.isnan(log_linear_slope(d[:1], vals[:1]))
+def test_bootstrap_ci_is_exact_for_identical_sequences_and_counts_nothing():
+    lay = stream_layout(2)
+    rng = np.random.default_rng(10)
+    one = rng.standard_normal((5, lay.n_writes, 8))
+    P = np.concatenate([one] * 6)  # six identical sequences
+    sums = _sums_from_writes(P, np.repeat(np.arange(6), 5), 6, lay.reader_index, eps=1e-5)
+    doc = deletion_document(summarize_deletion(*sums, lay, n_boot=40))
+    lo, hi = doc["by_distance"]["retention_far_ci95"]
+    assert lo == pytest.approx(doc["by_distance"]["retention_far"]) and hi == pytest.approx(lo)
+    assert not any(doc["bootstrap"]["nonfinite_replicates"].values())
+    assert any("fewer than 30" in w for w in doc["warnings"])
+
+
+def test_nan_replicates_are_counted_and_reported():
+    """A write that is non-zero in one sequence only: replicates that miss that sequence are undefined."""
+    lay = stream_layout(2)
+    rng = np.random.default_rng(12)
+    P = rng.standard_normal((40, lay.n_writes, 8))
+    # attn_out.0 (read 2 layers later by the final stream) writes only in sequence 0, with token mean 0
+    P[:, 1] = 0.0
+    P[0:2, 1], P[2:4, 1] = P[0, 1] + 1.0, -(P[0, 1] + 1.0)
+    seq = np.repeat(np.arange(10), 4)
+    sums = _sums_from_writes(P, seq, 10, lay.reader_index, eps=1e-5)
+    summ = summarize_deletion(*sums, lay, n_boot=200, seed=1)
+    assert np.isfinite(summ["point"]["retention_far"])
+    # count independently: replicates drawing no copy of sequence 0 (same draws as the bootstrap)
+    from normgrowth.numerics import resample_counts
+    missing = int(sum((c[:, 0] == 0).sum() for c in resample_counts(10, 200, 1)))
+    assert missing > 20
+    doc = deletion_document(summ)
+    assert doc["bootstrap"]["nonfinite_replicates"]["retention_far"] == missing
+    assert any("gave NaN" in w for w in doc["warnings"])
 
 
 def test_locality_on_planted_shares():
@@ -229,31 +316,28 @@ def test_locality_on_planted_shares():
                         [0.2, 0.3, 0.5, nan, nan],
                         [0.1, 0.1, 0.2, 0.25, 0.35]])
     null = np.where(np.isfinite(reading), 1.0, nan) / np.array([[1], [3], [5]])
-    loc = locality(reading, null, dist, within=(1, 2))
+    influence = np.where(np.isfinite(reading), 2.0, nan)  # equal influence: shares 1/k per reader
+    loc = locality(reading, null, dist, within=(1, 2), influence=influence)
     np.testing.assert_allclose(loc["mean_distance"], [1.0, 0.2 * 2 + 0.8, 0.1 * 3 + 0.3 * 2 + 0.6])
     np.testing.assert_allclose(loc["mean_distance_null"], [1.0, 4 / 3, (3 + 2 + 2 + 1 + 1) / 5])
+    np.testing.assert_allclose(loc["mean_distance_influence"], loc["mean_distance_null"])
     np.testing.assert_allclose(loc["share_within_per_reader"]["1"], [1.0, 0.8, 0.6])
     assert loc["share_within"]["1"] == pytest.approx((0.8 + 0.6) / 2)  # reader 0 has nothing farther than 1
     assert loc["share_within"]["2"] == pytest.approx(0.9)  # only the final reader has a write 3 layers away
     assert loc["share_within_null"]["2"] == pytest.approx(0.8)
+    assert loc["share_within_influence"]["2"] == pytest.approx(0.8)
 
 
-def test_bootstrap_ci_covers_estimate_and_shrinks_with_agreement():
-    lay = stream_layout(3)
-    rng = np.random.default_rng(6)
-    base = {q: np.where(np.isfinite(distance_matrix(lay.write_layer, lay.reader_layer)), 0.5, np.nan)
-            for q in QUANTITIES}
-    noisy = {q: base[q][None] * (1 + 0.2 * rng.standard_normal((40, 1, 1))) for q in QUANTITIES}
-    weights = rng.integers(5, 50, 40).astype(float)
-    mean = {q: np.tensordot(weights, noisy[q], 1) / weights.sum() for q in QUANTITIES}
-    by = summarize_deletion(mean, lay.write_layer, lay.reader_layer, noisy, weights, n_boot=300)["by_distance"]
-    ci = by["dilution_ci95"]
-    assert np.all(ci[:, 0] <= by["dilution"]) and np.all(by["dilution"] <= ci[:, 1])
-    assert np.all(ci[:, 1] - ci[:, 0] > 0.01)
-    flat = {q: np.repeat(base[q][None], 40, 0) for q in QUANTITIES}
-    by0 = summarize_deletion(base, lay.write_layer, lay.reader_layer, flat, weights, n_boot=100)["by_distance"]
-    np.testing.assert_allclose(by0["dilution_ci95"], 0.5, atol=1e-12)
-
+def test_stream_parts_split_the_mean_square():
+    rng = np.random.default_rng(11)
+    lay = stream_layout(2)
+    P = rng.standard_normal((30, lay.n_writes, 6)) + rng.standard_normal((1, lay.n_writes, 6)) * 3
+    sums = _sums_from_writes(P, np.repeat(np.arange(3), 10), 3, lay.reader_index, eps=1e-5)
+    parts = stream_parts(sums[0].sum(0), sums[4], 30, lay.reader_index)
+    for r, k in enumerate(lay.reader_index):
+        stream = P[:, :k].sum(1)
+        assert parts["total"][r] ** 2 == pytest.approx(np.mean(np.sum(stream**2, -1)), rel=1e-10)
+        assert parts["shared"][r] == pytest.approx(np.linalg.norm(stream.mean(0)), rel=1e-10)
 
 # ----------------------------------------------------------------------------------------------
 # tiny models
@@ -361,7 +445,7 @@ FAMILIES = ["gpt2", "gpt-neox", "llama", "opt", "gpt-neo", "ln-free"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_writes_sum_to_every_reader_and_gram_uses_right_projection(model_dirs, name):
+def test_writes_sum_to_every_reader_and_collector_uses_right_projection(model_dirs, name):
     model = _model(model_dirs, name)
     expect_center = {"llama": False}.get(name, True)
     assert model.centers is expect_center
@@ -377,8 +461,7 @@ def test_writes_sum_to_every_reader_and_gram_uses_right_projection(model_dirs, n
         stream = W[:, :, :k].sum(2)
         err = (stream - Rd[:, :, r]).norm(dim=-1) / Rd[:, :, r].norm(dim=-1)
         assert float(err[real].max()) < 1e-4, (name, lay.readers[r])
-    # the collector's Gram matrix is that of the explicit writes under the model's projection P
-    coll = _GramCollector(model, lay)
+    coll = _WriteCollector(model, lay)
     valid = real.clone()
     valid[:, 0] = False
     coll.start_batch(valid)
@@ -386,47 +469,67 @@ def test_writes_sum_to_every_reader_and_gram_uses_right_projection(model_dirs, n
         model.forward(batch.tokens, attention_mask=batch.attention_mask)
     assert coll.max_rel_error < 1e-4
     P = W - W.mean(-1, keepdim=True) if expect_center else W
-    want = (P @ P.transpose(-1, -2))[real]
-    got = coll.gram[real].double()
-    scale = want.abs().amax(dim=(-1, -2), keepdim=True)
-    assert float(((got - want).abs() / scale).max()) < 1e-5
-    Q = W if expect_center else W - W.mean(-1, keepdim=True)  # the other projection differs noticeably
-    other = (Q @ Q.transpose(-1, -2))[real]
-    assert float(((other - want).abs() / scale).max()) > 1e-3
+    got = coll.done[real].double()
+    scale = P[real].abs().amax()
+    assert float((got - P[real]).abs().max() / scale) < 1e-5
 
 
-def test_collector_means_match_direct_computation_and_batch_size(model_dirs):
+def _explicit(model, batch):
+    """Ratio-of-sums matrices and direct influence from explicitly captured writes, with numpy."""
+    W, _ = _capture(model, batch.tokens, batch.attention_mask)
+    valid = batch.attention_mask.clone()
+    valid[:, 0] = False
+    P = W[valid].numpy()
+    if model.centers:
+        P = P - P.mean(-1, keepdims=True)
+    lay = stream_layout(model.n_layers)
+    wt = centred_tokens(P)
+    out = ratio_of_sums(wt, lay.reader_index)
+    eps = float(model.norm_eps)
+    N = lambda x: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)  # noqa: E731
+    infl = np.full((len(lay.readers), lay.n_writes), np.nan)
+    for r, k in enumerate(lay.reader_index):
+        a = P[:, :k].sum(1)
+        for c in range(k):
+            infl[r, c] = np.linalg.norm(N(a) - N(a - wt[:, c]), axis=-1).sum() / np.linalg.norm(N(a), axis=-1).sum()
+    out["influence"] = infl
+    return out, valid
+
+
+def test_collector_matches_explicit_vectors_and_batch_size(model_dirs):
     model = _model(model_dirs, "opt")  # learned positions that depend on the padding mask
     batch = _padded_batch(n=5, length=12, seed=3)
     res2 = collect_deletion(model, batch, batch_size=2, n_boot=50)
     res5 = collect_deletion(model, batch, batch_size=5, n_boot=50)
-    W, _ = _capture(model, batch.tokens, batch.attention_mask)
-    valid = batch.attention_mask.clone()
-    valid[:, 0] = False
-    lay = stream_layout(model.n_layers)
-    direct = direct_quantities(W[valid].numpy(), lay.reader_index, center=True)
-    seq_of_token = torch.arange(5)[:, None].expand(5, 12)[valid].numpy()
+    want, valid = _explicit(model, batch)
     np.testing.assert_array_equal(res2.seq_n_tokens, valid.sum(1).numpy())
-    for q in QUANTITIES:
-        want = np.nanmean(direct[q], 0)
-        np.testing.assert_allclose(res2.mean[q], want, rtol=1e-4, atol=1e-5, err_msg=q)
-        np.testing.assert_allclose(res5.mean[q], res2.mean[q], rtol=1e-5, atol=1e-6, err_msg=q)
-        np.testing.assert_allclose(res5.seq_mean[q], res2.seq_mean[q], rtol=1e-5, atol=1e-6, err_msg=q)
-        seq3 = np.nanmean(direct[q][seq_of_token == 3], 0)
-        np.testing.assert_allclose(res2.seq_mean[q][3], seq3, rtol=1e-4, atol=1e-5, err_msg=q)
+    for q in ("retention", "dilution", "reading", "influence"):
+        np.testing.assert_allclose(res2.mean[q], want[q], rtol=1e-4, atol=1e-6, err_msg=q)
+    np.testing.assert_allclose(res5.seq_gram, res2.seq_gram, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(res5.seq_infl, res2.seq_infl, rtol=1e-6, atol=1e-8)
     assert res2.max_write_sum_rel_error < 1e-4
 
 
-def test_to_json_schema_and_report(model_dirs):
+def test_influence_on_ln_free_model_is_the_dilution(model_dirs):
+    """LN-free: N(x) = P(x) / 1e6 up to var/1e12, so the direct change is ||w~_c|| / ||a||, token by token."""
+    model = _model(model_dirs, "ln-free")
+    batch = _padded_batch(n=4, length=10, seed=8)
+    want, _ = _explicit(model, batch)
+    got = collect_deletion(model, batch, batch_size=4, n_boot=0).mean["influence"]
+    np.testing.assert_allclose(got, want["influence"], rtol=1e-4, atol=1e-7)
+
+
+def test_to_json_schema_report_save_load_and_frame(model_dirs, tmp_path):
     model = _model(model_dirs, "gpt-neox")
     batch = _padded_batch(n=4, length=10, seed=4)
     res = collect_deletion(model, batch, batch_size=4, ablate="1", n_boot=50)
     out = res.to_json()
     text = json.dumps(out, allow_nan=False)  # NaN became null
     assert json.loads(text)["model"] == str(model_dirs["gpt-neox"])
-    for key in ("model", "ln_free", "writes", "write_layer", "readers", "reader_layer", *QUANTITIES,
-                "by_distance", "locality", "ablation"):
-        assert key in out
+    for key in ("model", "ln_free", "writes", "write_layer", "readers", "reader_layer", *QUANTITIES, "influence",
+                "by_distance", "per_write", "verdict", "locality", "stream_parts", "shared_component", "bootstrap",
+                "warnings", "zero_writes", "ablation"):
+        assert key in out, key
     lay = stream_layout(3)
     assert out["writes"] == list(lay.writes) and out["readers"] == list(lay.readers)
     assert out["write_layer"] == [0, 1, 1, 2, 2, 3, 3] and out["reader_layer"] == [1, 2, 3, 4]
@@ -435,23 +538,32 @@ def test_to_json_schema_and_report(model_dirs):
         assert len(M) == 4 and all(len(row) == 7 for row in M)
         for r, k in enumerate(lay.reader_index):
             assert all(v is None for v in M[r][k:]) and all(isinstance(v, float) for v in M[r][:k])
+    assert out["verdict"]["label"] in ("magnitude", "erasure", "mixed", "neither", "inconclusive")
+    assert set(out["verdict"]) >= {"retention_far", "excess_dilution_decay_per_layer", "thresholds", "reason"}
     by = out["by_distance"]
-    assert by["distance"] == [1, 2, 3, 4]
-    for key in ("retention", "dilution", "visibility", "reading"):
-        assert len(by[key]) == 4 and len(by[key + "_ci95"]) == 4
-    for key in ("visibility_decay_per_layer", "dilution_decay_per_layer", "share_explained_by_dilution"):
-        assert key in by
+    for key in ("retention", "dilution", "visibility", "reading", "excess_dilution", "influence"):
+        assert len(by[key]) == len(by["distance"]) and len(by[key + "_ci95"]) == len(by["distance"])
+    assert any("fewer than 30" in w for w in out["warnings"])  # 4 sequences
     assert set(out["locality"]["share_within"]) == {"1", "2", "4", "8"}
-    assert len(out["locality"]["mean_distance"]) == 4 and len(out["locality"]["mean_distance_null"]) == 4
+    assert len(out["locality"]["mean_distance_influence"]) == 4
     ab = out["ablation"]
     assert ab["writes"] == ["attn_out.1", "mlp_out.1"] and ab["distance"] == [1, 2, 3, 4]
-    assert len(ab["normalized_input_change"]) == 2 and len(ab["final_kl"]) == 2
     assert ab["normalized_input_change"][0][2] is None  # block 1 writes at layer 2; no reader 3 layers later
     report = format_deletion_report(res)
-    for needle in ("retention", "dilution", "visibility", "share of the fall", "locality", "causal check", "mlp_out.1"):
+    for needle in ("VERDICT", "retention", "excess", "influence", "locality", "causal check", "mlp_out.1", "warning"):
         assert needle in report
+    path = res.save(tmp_path / "del")
+    back = DeletionResults.load(path)
+    assert json.dumps(back.to_json(), sort_keys=True) == json.dumps(out, sort_keys=True)
+    frame = res.to_frame()
+    sel = frame[(frame.statistic == "dilution") & (frame.site == "embed") & (frame.reader == "final")]
+    assert float(sel.value.iloc[0]) == pytest.approx(out["dilution"][3][0])
+    assert "magnitude" in res.summary() or out["verdict"]["label"] in res.summary()
+    with pytest.raises(NormgrowthError, match="older normgrowth"):
+        format_deletion_json({k: v for k, v in out.items() if k != "verdict"})
     empty = collect_deletion(model, batch, batch_size=4, n_boot=0).to_json()["ablation"]
     assert empty["writes"] == [] and empty["final_kl"] == []
+
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -525,17 +637,17 @@ def test_stories260k_rmsnorm_real_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(str(STORIES), device="cpu")
-    tokens = torch.from_numpy(np.load(STORIES / "samples.npy")[:2, :40]).long()
+    tokens = torch.from_numpy(np.load(STORIES / "samples.npy")[:3, :40]).long()
     batch = types.SimpleNamespace(tokens=tokens, attention_mask=torch.ones_like(tokens, dtype=torch.bool), source="s")
-    res = collect_deletion(model, batch, batch_size=2, n_boot=20)
+    res = collect_deletion(model, batch, batch_size=3, n_boot=20)
     assert not res.centers and res.max_write_sum_rel_error < 1e-4
     mean = res.mean
-    np.testing.assert_allclose(np.nansum(mean["reading"], -1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.nansum(mean["reading_null"], -1), 1.0, atol=1e-5)
-    W, _ = _capture(model, tokens, batch.attention_mask)
-    direct = direct_quantities(W[:, 1:].reshape(-1, *W.shape[2:]).numpy(), res.layout.reader_index, center=False)
-    for q in QUANTITIES:
-        np.testing.assert_allclose(mean[q], np.nanmean(direct[q], 0), rtol=1e-4, atol=1e-5, err_msg=q)
+    np.testing.assert_allclose(np.nansum(mean["reading"], -1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.nansum(mean["reading_null"], -1), 1.0, atol=1e-9)
+    want, _ = _explicit(model, batch)
+    for q in ("retention", "dilution", "reading", "influence"):
+        np.testing.assert_allclose(mean[q], want[q], rtol=1e-4, atol=1e-6, err_msg=q)
+
 
 
 def test_ablation_kl_matches_plain_hf_hooks(model_dirs):
