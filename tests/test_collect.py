@@ -214,15 +214,13 @@ def test_hist_quantile_exact_to_bin_width():
 
 def test_planted_growth_model_collected_and_fitted(tmp_path):
     """A GPT-2 whose stream is exactly g^(l+1) v at resid_post[l]: collect + fit must recover g (within 0.5 %)."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
+    from conftest import make_tiny
     from normgrowth.models import load_model
     from normgrowth.fit import fit_growth
 
     g, n_layers = 1.07, 8
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=n_layers, n_embd=16, n_head=2, n_positions=32,
-                                                        vocab_size=50, bos_token_id=0, eos_token_id=0))
+    model = make_tiny("gpt2", seed=0, n_layers=n_layers, init=None, n_embd=16, n_head=2, n_positions=32,
+                      vocab_size=50)
     v = torch.randn(16)
     with torch.no_grad():
         model.transformer.wte.weight.copy_(v.expand(50, 16))

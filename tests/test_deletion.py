@@ -19,6 +19,7 @@ from normgrowth.deletion import (QUANTITIES, DeletionResults, _ablation_hooks, _
                                  deletion_verdict, distance_matrix, format_deletion_json, format_deletion_report,
                                  gram_from_writes, locality, normalized_change, parse_ablate, stream_layout,
                                  stream_parts, summarize_deletion, token_sums, write_slopes)
+from conftest import make_tiny, randomise_biases
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import load_model
 
@@ -342,56 +343,22 @@ def test_stream_parts_split_the_mean_square():
 # ----------------------------------------------------------------------------------------------
 # tiny models
 # ----------------------------------------------------------------------------------------------
-def _configs():
-    from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, LlamaConfig, OPTConfig
-
-    return {
-        "gpt2": GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=100, n_positions=64),
-        "gpt-neox": GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=100, max_position_embeddings=64),
-        "llama": LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=64, vocab_size=100, max_position_embeddings=64),
-        "opt": OPTConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=100,
-                         max_position_embeddings=64, word_embed_proj_dim=32),
-        "gpt-neo": GPTNeoConfig(num_layers=3, hidden_size=32, num_heads=4, vocab_size=100, max_position_embeddings=64,
-                                attention_types=[[["global", "local"], 1], [["global"], 1]], window_size=8),
-    }
-
-
-def _randomize_biases(hf_model, seed: int) -> None:
-    """Random-init checkpoints have zero biases; make them nonzero so that a forgotten bias shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+# test-local names -> rows of conftest's TINY_CONFIGS
+_TABLE_ROWS = {"gpt2": "gpt2", "gpt-neox": "neox", "llama": "llama", "opt": "opt", "gpt-neo": "neo"}
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
+    """Tiny random checkpoints of every family with nonzero biases (a forgotten bias then shows), and an
+    LN-free GPT-2 in the published storage format (eps 1e12, gains x 1e6 / 0.5)."""
     dirs = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, (name, cfg) in enumerate(_configs().items()):
-            hf = AutoModelForCausalLM.from_config(cfg)
-            _randomize_biases(hf, i)
-            dirs[name] = tmp_path_factory.mktemp(name)
-            hf.save_pretrained(dirs[name])
-        # LN-free GPT-2: eps 1e12 and gains x 1e6 (the published storage format)
-        cfg = _configs()["gpt2"]
-        cfg.layer_norm_epsilon = 1e12
-        hf = AutoModelForCausalLM.from_config(cfg)
-        _randomize_biases(hf, 9)
-        with torch.no_grad():
-            for mod in hf.modules():
-                if isinstance(mod, torch.nn.LayerNorm):
-                    mod.weight.mul_(1e6 / 0.5)
-                    mod.bias.mul_(1.0)
-        dirs["ln-free"] = tmp_path_factory.mktemp("lnfree")
-        hf.save_pretrained(dirs["ln-free"])
+    for i, (name, row) in enumerate(_TABLE_ROWS.items()):
+        hf = make_tiny(row, seed=0, init=lambda m, i=i: randomise_biases(m, i))
+        dirs[name] = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(dirs[name])
+    hf = make_tiny("gpt2", seed=0, init=lambda m: randomise_biases(m, 9), ln_free_sigma=0.5)
+    dirs["ln-free"] = tmp_path_factory.mktemp("lnfree")
+    hf.save_pretrained(dirs["ln-free"])
     return dirs
 
 
