@@ -85,6 +85,36 @@ def row(label: str, a: float, a_ci: Any, b: float, b_ci: Any, diff: Optional[flo
             "p_value": p_value_from_ci(float(diff), diff_ci) if has_ci else None}
 
 
+def _growth_row(site: str, fa: dict, fb: dict, gd: dict, laws: dict) -> dict[str, Any]:
+    """The growth row of ``site``, like with like (:func:`normgrowth.laws.compare_laws`).
+
+    Both preferred laws exponential: growth factors, difference CI from independent bootstraps over
+    sequences. Both the same other law: that law's rate parameter (relative slope or exponent), CI of the
+    difference from each model's CI. Both undecided: the mean slope of log n over the window (the
+    exponential fit's growth factor read as a window average, not as a law's rate), bootstrap CI. Laws
+    that differ (or one undecided): the growth factors side by side, descriptive only, no test.
+    """
+    label = f"growth factor per layer, {site}"
+    method = gd.get("ci_method", "bootstrap")
+    if laws.get("comparable") and laws.get("law") == "exponential":
+        return row(label, fa["growth_factor"], fa["ci95"], fb["growth_factor"], fb["ci95"], gd["difference"],
+                   gd["difference_ci95"], method)
+    if laws.get("comparable"):
+        return row(f"{laws['parameter']} ({laws['law']} law), {site}", laws["a"], _law_ci(fa, laws), laws["b"],
+                   _law_ci(fb, laws), laws["difference"], laws["difference_ci95"])
+    if laws.get("law_a") == laws.get("law_b"):  # both undecided
+        return row(f"mean growth of log n per layer (law undecided), {site}", fa["growth_factor"], fa["ci95"],
+                   fb["growth_factor"], fb["ci95"], gd["difference"], gd["difference_ci95"], method)
+    r = row(label, fa["growth_factor"], fa["ci95"], fb["growth_factor"], fb["ci95"], gd["difference"],
+            [math.nan, math.nan], f"descriptive: {laws.get('note', 'preferred laws differ')}")
+    return r
+
+
+def _law_ci(fit: dict, laws: dict) -> Any:
+    entry = ((fit.get("law") or {}).get("laws") or {}).get(laws["law"]) or {}
+    return (entry.get("ci95") or {}).get(laws["parameter"], [None, None])
+
+
 def adjust_rows(rows: list[dict[str, Any]], alpha: float = ALPHA) -> None:
     """Add Holm-adjusted p-values (over every row with a p-value) and the adjusted verdict, in place."""
     adjusted = holm_adjust([r.get("p_value") for r in rows])
@@ -98,7 +128,8 @@ def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
         return (f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} (position 0 is the same token in "
                 "every sequence: exact values, no CI, no significance claim).")
     if not r["has_ci"]:
-        return f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} (no CI: descriptive only)."
+        why = r["method"][len("descriptive: "):] if r["method"].startswith("descriptive: ") else "no CI"
+        return f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} ({why}: descriptive only)."
     lo, hi = r["difference_ci95"]
     holm = f"Holm-adjusted p = {r['p_holm']:.3g}" if r.get("p_holm") is not None else "no adjusted p"
     if r["significant"]:
@@ -169,6 +200,7 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
     """The comparison JSON: rows (with sentences, raw and Holm-adjusted verdicts) plus the curves the
     comparison figure needs."""
     from .fit import growth_difference
+    from .laws import compare_laws
 
     name_a, name_b = _name(res_a.meta.model, res_a.meta.ln_free), _name(res_b.meta.model, res_b.meta.ln_free)
     rows: list[dict[str, Any]] = []
@@ -185,9 +217,12 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
         fa, fb = rep_a["fit"][site], rep_b["fit"][site]
         gd = growth_difference(sa.seq_mean, sb.seq_mean, (tuple(fa["window"]), tuple(fb["window"])),
                                weights_a=res_a.seq_n_tokens, weights_b=res_b.seq_n_tokens, n_boot=n_boot, seed=seed)
-        growth[site] = {"a": fa, "b": fb, "difference": gd}
-        rows.append(row(f"growth factor per layer, {site}", fa["growth_factor"], fa["ci95"], fb["growth_factor"],
-                        fb["ci95"], gd["difference"], gd["difference_ci95"], gd.get("ci_method", "bootstrap")))
+        laws = compare_laws(fa, fb)
+        growth[site] = {"a": fa, "b": fb, "difference": gd, "law": laws}
+        if gd.get("n_nonfinite"):
+            warnings_.append(f"{site}: {gd['n_nonfinite']} of {gd['n_boot']} bootstrap replicates of the growth "
+                             "difference were not finite and were left out of its CI")
+        rows.append(_growth_row(site, fa, fb, gd, laws))
     bos: dict[str, Any] = {}
     for site in ("resid_pre", "resid_post"):
         if res_a.sites.get(site) is not None and res_b.sites.get(site) is not None:

@@ -461,6 +461,7 @@ def growth_difference(
         d_ci = percentile_ci(np.exp(sa["boot"]) - np.exp(sb["boot"]))
         r_ci = percentile_ci(np.exp(sa["boot"] - sb["boot"]))
         d_lo, d_hi, r_lo, r_hi = d_ci.lo, d_ci.hi, r_ci.lo, r_ci.hi
+        n_nonfinite = int(d_ci.n_nonfinite)
         method = CI_DIFF_BOOTSTRAP
     else:
         var_a, var_b = (g_a * sa["se"]) ** 2, (g_b * sb["se"]) ** 2
@@ -470,6 +471,7 @@ def growth_difference(
             math.log(ratio), math.sqrt(lv_a + lv_b), welch_satterthwaite_df([lv_a, lv_b], [sa["df"], sb["df"]])
         )
         r_lo, r_hi = math.exp(lr_lo), math.exp(lr_hi)
+        n_nonfinite = 0
         method = CI_DIFF_SE
     d_lo, d_hi, r_lo, r_hi = (float(v) for v in (d_lo, d_hi, r_lo, r_hi))
     significant = bool(d_lo > 0 or d_hi < 0)  # False when the CI is NaN
@@ -487,6 +489,7 @@ def growth_difference(
         "n_curves_a": int(sa["n_curves"]),
         "n_curves_b": int(sb["n_curves"]),
         "n_boot": n_boot if (sa["boot"] is not None or sb["boot"] is not None) else 0,
+        "n_nonfinite": n_nonfinite,
     }
 
 

@@ -47,7 +47,7 @@ def test_compare_schema_and_sentences(compare_json):
     assert doc["ln_free"] == [False, True]
     assert set(doc["growth"]) == {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
     for site, g in doc["growth"].items():
-        assert set(g) == {"a", "b", "difference"}
+        assert set(g) == {"a", "b", "difference", "law"}
         lo, hi = g["difference"]["difference_ci95"]
         assert lo <= g["difference"]["difference"] <= hi
         assert g["difference"]["difference"] == pytest.approx(g["a"]["growth_factor"] - g["b"]["growth_factor"])
@@ -63,7 +63,9 @@ def test_compare_schema_and_sentences(compare_json):
     for r in doc["rows"]:
         if r["significant"]:
             assert "significant" in r["sentence"] and "excludes 0" in r["sentence"]
-    assert "growth factor per layer, resid_post" in text
+    # 3-layer windows decide no law, so the rows compare the window's mean slope of log n
+    assert doc["growth"]["resid_post"]["law"]["law_a"] == "undecided"
+    assert "mean growth of log n per layer (law undecided), resid_post" in text
     assert (out / "cmp.png").stat().st_size > 0 and (out / "cmp.pdf").stat().st_size > 0
 
 

@@ -85,3 +85,43 @@ def test_position0_rows_are_deterministic_when_position_0_is_one_token(tiny_dirs
     assert "rows" in back.summary()
     path = back.save(tmp_path / "saved")
     assert ComparisonResult.load(path).to_json()["rows"] == doc["rows"]
+
+
+def _planted_curves(law: str, rate: float, seed: int, n_seqs: int = 40, n_layers: int = 12) -> np.ndarray:
+    """Per-sequence norm curves of one law (1 % multiplicative noise per sequence and layer)."""
+    layers = np.arange(n_layers, dtype=float)
+    base = {"exponential": rate**layers, "linear": 1.0 + rate * layers, "power": (layers + 1.0) ** rate}[law]
+    noise = np.random.default_rng(seed).normal(0.0, 0.01, (n_seqs, n_layers))
+    return base[None, :] * np.exp(noise)
+
+
+@pytest.mark.parametrize("law_a,law_b,expect", [
+    ("exponential", "exponential", "growth factor per layer"),
+    ("linear", "linear", "relative_slope (linear law)"),
+    ("exponential", "linear", "descriptive"),
+])
+def test_growth_rows_compare_like_with_like(law_a, law_b, expect):
+    from normgrowth.compare import _growth_row
+    from normgrowth.fit import fit_growth, growth_difference
+    from normgrowth.laws import compare_laws
+
+    rates = {"exponential": (1.10, 1.05), "linear": (0.5, 0.2)}
+    ca = _planted_curves(law_a, rates[law_a][0], seed=1)
+    cb = _planted_curves(law_b, rates[law_b][1], seed=2)
+    window = (1, 10)
+    fa, fb = (fit_growth(c, window=window, n_boot=400).to_json() for c in (ca, cb))
+    assert (fa["law"]["best"], fb["law"]["best"]) == (law_a, law_b)  # the planted laws are recognised
+    gd = growth_difference(ca, cb, window, n_boot=400)
+    r = _growth_row("resid_post", fa, fb, gd, compare_laws(fa, fb))
+    if expect == "descriptive":
+        assert r["p_value"] is None and not r["has_ci"] and r["method"].startswith("descriptive")
+        assert r["a"] == pytest.approx(fa["growth_factor"])
+        return
+    assert r["label"].startswith(expect)
+    assert r["p_value"] is not None and r["significant"]  # the planted rates differ a lot
+    if law_a == "exponential":
+        assert r["difference_ci95"] == pytest.approx(gd["difference_ci95"])
+    else:
+        # relative slope at the window's first layer: b / (a + b * l0) of the planted line 1 + b l
+        assert r["a"] == pytest.approx(0.5 / (1 + 0.5 * window[0]), rel=0.05)
+        assert r["b"] == pytest.approx(0.2 / (1 + 0.2 * window[0]), rel=0.05)
