@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .fit import GrowthFit, appendix1_bound, layer_ratios, parse_window
+from .fit import GrowthFit, appendix1_bound, fit_growth, layer_ratios, parse_window
 from .results import SITES, Results
 
 N_BOOT = 1000
@@ -34,11 +34,55 @@ def site_fits(res: Results, window: Optional[str] = None, seed: int = 0) -> dict
     return {site: res.fit(site, win, seed) for site, st in res.sites.items() if st is not None}
 
 
+POSITION_GROUPS = ("early", "middle", "late")
+
+
+def position_groups(position_count: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Positions 1..P-1 that hold tokens, split into three contiguous groups of (nearly) equal length:
+    ``{"early": (first, last), "middle": ..., "late": ...}`` (inclusive; groups with no position omitted)."""
+    present = [p for p in range(1, len(position_count)) if position_count[p] > 0]
+    out = {}
+    for name, chunk in zip(POSITION_GROUPS, np.array_split(np.asarray(present, dtype=int), 3)):
+        if chunk.size:
+            out[name] = (int(chunk[0]), int(chunk[-1]))
+    return out
+
+
+def variant_fits(res: Results, window: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Growth fits of other summaries of each site's norm, beside the mean's (docs/fit.md, "Which part grows"):
+
+    ``median`` (median ||x|| per layer), ``geometric_mean`` (exp of the mean of log ||x||; both robust to a
+    few massive activations) and ``positions`` (the token-weighted mean norm over the early, middle and late
+    thirds of positions >= 1, from the per-position means). Each is one curve, so its CI is the regression
+    standard error over layers: it measures how well the law fits, not sampling over sequences.
+    """
+    if res.meta.n_layers < 2:
+        return {}
+    win = parse_window(window, res.meta.n_layers) if window else None
+    groups = position_groups(res.position_count)
+    out: dict[str, dict[str, Any]] = {}
+    for site, st in res.sites.items():
+        if st is None:
+            continue
+        entry: dict[str, Any] = {
+            "median": fit_growth(st.median, window=win).to_json(),
+            "geometric_mean": fit_growth(np.exp(st.log_mean), window=win).to_json(),
+            "positions": {},
+        }
+        for name, (lo, hi) in groups.items():
+            counts = res.position_count[lo:hi + 1].astype(float)
+            curve = st.position_mean[:, lo:hi + 1] @ counts / counts.sum()
+            entry["positions"][name] = {"positions": [lo, hi], **fit_growth(curve, window=win).to_json()}
+        out[site] = entry
+    return out
+
+
 def report_document(res: Results, window: Optional[str] = None, fits: Optional[dict[str, GrowthFit]] = None
                     ) -> dict[str, Any]:
     doc = res.to_json()
     fits = site_fits(res, window) if fits is None else fits
     doc["fit"] = {site: f.to_json() for site, f in fits.items()}
+    doc["fit_variants"] = variant_fits(res, window)
     ratios = {}
     if res.meta.n_layers >= 2:
         for site, st in res.sites.items():
