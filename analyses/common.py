@@ -28,10 +28,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 
+from normgrowth.results import SITES, display_name  # noqa: F401  (the figures' site order and model names)
+
 DPI = 150
 PAGE_WIDTH = 9.0  # inches: readable at page width (fonts >= 8 pt at this size)
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-NO_LN = " (no LN)"
 NORM_LABEL = "mean ‖x‖₂ (log scale)"
 
 # Tableau-10 minus grey: one colour per model, fixed by the model's rank in the results directory.
@@ -135,15 +135,6 @@ def discover(results_dir: str | Path) -> list[ModelResults]:
             m._name = f"{names[i]} [{m.slug}]"
         m.color = _COLORS[i % len(_COLORS)]
     return found
-
-
-def display_name(model: str, ln_free: bool) -> str:
-    """Last path component of a checkpoint path or hub name; LN-free models get " (no LN)" unless the name says so."""
-    name = str(model).rstrip("/\\").replace("\\", "/").split("/")[-1] or str(model)
-    low = name.lower().replace("-", "").replace("_", "")
-    if ln_free and "noln" not in low and "lnfree" not in low:
-        name += NO_LN
-    return name
 
 
 def with_report(models: Sequence[ModelResults]) -> list[ModelResults]:

@@ -28,7 +28,7 @@ from scipy import stats
 
 from .numerics import Z95, difference_ci_from_cis, excludes_zero, holm_adjust, weighted_mean_ci
 from .protocol import ResultProtocol
-from .results import SITES, Results
+from .results import SITES, Results, display_name
 from .storage import json_safe
 
 ALPHA = 0.05
@@ -36,11 +36,6 @@ MIN_BOOT_SEQS = 30  # fewer sequences than this feeding a bootstrap: a warning
 # weight series -> the stream site whose normalisation they read (None: no gain folded in)
 WEIGHT_SERIES = {"W_OV_mean": "resid_pre", "W_in": "resid_mid", "W_out": None, "gain_attn": "resid_pre",
                  "gain_mlp": "resid_mid"}
-
-
-def _name(spec: str, ln_free: bool) -> str:
-    name = Path(str(spec).rstrip("/")).name or str(spec)
-    return name + (" (no LN)" if ln_free and "noln" not in name.lower() and "lnfree" not in name.lower() else "")
 
 
 def _num(x: Any) -> float:
@@ -202,7 +197,7 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
     from .fit import growth_difference
     from .laws import compare_laws
 
-    name_a, name_b = _name(res_a.meta.model, res_a.meta.ln_free), _name(res_b.meta.model, res_b.meta.ln_free)
+    name_a, name_b = display_name(res_a.meta.model, res_a.meta.ln_free), display_name(res_b.meta.model, res_b.meta.ln_free)
     rows: list[dict[str, Any]] = []
     warnings_: list[str] = []
     for res, name in ((res_a, name_a), (res_b, name_b)):

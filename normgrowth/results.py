@@ -19,6 +19,17 @@ from .storage import atomic_write_bytes, atomic_write_json, json_safe  # noqa: F
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 EMBED_SITES = ("embed", "pos_embed")
+NO_LN = " (no LN)"
+
+
+def display_name(model: str, ln_free: bool) -> str:
+    """Last path component of a checkpoint path or hub name; LN-free models get " (no LN)" unless the
+    name already says so ("noln" / "lnfree", ignoring case, "-" and "_")."""
+    name = str(model).rstrip("/\\").replace("\\", "/").split("/")[-1] or str(model)
+    low = name.lower().replace("-", "").replace("_", "")
+    if ln_free and "noln" not in low and "lnfree" not in low:
+        name += NO_LN
+    return name
 SCHEMA_VERSION = 1
 # Per-layer SiteStats arrays that Results.to_frame() lists (statistic column).
 FRAME_STATISTICS = ("mean", "std", "centered_mean", "centered_std", "token_std_mean", "log_mean", "median",
