@@ -1,0 +1,128 @@
+"""Exact merges of streaming accumulators, and data-parallel runs under torchrun (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from normgrowth.stats import HIST_BINS, Moments, RowTable, TokenStats
+
+
+def _planted(n_seqs: int = 23, k: int = 5, p: int = 9, seed: int = 0):
+    """Lognormal per-token values [K, n_seqs, p] and a right-padded mask of random lengths."""
+    rng = np.random.default_rng(seed)
+    values = np.exp(rng.normal(1.0, 0.7, size=(k, n_seqs, p))).astype(np.float32)
+    lengths = rng.integers(1, p + 1, size=n_seqs)
+    mask = np.arange(p)[None, :] < lengths[:, None]
+    return values, mask
+
+
+def _stats_over(values: np.ndarray, mask: np.ndarray, lo: int, hi: int, batch: int = 4) -> TokenStats:
+    k, _, p = values.shape
+    st = TokenStats(k, p, torch.device("cpu"), hist_series=k, log_series=k)
+    st.first_sequence = lo
+    for a in range(lo, hi, batch):
+        b = min(hi, a + batch)
+        st.update(torch.from_numpy(values[:, a:b]), torch.from_numpy(mask[a:b]))
+    return st
+
+
+def test_moments_merge_matches_numpy_on_concatenated_data():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(3.0, 2.0, size=(4, n)) for n in (7, 1, 30)]
+    acc = Moments.zeros(4, torch.device("cpu"))
+    for part in parts:
+        one = Moments.zeros(4, torch.device("cpu"))
+        one.merge_batch(torch.from_numpy(part), torch.ones(part.shape[1], dtype=torch.bool))
+        acc.merge_(one)
+    whole = np.concatenate(parts, axis=1)
+    assert acc.count.item() == whole.shape[1]
+    np.testing.assert_allclose(acc.mean.numpy(), whole.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(acc.variance().numpy(), whole.var(1), rtol=1e-10)
+
+
+def test_moments_merge_into_empty_and_from_empty():
+    part = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    full = Moments.zeros(1, torch.device("cpu"))
+    full.merge_batch(part, torch.ones(3, dtype=torch.bool))
+    empty = Moments.zeros(1, torch.device("cpu"))
+    empty.merge_(full)
+    full.merge_(Moments.zeros(1, torch.device("cpu")))
+    for m in (empty, full):
+        assert m.count.item() == 3
+        assert m.mean.item() == pytest.approx(7 / 3)
+        assert m.variance().item() == pytest.approx(np.var([1.0, 2.0, 4.0]))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_token_stats_merge_of_blocks_equals_numpy_in_any_order(order):
+    values, mask = _planted()
+    k, n, p = values.shape
+    bounds = [(0, 8), (8, 9), (9, n)]
+    blocks = [_stats_over(values, mask, *bounds[i]) for i in order]
+    merged = blocks[0]
+    pending = blocks[1:]
+    while pending:  # merge whichever block is adjacent to what has been merged so far
+        for i, other in enumerate(pending):
+            lo, hi = merged.first_sequence, merged.first_sequence + merged.n_sequences
+            if other.first_sequence in (hi,) or other.first_sequence + other.n_sequences == lo:
+                merged.merge_(other)
+                pending.pop(i)
+                break
+    rest = mask.copy()
+    rest[:, 0] = False
+    main = values[:, rest]  # [K, tokens at positions >= 1], numpy on the concatenated data
+    assert merged.count == rest.sum()
+    np.testing.assert_allclose(merged.main.mean.numpy(), main.astype(np.float64).mean(1), rtol=1e-12)
+    np.testing.assert_allclose(merged.main.variance().numpy(), main.astype(np.float64).var(1), rtol=1e-9)
+    bos = values[:, mask[:, 0], 0].astype(np.float64)
+    np.testing.assert_allclose(merged.bos.mean.numpy(), bos.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(merged.log_mean(), np.log(main.astype(np.float64)).mean(1), rtol=1e-12)
+    np.testing.assert_allclose(merged.position_mean(),
+                               (values * mask).sum(1) / np.maximum(mask.sum(0), 1), rtol=1e-6)
+    seq_expect = (values * rest).astype(np.float64).sum(2) / np.maximum(rest.sum(1), 1)  # [K, n]
+    assert merged.first_sequence == 0
+    np.testing.assert_allclose(merged.seq_means(), seq_expect.T, rtol=1e-6)
+    np.testing.assert_array_equal(merged.seq_counts(), rest.sum(1))
+    hist = merged.hist_counts()
+    assert hist.shape == (k, HIST_BINS)
+    np.testing.assert_array_equal(hist.sum(1), np.full(k, rest.sum()))
+    whole = _stats_over(values, mask, 0, n)
+    np.testing.assert_array_equal(hist, whole.hist_counts())  # the same tokens in the same bins
+
+
+def test_token_stats_merge_refuses_blocks_with_a_gap():
+    values, mask = _planted()
+    a, b = _stats_over(values, mask, 0, 4), _stats_over(values, mask, 8, 12)
+    with pytest.raises(ValueError, match="not adjacent"):
+        a.merge_(b)
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    values, mask = _planted(n_seqs=20)
+    whole = _stats_over(values, mask, 0, 20)
+    first = _stats_over(values, mask, 0, 8)
+    k, _, p = values.shape
+    resumed = TokenStats(k, p, torch.device("cpu"), hist_series=k, log_series=k)
+    resumed.load_state_dict({key: np.array(v) for key, v in first.state_dict().items()})
+    for a in range(8, 20, 4):
+        resumed.update(torch.from_numpy(values[:, a:a + 4]), torch.from_numpy(mask[a:a + 4]))
+    for key, value in whole.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+
+
+def test_load_state_dict_refuses_other_shapes():
+    values, mask = _planted(k=5)
+    st = _stats_over(values, mask, 0, 8)
+    other = TokenStats(4, values.shape[2], torch.device("cpu"), hist_series=4, log_series=4)
+    with pytest.raises(ValueError, match="shape"):
+        other.load_state_dict(st.state_dict())
+
+
+def test_row_table_round_trip_and_merge():
+    a, b = RowTable((2,), np.float32), RowTable((2,), np.float32)
+    a.append(np.ones((3, 2), np.float32))
+    b.load_state_dict({"rows": np.arange(4, dtype=np.float32).reshape(2, 2)})
+    a.merge_(b)
+    np.testing.assert_array_equal(a.values(), np.vstack([np.ones((3, 2)), np.arange(4).reshape(2, 2)]))
