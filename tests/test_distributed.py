@@ -126,3 +126,78 @@ def test_row_table_round_trip_and_merge():
     b.load_state_dict({"rows": np.arange(4, dtype=np.float32).reshape(2, 2)})
     a.merge_(b)
     np.testing.assert_array_equal(a.values(), np.vstack([np.ones((3, 2)), np.arange(4).reshape(2, 2)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# sharding and torchrun
+# ----------------------------------------------------------------------------------------------
+def test_shard_batches_cover_every_sequence_once_at_batch_boundaries():
+    from normgrowth.distributed import shard_batches
+
+    for n, bs, world in [(10, 3, 2), (7, 2, 3), (5, 8, 2), (64, 8, 8), (1, 1, 4)]:
+        blocks = [shard_batches(n, bs, r, world) for r in range(world)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        for (lo, hi), (lo2, _) in zip(blocks, blocks[1:]):
+            assert hi == lo2 and lo <= hi
+        starts = [lo for lo, hi in blocks if hi > lo]
+        assert all(s % bs == 0 for s in starts)  # the single-process batches, unchanged
+        sizes = [-(-(hi - lo) // bs) for lo, hi in blocks]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def _floats(doc, path=""):
+    """(path, value) of every number in a JSON document."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _floats(v, f"{path}/{k}")
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _floats(v, f"{path}[{i}]")
+    elif isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        yield path, float(doc)
+
+
+def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import VOCAB, build_tiny
+
+    repo = Path(__file__).resolve().parents[1]
+    model = build_tiny("gpt2", tmp_path / "gpt2", seed=4, n_layers=4)
+    rng = np.random.RandomState(6)
+    ids = rng.randint(1, VOCAB, size=(11, 12))
+    data = tmp_path / "ids.npy"
+    np.save(data, ids)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    common = ["report", str(model), "--data", str(data), "--batch-size", "2"]
+    single = subprocess.run([sys.executable, "-m", "normgrowth", *common, "--out", "one", "--json", "one.json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "normgrowth", *common, "--out", "two", "--json", "two.json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
+    assert two.stdout.count("growth") == single.stdout.count("growth")  # rank 0 alone prints the tables
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    fa, fb = list(_floats(a)), list(_floats(b))
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    n_ci = 0
+    for (path, x), (_, y) in zip(fa, fb):
+        if "ci95" in path:  # bootstrap CIs over per-sequence means: identical
+            assert x == y, path
+            n_ci += 1
+        else:
+            assert abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12), path
+    assert n_ci > 20
+    (one_npz,), (two_npz,) = (tmp_path / "one").glob("*.npz"), (tmp_path / "two").glob("*.npz")
+    with np.load(one_npz) as x, np.load(two_npz) as y:
+        for name in x.files:
+            if "seq" in name or "hist" in name or "count" in name:  # per-sequence rows in order, counts
+                np.testing.assert_array_equal(x[name], y[name], err_msg=name)
