@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node N -m normgrowth report ...`` starts N processes with ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and the rendezvous address in their environment. :func:`world` joins the process group
-on first use (NCCL when CUDA is available, each process on ``cuda:LOCAL_RANK``; gloo on the CPU).
+on first use (NCCL for CUDA tensors, each process on ``cuda:LOCAL_RANK``; gloo for CPU tensors).
 Collection shards the data into contiguous blocks of whole batches (:func:`shard_batches`), so every
 rank runs the very batches a single process would; the accumulators are then gathered and merged in
 rank order (:meth:`normgrowth.stats.TokenStats.merge_`) on every rank, and only rank 0 writes files and
@@ -30,9 +30,9 @@ def world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for CPU ones (a run with --device cpu)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
+            dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -48,6 +48,16 @@ def rank() -> int:
 def is_main() -> bool:
     """True in the one process that writes files and prints (rank 0)."""
     return rank() == 0
+
+
+def check_device_map(device_map: Optional[str]) -> None:
+    """``--device-map`` spreads one model over every visible GPU of a node, so under torchrun it needs
+    one process per node; raise a one-line error otherwise."""
+    if device_map and launched() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        from .errors import NormgrowthError
+
+        raise NormgrowthError("--device-map spreads each process's model over all GPUs of its node: run torchrun "
+                              "with --nproc-per-node 1 (one process per node) or drop --device-map.")
 
 
 def shard_batches(n_items: int, batch_size: int, rank_: int, world_size: int) -> tuple[int, int]:

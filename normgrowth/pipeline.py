@@ -264,8 +264,11 @@ class _ModelHandle:
 
     def get(self) -> Any:
         if self.loaded is None:
+            from .distributed import check_device_map, world
             from .models import load_model
 
+            check_device_map(self.settings.device_map)
+            world()  # under torchrun: join the group first, which makes cuda:LOCAL_RANK the default GPU
             s = self.settings
             self.loaded = load_model(self.spec, device=s.device, dtype=s.dtype, revision=s.revision,
                                      device_map=s.device_map)

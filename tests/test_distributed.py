@@ -201,3 +201,16 @@ def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
         for name in x.files:
             if "seq" in name or "hist" in name or "count" in name:  # per-sequence rows in order, counts
                 np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_device_map_under_torchrun_needs_one_process_per_node(monkeypatch):
+    from normgrowth.distributed import check_device_map
+    from normgrowth.errors import NormgrowthError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_device_map("auto")  # one process per node: allowed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_device_map(None)
+    with pytest.raises(NormgrowthError, match="--nproc-per-node 1"):
+        check_device_map("auto")
