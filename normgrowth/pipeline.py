@@ -493,12 +493,14 @@ def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Em
         size = _batch_size(settings, model, batch.tokens.shape[1], emit,
                            extra_bytes_per_token=deletion_bytes_per_token(model))
         res = emit.stream("deletion statistics", lambda update: run_with_oom_guard(
-            lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update), size),
+            lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update,
+                                     checkpoint=_checkpoint(found, settings, emit)), size),
             tokens=_token_counter(batch))
         text.append(format_deletion_report(res))
         return res.to_json()
 
-    base = _entry("deletion", spec, settings, {"ablate": ablate})
+    found = _entry_key("deletion", spec, settings, {"ablate": ablate})
+    base = None if found is None else found[0]
     doc, cached = _cached_json(base, emit, compute)
     if not text:
         from .deletion import format_deletion_json

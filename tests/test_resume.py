@@ -144,3 +144,35 @@ def test_progress_rate_and_time_left_count_only_work_since_the_first_update():
     assert rate_text(400, 1000, 40_000, (100.0, 400, 40_000), 110.0) == ""  # nothing done yet: no estimate
     assert rate_text(100, 1000, None, (0.0, 0, 0), 3.0) == "0:27 left"  # 900 sequences at 0.03 s each
     assert rate_text(1, 100_000, 10, (0.0, 0, 0), 1.0) == "10 tok/s, 27:46:39 left"
+
+
+def test_deletion_interrupted_in_either_pass_resumes_to_the_same_document(setup, tmp_path):
+    from normgrowth.checkpoint import Checkpoint
+    from normgrowth.data import load_tokens
+    from normgrowth.deletion import collect_deletion
+    from normgrowth.models import load_model
+
+    model_dir, data = setup
+    model = load_model(str(model_dir), device="cpu")
+    batch = load_tokens(str(data), model)
+    whole = collect_deletion(model, batch, batch_size=3, n_boot=50).to_json()
+    notes: list[str] = []
+    ckpt = Checkpoint(tmp_path / "deletion-entry", "k", every=2, note=notes.append)
+
+    def stop_after(k):
+        seen = []
+
+        def progress(done, total):
+            seen.append(done)
+            if len(seen) >= k:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):  # after the second pass's first batch: only the means are saved
+        collect_deletion(model, batch, batch_size=3, n_boot=50, checkpoint=ckpt, progress=stop_after(1))
+    with pytest.raises(KeyboardInterrupt):  # resumed after the first pass; saved and stopped after batch 2
+        collect_deletion(model, batch, batch_size=3, n_boot=50, checkpoint=ckpt, progress=stop_after(2))
+    resumed = collect_deletion(model, batch, batch_size=3, n_boot=50, checkpoint=ckpt).to_json()
+    assert notes == ["resuming after the first pass (write means)", "resuming at sequence 6 of 10"]
+    assert resumed == whole
+    assert not ckpt.path().exists()
