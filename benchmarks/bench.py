@@ -71,6 +71,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-410m": ("neox", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                                  intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
                                  rotary_pct=0.25, use_parallel_residual=True)),
+    # >= 1B parameters, for GPUs (run it with --dtype bfloat16)
+    "pythia-1b": ("neox", dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8,
+                               intermediate_size=8192, vocab_size=50304, max_position_embeddings=2048,
+                               rotary_pct=0.25, use_parallel_residual=True)),
 }
 
 CONFIGS = {
