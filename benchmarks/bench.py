@@ -781,8 +781,8 @@ def main(argv=None) -> int:
                 return {**row, "error": last["error"]}
             walls.append(last["wall_s"])
             peaks.append(last["peak_bytes_per_process"])
-        row.update(nproc=nproc, wall_s=statistics.median(walls), wall_all=walls, peak_all=peaks,
-                   peak_bytes_per_process=peaks[0], threads_per_process=last["threads_per_process"])
+        row.update(nproc=nproc, ranks=last["ranks"], wall_s=statistics.median(walls), wall_all=walls,
+                   peak_all=peaks, peak_bytes_per_process=peaks[0], threads_per_process=last["threads_per_process"])
         single = summarize([measure(dict(spec, threads=total), in_process, args.timeout)])
         row["single"] = {k: single.get(k) for k in ("wall_s", "peak_bytes", "threads", "wall_all")}
         if single.get("wall_s"):

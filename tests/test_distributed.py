@@ -214,3 +214,23 @@ def test_device_map_under_torchrun_needs_one_process_per_node(monkeypatch):
     check_device_map(None)
     with pytest.raises(NormgrowthError, match="--nproc-per-node 1"):
         check_device_map("auto")
+
+
+@pytest.mark.slow
+def test_bench_torchrun_row_reports_every_rank(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--configs", "c", "--ddp", "2", "--reps", "1",
+                           "--scaling-n-seqs", "0", "--models", "tiny-gpt2", "--out", str(tmp_path),
+                           "--cache-dir", str(tmp_path / "models")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("quick-*.json")
+    (row,) = json.loads(path.read_text())["data_parallel"]
+    assert row["nproc"] == 2 and sorted(r["rank"] for r in row["ranks"]) == [0, 1]
+    assert row["wall_s"] == max(r["wall_s"] for r in row["ranks"])
+    assert all(p is None or p > 0 for p in row["peak_bytes_per_process"])
+    assert row["single"]["wall_s"] > 0 and "torchrun --nproc-per-node 2" in proc.stdout
