@@ -294,6 +294,8 @@ def _entry_key(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any
 def _checkpoint(found: Optional[tuple[Path, str]], settings: RunSettings, emit: "_Emitter") -> Any:
     """The collector checkpoint next to the cache entry ``found`` (None without ``out``)."""
     if found is None:
+        if settings.checkpoint_every is not None:
+            emit.note("no checkpoints: --checkpoint-every needs --out (checkpoints live next to the cached result)")
         return None
     from .checkpoint import Checkpoint
 
