@@ -100,14 +100,20 @@ def agree(value: Any) -> Any:
 def check_all(error: Optional[BaseException]) -> None:
     """Collective: re-raise this rank's ``error``, or when another rank failed, raise one line naming it,
     so that no rank waits forever in a later collective."""
-    failures = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    from .errors import NormgrowthError
+
+    def describe(err: BaseException) -> str:
+        text = str(err).splitlines()[0] if str(err) else ""
+        if isinstance(err, NormgrowthError):
+            return text
+        return f"{type(err).__name__}: {text}".rstrip(": ") + " (see that rank's output)."
+
+    failures = all_gather(None if error is None else describe(error))
     if error is not None:
         raise error
     for r, failure in enumerate(failures):
         if failure is not None:
-            from .errors import NormgrowthError
-
-            raise NormgrowthError(f"rank {r} failed ({failure.splitlines()[0] if failure else failure}).")
+            raise NormgrowthError(f"rank {r}: {failure}")
 
 
 def merge_token_stats(stats: Any) -> None:

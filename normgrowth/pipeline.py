@@ -19,7 +19,10 @@ Cache entries under ``out`` (``<kind>-<model slug>-<key[:12]>``):
 * ``deletion``: the deletion JSON (``DeletionResults.to_json()``); key settings ``n_seqs``, ``seq_len``,
   ``dtype``, ``ablate``.
 
-An entry that cannot be read (torn write, other layout) is recomputed, never trusted.
+An entry that cannot be read (torn write, other layout) is recomputed, never trusted. While a collection or
+deletion pass runs, its checkpoint (``<entry>.ckpt.npz``, every ``checkpoint_every`` batches) lets a rerun of
+a killed run resume (:mod:`normgrowth.checkpoint`). Under ``torchrun`` rank 0 decides every cache hit and
+alone writes entries (:mod:`normgrowth.distributed`).
 """
 
 from __future__ import annotations

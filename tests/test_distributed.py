@@ -234,3 +234,45 @@ def test_bench_torchrun_row_reports_every_rank(tmp_path):
     assert row["wall_s"] == max(r["wall_s"] for r in row["ranks"])
     assert all(p is None or p > 0 for p in row["peak_bytes_per_process"])
     assert row["single"]["wall_s"] > 0 and "torchrun --nproc-per-node 2" in proc.stdout
+
+
+# Rank 1's collector meets an overflow in its first batch; rank 0 runs on and would wait for rank 1 in the merge.
+RANK1_FAILS = """
+import os, sys
+from normgrowth import collector
+from normgrowth.errors import NonFiniteNormError
+original = collector.NormCollector.end_batch
+def end_batch(self, valid):
+    if os.environ.get("RANK") == "1":
+        raise NonFiniteNormError("resid_post", 1, 3, "float32")
+    original(self, valid)
+collector.NormCollector.end_batch = end_batch
+from normgrowth.cli import main
+sys.argv = ["normgrowth"] + sys.argv[1:]
+main()
+"""
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import VOCAB, build_tiny
+
+    repo = Path(__file__).resolve().parents[1]
+    model = build_tiny("gpt2", tmp_path / "gpt2", seed=4, n_layers=2)
+    data = tmp_path / "ids.npy"
+    np.save(data, np.random.RandomState(6).randint(1, VOCAB, size=(8, 10)))
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(RANK1_FAILS)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), "report", str(model), "--data", str(data), "--batch-size", "2",
+                           "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1: non-finite norm (inf or NaN) at site resid_post, layer 1, in 3 token(s) with "
+                      "dtype float32: the model overflowed; rerun with --dtype float32 or bfloat16."]
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing written
