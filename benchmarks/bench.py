@@ -71,6 +71,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-410m": ("neox", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                                  intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
                                  rotary_pct=0.25, use_parallel_residual=True)),
+    # >= 1B parameters, for GPUs (run it with --dtype bfloat16)
+    "pythia-1b": ("neox", dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8,
+                               intermediate_size=8192, vocab_size=50304, max_position_embeddings=2048,
+                               rotary_pct=0.25, use_parallel_residual=True)),
 }
 
 CONFIGS = {
@@ -414,6 +418,61 @@ def inprocess_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def ddp_worker(spec: dict[str, Any]) -> None:
+    """One rank of a torchrun data-parallel collection: load, warm up on one sequence, then (all ranks
+    after a barrier) ``normgrowth.collect`` over all ``n_seqs`` sequences, sharded over the ranks, with
+    the merge of every accumulator. Writes ``{wall_s, cpu_s, peak_bytes, ...}`` of this rank to
+    ``spec["out"]/rank<r>.json``; peak = VmHWM - VmRSS before the pass (glibc mmap threshold fixed)."""
+    import torch
+    import torch.distributed as dist
+
+    from normgrowth.collector import collect
+    from normgrowth.data import TokenBatch
+    from normgrowth.distributed import world
+    from normgrowth.models import load_model, resolve_dtype
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    rank, world_size = world()
+    model = load_model(spec["model_dir"], device="cpu", dtype=resolve_dtype(spec["dtype"]))
+    _materialize(model.hf_model)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (spec["n_seqs"], spec["seq_len"]), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.inference_mode():
+        model.forward(tokens[:1], attention_mask=mask[:1])  # warm-up, outside the sharded pass
+    _fix_mmap_threshold()
+    _trim()
+    base_rss = _status_kb("VmRSS") * 1024
+    hwm = _reset_hwm()
+    dist.barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    collect(model, TokenBatch(tokens, mask, "random"), batch_size=spec["batch_size"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = {"rank": rank, "world_size": world_size, "wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(),
+           "peak_bytes": _status_kb("VmHWM") * 1024 - base_rss if hwm else None, "rss_base_bytes": base_rss}
+    Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def measure_ddp(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
+    """``torchrun --nproc-per-node nproc`` of :func:`ddp_worker` (gloo, CPU): per-rank times and peaks;
+    the run's wall time is the slowest rank's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(Path(__file__).resolve()), "--ddp-worker", json.dumps(dict(spec, out=tmp))]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec.get("threads") or 1)}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+        if proc.returncode != 0 or len(ranks) != nproc:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": f"exit {proc.returncode}: {' | '.join(tail)[-400:]}"}
+    return {"nproc": nproc, "ranks": ranks, "wall_s": max(r["wall_s"] for r in ranks),
+            "peak_bytes_per_process": [r["peak_bytes"] for r in ranks], "threads_per_process": ranks[0]["threads"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # orchestration
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +612,17 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {name:7s} {what:36s} {res['tokens_per_s']:9.0f} {res['wall_s']:8.3f} "
                          f"{res.get('time_ratio_to_a', float('nan')):6.2f} {res.get('cpu_ratio_to_a', float('nan')):7.2f} "
                          f"{fmt_bytes(res.get('peak_bytes')):>9s} {res.get('memory_ratio_to_a', float('nan')):6.2f}")
+    for dp in report.get("data_parallel", []):
+        if "error" in dp:
+            lines.append(f"\ntorchrun (c) {dp.get('model')}: {dp['error']}")
+            continue
+        one = dp.get("single", {})
+        lines.append(f"\ntorchrun --nproc-per-node {dp['nproc']} (gloo, CPU) (c) {dp['model']} seq {dp['seq_len']} "
+                     f"batch {dp['batch_size']}, {dp['n_seqs']} sequences: wall {dp['wall_s']:.3f} s "
+                     f"({dp['n_tokens'] / dp['wall_s']:.0f} tok/s, {dp['threads_per_process']} thread(s) per process), "
+                     f"peak per process {', '.join(fmt_bytes(b) for b in dp['peak_bytes_per_process'])} MiB; "
+                     f"one process ({one.get('threads')} threads): wall {one.get('wall_s', float('nan')):.3f} s, "
+                     f"peak {fmt_bytes(one.get('peak_bytes'))} MiB")
     for s in report.get("scaling", []):
         lines.append(f"\nscaling (c) {s['model']} seq {s['seq_len']} batch {s['batch_size']}: peak "
                      f"{fmt_bytes(s.get('peak_n'))} MiB for {s['n_seqs']} sequences, {fmt_bytes(s.get('peak_10n'))} MiB "
@@ -598,7 +668,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--isolation", choices=("auto", "subprocess", "in-process"), default="auto",
                    help="one fresh process per configuration (auto: on the CPU, where RSS peaks would carry "
                         "over) or all in this process (auto: on GPUs and with --quick; CUDA peaks are reset)")
+    p.add_argument("--ddp", type=int, default=None, help="processes of the torchrun data-parallel row of (c) on the "
+                   "CPU (default 2, 0 with --quick; 0: skip)")
+    p.add_argument("--ddp-n-seqs", type=int, default=None, help="sequences of the torchrun row (default 4 batches)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -606,6 +680,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.ddp_worker:
+        ddp_worker(json.loads(args.ddp_worker))
         return 0
     import torch
 
@@ -687,6 +764,32 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     interrupted = False
     scaling: list[dict[str, Any]] = []
+    data_parallel: list[dict[str, Any]] = []
+
+    def ddp_row(name: str, nproc: int) -> dict[str, Any]:
+        """(c) under torchrun with ``nproc`` processes (each with cores / nproc threads) next to one
+        process with all the cores, on the same sequences (the first model, the shortest length)."""
+        seq_len = min(seq_lens)
+        n_seqs = args.ddp_n_seqs or 4 * batch
+        total = args.threads or torch.get_num_threads()
+        spec = dict(spec_for(checkpoint(name, cache_dir), "c", n_seqs, seq_len), threads=max(1, total // nproc))
+        row = {"model": name, "seq_len": seq_len, "batch_size": batch, "n_seqs": n_seqs, "n_tokens": n_seqs * seq_len}
+        walls, peaks, last = [], [], {}
+        for _ in range(max(1, min(args.rounds, 2))):
+            last = measure_ddp(spec, nproc, args.timeout)
+            if "error" in last:
+                return {**row, "error": last["error"]}
+            walls.append(last["wall_s"])
+            peaks.append(last["peak_bytes_per_process"])
+        row.update(nproc=nproc, ranks=last["ranks"], wall_s=statistics.median(walls), wall_all=walls,
+                   peak_all=peaks, peak_bytes_per_process=peaks[0], threads_per_process=last["threads_per_process"])
+        single = summarize([measure(dict(spec, threads=total), in_process, args.timeout)])
+        row["single"] = {k: single.get(k) for k in ("wall_s", "peak_bytes", "threads", "wall_all")}
+        if single.get("wall_s"):
+            row["speedup"] = single["wall_s"] / row["wall_s"]
+        print(f"  torchrun x{nproc} {name} seq {seq_len}: wall {row['wall_s']:.3f} s vs one process "
+              f"{single.get('wall_s', float('nan')):.3f} s", flush=True)
+        return row
     try:
         for rnd in range(args.rounds):
             for key, spec in plan:
@@ -735,12 +838,16 @@ def main(argv=None) -> int:
                         "memory_kind": "VmHWM - VmRSS before the pass, glibc defaults (dynamic mmap threshold)"}
             scaling.append(entry)
             print(f"  scaling {name}: {entry.get('increase', entry.get('error'))}", flush=True)
+        n_ddp = args.ddp if args.ddp is not None else (0 if quick else 2)
+        if n_ddp > 1 and device == "cpu" and "c" in configs:
+            data_parallel.append(ddp_row(models[0], n_ddp))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: writing the results measured so far", flush=True)
         summarize_groups()
     info["load_average_end"] = list(os.getloadavg())
     report = {"machine": info, "settings": settings, "groups": groups, "scaling": scaling,
+              "data_parallel": data_parallel,
               "configs": CONFIGS, "interrupted": interrupted}
     report["targets"] = check_targets(groups, scaling, long_len=max(seq_lens))
     table = format_table(report)

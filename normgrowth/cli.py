@@ -30,17 +30,52 @@ DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda w
 DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (norms accumulate in float32).")
 OUT = typer.Option(None, "--out", help="Results directory: cached results are reused, new ones saved there.")
 JSON = typer.Option(None, "--json", help="Write the JSON summary here.")
+CHECKPOINT = typer.Option(None, "--checkpoint-every", help="With --out: save the collection state every N batches "
+                                                             "(default: about every 3 minutes); rerunning "
+                                                             "after a crash resumes there.")
 WINDOW = typer.Option(None, "--window", help="Fit window a:b (inclusive layer indices; default skips the first "
                                               "layers and the last).")
 
 
+def _main_process() -> bool:
+    """False in the ranks > 0 of a torchrun launch: only rank 0 prints and writes."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 def _echo(text: str) -> None:
-    typer.echo(text)
+    if _main_process():
+        typer.echo(text)
+
+
+def rate_text(done: int, total: Optional[int], tokens: Optional[int], start: tuple[float, int, int],
+              now: float) -> str:
+    """'<tokens/s> tok/s, <m:ss> left' from the progress since ``start = (time, done, tokens)``: rate =
+    tokens since start / seconds since start; time left = (total - done) x seconds per sequence since start."""
+    t0, done0, tokens0 = start
+    elapsed = now - t0
+    if elapsed <= 0 or done <= done0:
+        return ""
+    parts = []
+    if tokens is not None:
+        parts.append(f"{(tokens - tokens0) / elapsed:,.0f} tok/s")
+    if total:
+        left = int(round((total - done) * elapsed / (done - done0)))
+        parts.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left" if left >= 3600
+                     else f"{left // 60}:{left % 60:02d} left")
+    return ", ".join(parts)
 
 
 def _reporter():
-    """A pipeline progress callback: notes as lines on stderr, each streaming pass as a bar on stderr."""
-    bars: dict[str, tuple] = {}
+    """A pipeline progress callback: notes as lines on stderr, each streaming pass as a bar on stderr with
+    tokens per second and the time left (measured from the pass's first advance, so a resumed run's
+    earlier work does not count); None in ranks > 0 of a torchrun launch."""
+    if not _main_process():
+        return None
+    import time
+
+    bars: dict[str, list] = {}
 
     def on_event(event) -> None:
         if event.kind == "note":
@@ -50,12 +85,17 @@ def _reporter():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             bar = Progress(TextColumn(event.text), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           transient=True, console=Console(stderr=True))
-            bars[event.text] = (bar, bar.add_task(event.text, total=None))
+                           TextColumn("{task.fields[rate]}"), transient=True, console=Console(stderr=True))
+            bars[event.text] = [bar, bar.add_task(event.text, total=None, rate=""), None]
             bar.start()
         elif event.kind == "advance" and event.text in bars:
-            bar, task = bars[event.text]
-            bar.update(task, completed=event.done, total=event.total)
+            entry = bars[event.text]
+            bar, task, start = entry
+            now = time.perf_counter()
+            if start is None:
+                entry[2] = start = (now, event.done, event.tokens or 0)
+            bar.update(task, completed=event.done, total=event.total,
+                       rate=rate_text(event.done, event.total, event.tokens, start, now))
         elif event.kind == "end" and event.text in bars:
             bars.pop(event.text)[0].stop()
 
@@ -63,7 +103,7 @@ def _reporter():
 
 
 def _write_json(path: Optional[Path], doc) -> None:
-    if path is not None:
+    if path is not None and _main_process():
         from .storage import atomic_write_json
 
         atomic_write_json(path, doc)
@@ -75,12 +115,13 @@ def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS,
            batch_size: str = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
            json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
            revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit)."),
-           device_map: Optional[str] = DEVICE_MAP):
+           device_map: Optional[str] = DEVICE_MAP, checkpoint_every: Optional[int] = CHECKPOINT):
     """Collect residual-stream norms per layer and print the per-layer table and growth fits."""
     from .pipeline import run_report
 
     run = run_report(model, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
-                     out=out, revision=revision, device_map=device_map, window=window, progress=_reporter())
+                     out=out, revision=revision, device_map=device_map, window=window, progress=_reporter(),
+                     checkpoint_every=checkpoint_every)
     _echo(run.text())
     if json_path is not None:
         _write_json(json_path, run.document())
@@ -97,14 +138,15 @@ def weights(model: str = MODEL,
                                                                                  "every attention and MLP."),
             random_seqs: int = typer.Option(8, "--random-seqs", help="Sequences of random inputs."),
             random_len: int = typer.Option(64, "--random-len", help="Positions per random sequence."),
-            revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP):
+            revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP,
+            checkpoint_every: Optional[int] = CHECKPOINT):
     """Weight norms per layer (W_OV per head, W_in, W_out, biases, gains) with growth fits; random-input gains."""
     from .pipeline import run_weights
 
     run = run_weights(model, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                       dtype=dtype, out=out, revision=revision, device_map=device_map, window=window,
                       random_inputs=random_inputs, random_seqs=random_seqs, random_len=random_len,
-                      progress=_reporter())
+                      progress=_reporter(), checkpoint_every=checkpoint_every)
     _echo(run.text())
     _write_json(json_path, run.document())
 
@@ -116,13 +158,14 @@ def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQ
              ablate: Optional[str] = typer.Option("default", "--ablate", help="Writes to mean-ablate: block numbers "
                                                   "(0,3,6), labels (embed,mlp_out.3), 'default' (~6 spread blocks), "
                                                   "'all', or 'none'."),
-             revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP):
+             revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP,
+             checkpoint_every: Optional[int] = CHECKPOINT):
     """Deletion by magnitude: retention, dilution, visibility, reading shares, locality, ablations."""
     from .pipeline import run_deletion
 
     run = run_deletion(model, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                        dtype=dtype, out=out, revision=revision, device_map=device_map, ablate=ablate,
-                       progress=_reporter())
+                       progress=_reporter(), checkpoint_every=checkpoint_every)
     _echo(run.text)
     _write_json(json_path, run.document())
 
@@ -135,16 +178,17 @@ def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNor
             json_path: Optional[Path] = JSON,
             figure: Optional[Path] = typer.Option(None, "--figure", help="Write the comparison figure here (.png + .pdf)."),
             with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include deletion summaries."),
-            window: Optional[str] = WINDOW, device_map: Optional[str] = DEVICE_MAP):
+            window: Optional[str] = WINDOW, device_map: Optional[str] = DEVICE_MAP,
+            checkpoint_every: Optional[int] = CHECKPOINT):
     """Compare two models side by side: growth with CIs and their difference, position 0, writes, weights, deletion."""
     from .pipeline import run_compare
 
     run = run_compare(model_a, model_b, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                       dtype=dtype, out=out, device_map=device_map, window=window, with_deletion=with_deletion,
-                      progress=_reporter())
+                      progress=_reporter(), checkpoint_every=checkpoint_every)
     _echo(run.text())
     _write_json(json_path, run.document())
-    if figure is not None:
+    if figure is not None and _main_process():
         from .compare import plot_comparison
 
         for path in plot_comparison(run.document(), figure):
@@ -193,11 +237,16 @@ def main() -> None:
     try:
         app()  # click's standalone mode handles usage errors (exit 2) and exits
     except NormgrowthError as err:
-        typer.echo(f"error: {err}", err=True)
+        if _main_process():  # under torchrun rank 0 also names another rank's failure
+            typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        from .distributed import close
+
+        close()
 
 
 if __name__ == "__main__":

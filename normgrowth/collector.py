@@ -18,6 +18,7 @@ The per-token numbers of one batch (``[K, batch, pos]``, a few floats per token)
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -26,7 +27,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import TokenBatch, as_token_batch
+from . import checkpoint as ckpt
+from . import distributed
+from .checkpoint import Checkpoint
+from .data import TokenBatch, as_token_batch, iter_batches
 from .errors import NonFiniteNormError, NormgrowthError
 from .models import LoadedModel
 from .results import EMBED_SITES, SITES, HeadStats, Results, RunMeta, SiteStats
@@ -130,12 +134,16 @@ class NormCollector:
         self.n_positions = n_positions
         self.device = model.input_device
         self.one_pass = self.device.type == "cuda" if one_pass is None else bool(one_pass)
-        self.stats = TokenStats(row, n_positions, self.device, hist_series=self.n_norm_rows,
-                                log_series=self.n_norm_rows, expected_sequences=expected_sequences)
+        self.stats = self.new_stats(expected_sequences)
         self._values: Optional[torch.Tensor] = None  # this batch's [K, b, p] values (None: no hook fired yet)
         self._spare: Optional[torch.Tensor] = None  # last batch's buffer, reused (no allocation per batch)
         self._filled = torch.zeros(row, dtype=torch.bool)
         self._last_post: Optional[tuple] = None  # (layer, weakref to resid_post, its row) of this batch
+
+    def new_stats(self, expected_sequences: int = 0) -> TokenStats:
+        """Empty accumulators for this collector's series."""
+        return TokenStats(self.n_rows, self.n_positions, self.device, hist_series=self.n_norm_rows,
+                          log_series=self.n_norm_rows, expected_sequences=expected_sequences)
 
     # ----- hooks --------------------------------------------------------------------------------
     def hooks(self) -> list[tuple[str, Optional[int], Callable]]:
@@ -322,7 +330,7 @@ class NormCollector:
 def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[str] = DEFAULT_SITES,
             heads: bool = True, act_rate: bool = True, seq_len: Optional[int] = None,
             progress: Optional[Callable[[int, int], None]] = None, *, attention_mask: Any = None,
-            n_seqs: Optional[int] = None) -> Results:
+            n_seqs: Optional[int] = None, checkpoint: Optional[Checkpoint] = None) -> Results:
     """Run ``model`` over ``data`` and return streamed norm statistics (see the module docstring).
 
     ``data``: a :class:`~normgrowth.data.TokenBatch`; token ids ``[n_seqs, seq_len]`` as a torch tensor
@@ -331,7 +339,12 @@ def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[
     :func:`~normgrowth.data.load_tokens` reads. ``n_seqs`` / ``seq_len`` keep the first sequences /
     positions. ``sites`` may be any subset of :data:`DEFAULT_SITES`; sites not asked for, or that the
     architecture lacks (``resid_mid`` in parallel blocks), are reported as None.
-    ``progress(n_done, n_total)`` is called after each batch with sequence counts.
+    ``progress(n_done, n_total)`` is called after each batch with this process's sequence counts.
+
+    ``checkpoint``: save the accumulators every ``checkpoint.every`` batches and resume from a saved
+    checkpoint of the same run (:mod:`normgrowth.checkpoint`); it is removed once the results are built.
+    Under ``torchrun`` each rank collects a contiguous block of whole batches and every rank returns
+    the merged results of all ranks (:mod:`normgrowth.distributed`).
     """
     unknown = [s for s in sites if s not in DEFAULT_SITES]
     if unknown:
@@ -339,14 +352,59 @@ def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[
     if batch_size < 1:
         raise NormgrowthError(f"batch size must be at least 1, got {batch_size}.")
     batch = as_token_batch(data, model, attention_mask=attention_mask, n_seqs=n_seqs, seq_len=seq_len)
+    rank, world_size = distributed.world()
+    lo, hi = distributed.shard_batches(len(batch), batch_size, rank, world_size)
     collector = NormCollector(model, sites, heads, act_rate, n_positions=batch.tokens.shape[1],
-                              expected_sequences=batch.tokens.shape[0])
-    done = 0
-    with torch.inference_mode(), model.hooks(collector.hooks()):
-        for _, tokens, mask in batch.batches(batch_size):
-            model.forward(tokens, attention_mask=mask, logits=False)  # the stream only: no unembedding
-            collector.end_batch(mask)
-            done += tokens.shape[0]
-            if progress is not None:
-                progress(done, len(batch))
-    return collector.results(batch, batch_size, seq_len)
+                              expected_sequences=hi - lo)
+    collector.stats.first_sequence = lo
+    done = 0  # sequences of this rank's block [lo, hi) folded in
+    path, ident = None, {}
+    if checkpoint is not None:
+        path = checkpoint.path(rank, world_size)
+        ident = ckpt.identity(checkpoint.key, kind="collection", batch_size=batch_size, block=[lo, hi],
+                              n_sequences=len(batch), sites=list(sites), heads=heads, act_rate=act_rate)
+        saved, state, why = ckpt.load(path, ident)
+        if state is not None:
+            try:
+                collector.stats.load_state_dict(state)
+                done = saved
+                checkpoint.say(f"resuming at sequence {lo + done} of {len(batch)}" if world_size == 1 else
+                               f"rank {rank}: resuming at sequence {lo + done} of {lo}..{hi}")
+            except (KeyError, ValueError):  # same identity but other shapes: a foreign file
+                collector.stats = collector.new_stats(hi - lo)
+                collector.stats.first_sequence = lo
+                why = "with other shapes"
+        if why:
+            checkpoint.say(f"ignoring checkpoint {path} {why}; starting afresh")
+    if progress is not None and done:
+        progress(done, hi - lo)
+    error: Optional[BaseException] = None
+    try:
+        every = None if checkpoint is None else checkpoint.every
+        started, n_batches = time.perf_counter(), 0
+        with torch.inference_mode(), model.hooks(collector.hooks()):
+            for _, tokens, mask in iter_batches(batch.tokens[lo + done:hi], batch.attention_mask[lo + done:hi],
+                                                batch_size):
+                model.forward(tokens, attention_mask=mask, logits=False)  # the stream only: no unembedding
+                collector.end_batch(mask)
+                done += tokens.shape[0]
+                n_batches += 1
+                if checkpoint is not None:
+                    if every is None:  # about DEFAULT_EVERY_SECONDS of work per checkpoint
+                        per_batch = (time.perf_counter() - started) / n_batches
+                        every = max(1, int(ckpt.DEFAULT_EVERY_SECONDS / max(per_batch, 1e-9)))
+                    if n_batches % every == 0 and lo + done < hi:
+                        ckpt.save(path, ident, done, collector.stats.state_dict())
+                if progress is not None:
+                    progress(done, hi - lo)
+    except Exception as err:  # shared with the other ranks before raising (no rank left waiting)
+        error = err
+    if world_size > 1:
+        distributed.check_all(error)
+    elif error is not None:
+        raise error
+    distributed.merge_token_stats(collector.stats)
+    results = collector.results(batch, batch_size, seq_len)
+    if path is not None:
+        ckpt.remove(path)
+    return results

@@ -899,12 +899,15 @@ def deletion_bytes_per_token(model: Any) -> int:
 
 def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = None,
                      progress: Optional[Callable[[int, int], None]] = None, n_boot: int = DEFAULT_N_BOOT,
-                     seed: int = 0) -> DeletionResults:
+                     seed: int = 0, checkpoint: Any = None) -> DeletionResults:
     """Stream the deletion sums of ``model`` over ``batch`` (two passes: write means, then sums).
 
     Position 0 and padding are excluded; per-token terms in float64 (:func:`token_sums`), sums in
     float64. ``ablate``: None (no causal check), "default", or write labels / layer numbers for
     :func:`ablation_check`. ``progress(n_done, n_total)`` is called after each batch of the second pass.
+    ``checkpoint`` (a :class:`normgrowth.checkpoint.Checkpoint`): the write means once the first pass
+    is done and the per-sequence sums every ``checkpoint.every`` batches of the second are saved, and a
+    saved state of the same run is resumed; removed at the end.
     """
     tokens, mask = _batch_tensors(batch, model)
     layout = stream_layout(model.n_layers)
@@ -912,9 +915,13 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     n_r, n_c, d = len(layout.readers), layout.n_writes, model.d_model
     ablation_writes = resolve_ablation_writes(model, ablate) if ablate is not None else None
     eps = float(model.norm_eps)
-    with torch.inference_mode():
-        means = _write_means(model, tokens, mask, layout.writes, batch_size)
-    raw_mean = torch.stack([means[w] for w in layout.writes])  # [C, d] float64
+    resume = _DeletionCheckpoint(checkpoint, batch_size, n_seqs, (n_c, d))
+    raw_mean = resume.raw_mean
+    if raw_mean is None:
+        with torch.inference_mode():
+            means = _write_means(model, tokens, mask, layout.writes, batch_size)
+        raw_mean = torch.stack([means[w] for w in layout.writes])  # [C, d] float64
+        resume.save(raw_mean, 0, {})
     write_mean = raw_mean - raw_mean.mean(-1, keepdim=True) if model.centers else raw_mean
     mean_gram = (write_mean @ write_mean.T).numpy()
     seq_gram = np.zeros((n_seqs, n_c, n_c))
@@ -922,9 +929,12 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     seq_fnorm = np.zeros((n_seqs, n_r))
     seq_n_tokens = _valid(mask).sum(1).numpy().astype(np.int64)
     collector = _WriteCollector(model, layout)
+    done = resume.restore(seq_gram, seq_infl, seq_fnorm, collector)
     chunk = max(1, _CHUNK_BYTES // (8 * (3 * n_c * d + n_r * d + 2 * n_c * n_c + 4 * n_r * n_c)))
+    n_batches = 0
     with torch.inference_mode(), model.hooks(collector.hooks()):
-        for start, tok, m in iter_batches(tokens, mask, batch_size):
+        for start, tok, m in iter_batches(tokens[done:], mask[done:], batch_size):
+            start += done
             valid = _valid(m)
             collector.start_batch(valid)
             model.forward(tok, attention_mask=m, logits=False)  # the stream only
@@ -951,6 +961,11 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
             seq_gram[start:stop] = g_sum.cpu().numpy()
             seq_infl[start:stop] = i_sum.cpu().numpy()
             seq_fnorm[start:stop] = f_sum.cpu().numpy()
+            n_batches += 1
+            if resume.due(n_batches) and stop < n_seqs:
+                resume.save(raw_mean, stop, {"seq_gram": seq_gram[:stop], "seq_infl": seq_infl[:stop],
+                                             "seq_fnorm": seq_fnorm[:stop],
+                                             "max_rel_error": np.float64(collector.max_rel_error)})
             if progress is not None:
                 progress(stop, n_seqs)
     res = DeletionResults(
@@ -961,7 +976,69 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
         n_boot=n_boot, seed=seed)
     if ablation_writes:
         res.ablation = ablation_check(model, batch, writes=ablation_writes, batch_size=batch_size)
+    resume.remove()
     return res
+
+
+class _DeletionCheckpoint:
+    """Saving and resuming :func:`collect_deletion`'s state (:mod:`normgrowth.checkpoint`): the raw write
+    means ``[C, d]`` after the first pass, then the per-sequence sums of the sequences done."""
+
+    def __init__(self, checkpoint: Any, batch_size: int, n_seqs: int, mean_shape: tuple[int, int]):
+        self.checkpoint, self.raw_mean, self.state, self.done = checkpoint, None, {}, 0
+        self.every = None if checkpoint is None else checkpoint.every
+        if checkpoint is None:
+            return
+        import time
+
+        from . import checkpoint as ckpt
+        from .distributed import world
+
+        self._ckpt, self._started = ckpt, time.perf_counter()
+        self.path = checkpoint.path(*world())
+        self.ident = ckpt.identity(checkpoint.key, kind="deletion", batch_size=batch_size, n_sequences=n_seqs)
+        done, state, why = ckpt.load(self.path, self.ident)
+        if state is not None and tuple(state.get("raw_mean", np.zeros(0)).shape) != mean_shape:
+            state, why = None, "with other shapes"
+        if state is not None:
+            self.raw_mean, self.state, self.done = torch.from_numpy(state.pop("raw_mean")), state, done
+            checkpoint.say(f"resuming at sequence {done} of {n_seqs}" if done else
+                           "resuming after the first pass (write means)")
+        elif why:
+            checkpoint.say(f"ignoring checkpoint {self.path} {why}; starting afresh")
+
+    def restore(self, seq_gram: np.ndarray, seq_infl: np.ndarray, seq_fnorm: np.ndarray, collector: Any) -> int:
+        """Put the saved per-sequence sums back; the number of sequences done (the second pass starts)."""
+        if self.checkpoint is not None:
+            import time
+
+            self._started = time.perf_counter()
+        if self.done:
+            seq_gram[:self.done] = self.state["seq_gram"]
+            seq_infl[:self.done] = self.state["seq_infl"]
+            seq_fnorm[:self.done] = self.state["seq_fnorm"]
+            collector.max_rel_error = float(self.state["max_rel_error"])
+        return self.done
+
+    def due(self, n_batches: int) -> bool:
+        """A checkpoint after this batch: every ``every`` batches (None: sized to about
+        ``DEFAULT_EVERY_SECONDS`` of work after the first batch)."""
+        if self.checkpoint is None:
+            return False
+        if self.every is None:
+            import time
+
+            per_batch = (time.perf_counter() - self._started) / n_batches
+            self.every = max(1, int(self._ckpt.DEFAULT_EVERY_SECONDS / max(per_batch, 1e-9)))
+        return n_batches % self.every == 0
+
+    def save(self, raw_mean: torch.Tensor, done: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.checkpoint is not None:
+            self._ckpt.save(self.path, self.ident, done, {"raw_mean": raw_mean.numpy(), **arrays})
+
+    def remove(self) -> None:
+        if self.checkpoint is not None:
+            self._ckpt.remove(self.path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ Cache entries under ``out`` (``<kind>-<model slug>-<key[:12]>``):
 * ``deletion``: the deletion JSON (``DeletionResults.to_json()``); key settings ``n_seqs``, ``seq_len``,
   ``dtype``, ``ablate``.
 
-An entry that cannot be read (torn write, other layout) is recomputed, never trusted.
+An entry that cannot be read (torn write, other layout) is recomputed, never trusted. While a collection or
+deletion pass runs, its checkpoint (``<entry>.ckpt.npz``, every ``checkpoint_every`` batches) lets a rerun of
+a killed run resume (:mod:`normgrowth.checkpoint`). Under ``torchrun`` rank 0 decides every cache hit and
+alone writes entries (:mod:`normgrowth.distributed`).
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ EVENT_KINDS = ("note", "start", "advance", "end")
 @dataclass(frozen=True)
 class Event:
     """What a run reports: ``note`` (one line of ``text``), or a streaming pass labelled ``text``:
-    ``start``, ``advance`` (``done`` of ``total`` sequences), ``end``."""
+    ``start``, ``advance`` (``done`` of ``total`` sequences; ``tokens``: real tokens in those sequences,
+    when known), ``end``."""
 
     kind: str
     text: str = ""
     done: int = 0
     total: Optional[int] = None
+    tokens: Optional[int] = None
 
 
 ProgressCallback = Callable[[Event], None]
@@ -92,9 +97,11 @@ class RunSettings:
     revision: Optional[str] = None
     device_map: Optional[str] = None
     out: Optional[str] = None
+    checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
         _positive_or_none("n_seqs", self.n_seqs)
+        _positive_or_none("checkpoint_every", self.checkpoint_every)
         _positive_or_none("seq_len", self.seq_len)
         object.__setattr__(self, "batch_size", _batch_size_setting(self.batch_size))
         if not isinstance(self.dtype, str) or not self.dtype:
@@ -224,16 +231,32 @@ class _Emitter:
         if self.progress is not None:
             self.progress(Event("note", text))
 
-    def stream(self, label: str, fn: Callable[[Callable[[int, int], None]], Any]) -> Any:
-        """``fn(update)`` between ``start`` and ``end`` events; ``update(done, total)`` sends ``advance``."""
+    def stream(self, label: str, fn: Callable[[Callable[[int, int], None]], Any],
+               tokens: Optional[Callable[[int], int]] = None) -> Any:
+        """``fn(update)`` between ``start`` and ``end`` events; ``update(done, total)`` sends ``advance``,
+        with ``tokens(done)`` real tokens when given."""
         if self.progress is None:
             return fn(None)
         progress = self.progress
         progress(Event("start", label))
+
+        def update(done: int, total: int) -> None:
+            progress(Event("advance", label, int(done), int(total), None if tokens is None else tokens(done)))
+
         try:
-            return fn(lambda done, total: progress(Event("advance", label, int(done), int(total))))
+            return fn(update)
         finally:
             progress(Event("end", label))
+
+
+def _token_counter(batch: Any) -> Callable[[int], int]:
+    """done -> real tokens in the first ``done`` sequences of ``batch`` (rank 0's block starts at 0)."""
+    cum = batch.attention_mask.sum(1).cumsum(0)
+
+    def tokens(done: int) -> int:
+        return int(cum[min(done, len(cum)) - 1]) if done > 0 else 0
+
+    return tokens
 
 
 class _ModelHandle:
@@ -244,8 +267,11 @@ class _ModelHandle:
 
     def get(self) -> Any:
         if self.loaded is None:
+            from .distributed import check_device_map, world
             from .models import load_model
 
+            check_device_map(self.settings.device_map)
+            world()  # under torchrun: join the group first, which makes cuda:LOCAL_RANK the default GPU
             s = self.settings
             self.loaded = load_model(self.spec, device=s.device, dtype=s.dtype, revision=s.revision,
                                      device_map=s.device_map)
@@ -254,24 +280,56 @@ class _ModelHandle:
 
 def _entry(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[Path]:
     """Cache base path for this run, or None without ``out``."""
+    found = _entry_key(kind, spec, settings, extra)
+    return None if found is None else found[0]
+
+
+def _entry_key(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[tuple[Path, str]]:
+    """(cache base path, full cache key) of this run, or None without ``out``."""
     if settings.out is None:
         return None
     from .cache import cache_key, cache_path
 
     key = cache_key(kind, spec, settings.revision, settings.data, {**settings.cache_settings(), **extra})
-    return cache_path(settings.out, kind, spec, key)
+    return cache_path(settings.out, kind, spec, key), key
+
+
+def _checkpoint(found: Optional[tuple[Path, str]], settings: RunSettings, emit: "_Emitter") -> Any:
+    """The collector checkpoint next to the cache entry ``found`` (None without ``out``)."""
+    if found is None:
+        if settings.checkpoint_every is not None:
+            emit.note("no checkpoints: --checkpoint-every needs --out (checkpoints live next to the cached result)")
+        return None
+    from .checkpoint import Checkpoint
+
+    return Checkpoint(found[0], found[1], settings.checkpoint_every, note=emit.note)
 
 
 def _load_cached(cls: Any, base: Optional[Path], emit: _Emitter) -> Any:
-    """``cls.load(base)`` when the entry exists and reads cleanly, else None."""
-    if base is None or not base.with_suffix(".json").is_file():
-        return None
-    try:
-        result = cls.load(base)
-    except Exception:  # a stale, torn or foreign entry is recomputed, never trusted
-        return None
-    emit.note(f"reusing cached result {base}.json")
+    """``cls.load(base)`` when the entry exists and reads cleanly, else None (under torchrun rank 0
+    decides, so that every rank computes, or reuses, the same things)."""
+    from . import distributed
+
+    result = None
+    if base is not None and base.with_suffix(".json").is_file():
+        try:
+            result = cls.load(base)
+        except Exception:  # a stale, torn or foreign entry is recomputed, never trusted
+            result = None
+    if distributed.launched() and distributed.agree(result is not None) != (result is not None):
+        result = cls.load(base) if result is None else None  # rank 0 read it: it is complete
+    if result is not None:
+        emit.note(f"reusing cached result {base}.json")
     return result
+
+
+def _save(result: Any, base: Optional[Path], emit: "_Emitter") -> None:
+    """``result.save(base)`` (rank 0 alone under torchrun)."""
+    from . import distributed
+
+    if base is not None and distributed.is_main():
+        result.save(base)
+        emit.note(f"saved {base}.json")
 
 
 def _batch_size(settings: RunSettings, model: Any, n_positions: int, emit: _Emitter,
@@ -292,7 +350,8 @@ def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _Model
     from .collector import DEFAULT_SITES
     from .results import Results
 
-    base = _entry("report", spec, settings, {"sites": list(DEFAULT_SITES)})
+    found = _entry_key("report", spec, settings, {"sites": list(DEFAULT_SITES)})
+    base = None if found is None else found[0]
     res = _load_cached(Results, base, emit)
     if res is not None:
         return res, base, True
@@ -304,39 +363,46 @@ def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _Model
     batch = load_tokens(settings.data, model, n_seqs=settings.n_seqs, seq_len=settings.seq_len)
     size = _batch_size(settings, model, batch.tokens.shape[1], emit)
     res = emit.stream("collecting norms", lambda update: run_with_oom_guard(
-        lambda: collect(model, batch, batch_size=size, seq_len=settings.seq_len, progress=update), size))
-    if base is not None:
-        res.save(base)
-        emit.note(f"saved {base}.json")
+        lambda: collect(model, batch, batch_size=size, seq_len=settings.seq_len, progress=update,
+                        checkpoint=_checkpoint(found, settings, emit)), size), tokens=_token_counter(batch))
+    _save(res, base, emit)
     return res, base, False
 
 
 def _cached_json(base: Optional[Path], emit: _Emitter, compute: Callable[[], dict]) -> tuple[dict, bool]:
     """A JSON document from the cache entry ``base`` when readable, else ``compute()`` (then cached and read
     back, so that a computed document has the same JSON-safe form as a cached one)."""
-    from .storage import atomic_write_json
+    from . import distributed
+    from .storage import atomic_write_json, to_json_text
 
     path = None if base is None else base.with_suffix(".json")
+    doc = None
     if path is not None and path.is_file():
         try:
             doc = json.loads(path.read_text())
-            emit.note(f"reusing cached result {path}")
-            return doc, True
         except ValueError:  # unreadable entries are recomputed
-            pass
+            doc = None
+    if distributed.launched() and distributed.agree(doc is not None) != (doc is not None):
+        doc = json.loads(path.read_text()) if doc is None else None  # rank 0 read it: it is complete
+    if doc is not None:
+        emit.note(f"reusing cached result {path}")
+        return doc, True
     doc = compute()
     if path is not None:
-        atomic_write_json(path, doc)
-        doc = json.loads(path.read_text())
+        if distributed.is_main():
+            atomic_write_json(path, doc)
+            doc = json.loads(path.read_text())
+        else:  # what rank 0 writes and reads back
+            doc = json.loads(to_json_text(doc))
     return doc, False
 
 
 def _settings(data: Optional[str], n_seqs: Optional[int], seq_len: Optional[int], batch_size: Any,
               device: Optional[str], dtype: str, out: Any, revision: Optional[str],
-              device_map: Optional[str]) -> RunSettings:
+              device_map: Optional[str], checkpoint_every: Optional[int] = None) -> RunSettings:
     return RunSettings(data=data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                        dtype=dtype, revision=revision, device_map=device_map,
-                       out=None if out is None else str(out))
+                       out=None if out is None else str(out), checkpoint_every=checkpoint_every)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,12 +423,14 @@ def run_report(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[
                seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
                dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
                device_map: Optional[str] = None, window: Optional[str] = None,
-               progress: Optional[ProgressCallback] = None) -> ReportRun:
+               progress: Optional[ProgressCallback] = None,
+               checkpoint_every: Optional[int] = None) -> ReportRun:
     """Collect (or reuse from ``out``) the norm statistics of ``model`` on ``data`` and fit every site.
 
     Fits: :meth:`Results.fit` per site over ``window`` ("a:b"; None: the default window).
     """
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
+                         checkpoint_every)
     return _report(model, settings, window, _Emitter(progress))
 
 
@@ -390,9 +458,7 @@ def _weights(spec: str, settings: RunSettings, *, with_data: bool, window: Optio
         win = parse_window(window, model.n_layers)
     result = analyse_weights(model, results=results, random_inputs=random_inputs, n_seqs=random_seqs,
                              seq_len=random_len, seed=seed, window=win)
-    if base is not None:
-        result.save(base)
-        emit.note(f"saved {base}.json")
+    _save(result, base, emit)
     return WeightsRun(result=result, settings=settings, cache_path=base, cached=False, report=report)
 
 
@@ -401,11 +467,13 @@ def run_weights(model: str, data: Optional[str] = None, *, n_seqs: Optional[int]
                 dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
                 device_map: Optional[str] = None, window: Optional[str] = None, random_inputs: bool = True,
                 random_seqs: int = 8, random_len: int = 64, seed: int = 0,
-                progress: Optional[ProgressCallback] = None) -> WeightsRun:
+                progress: Optional[ProgressCallback] = None,
+                checkpoint_every: Optional[int] = None) -> WeightsRun:
     """Weight norms of ``model`` with their growth fits over ``window``; with ``random_inputs``, output norms on
     ``random_seqs`` x ``random_len`` random inputs, compared with the real ones when ``data`` is given (its
     collection is reused from, or saved to, ``out`` like ``run_report``'s)."""
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
+                         checkpoint_every)
     for name, value in (("random_seqs", random_seqs), ("random_len", random_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NormgrowthError(f"{name} must be a positive integer, got {value!r}.")
@@ -430,11 +498,14 @@ def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Em
         size = _batch_size(settings, model, batch.tokens.shape[1], emit,
                            extra_bytes_per_token=deletion_bytes_per_token(model))
         res = emit.stream("deletion statistics", lambda update: run_with_oom_guard(
-            lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update), size))
+            lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update,
+                                     checkpoint=_checkpoint(found, settings, emit)), size),
+            tokens=_token_counter(batch))
         text.append(format_deletion_report(res))
         return res.to_json()
 
-    base = _entry("deletion", spec, settings, {"ablate": ablate})
+    found = _entry_key("deletion", spec, settings, {"ablate": ablate})
+    base = None if found is None else found[0]
     doc, cached = _cached_json(base, emit, compute)
     if not text:
         from .deletion import format_deletion_json
@@ -447,10 +518,12 @@ def run_deletion(model: str, data: Optional[str] = "builtin", *, n_seqs: Optiona
                  seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
                  dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
                  device_map: Optional[str] = None, ablate: Optional[str] = "default",
-                 progress: Optional[ProgressCallback] = None) -> DeletionRun:
+                 progress: Optional[ProgressCallback] = None,
+                 checkpoint_every: Optional[int] = None) -> DeletionRun:
     """Deletion-by-magnitude statistics of ``model`` on ``data``; ``ablate``: writes to mean-ablate
     (``normgrowth.deletion.parse_ablate``), ``"none"`` or None for no ablation check."""
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
+                         checkpoint_every)
     return _deletion(model, settings, ablate, _Emitter(progress))
 
 
@@ -458,13 +531,15 @@ def run_compare(model_a: str, model_b: str, data: Optional[str] = "builtin", *, 
                 seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
                 dtype: str = "float32", out: Union[str, Path, None] = None, device_map: Optional[str] = None,
                 window: Optional[str] = None, with_deletion: bool = True,
-                progress: Optional[ProgressCallback] = None) -> CompareRun:
+                progress: Optional[ProgressCallback] = None,
+                checkpoint_every: Optional[int] = None) -> CompareRun:
     """Two models side by side (:func:`normgrowth.compare.compare_documents`): each side's report (fits over
     ``window``), weight norms (default window; random inputs compared with the side's data) and, with
     ``with_deletion``, deletion statistics without ablations - each reused from, or saved to, ``out``."""
     from .compare import compare_documents
 
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map,
+                         checkpoint_every)
     emit = _Emitter(progress)
     reports, weights, deletions = [], [], []
     for spec in (model_a, model_b):

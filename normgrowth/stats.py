@@ -51,6 +51,20 @@ class RowTable:
         """A copy of the rows appended so far."""
         return self._rows[: self.n].copy()
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"rows": self.values()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        rows = np.asarray(state["rows"])
+        if rows.shape[1:] != self._rows.shape[1:]:
+            raise ValueError(f"row shape {rows.shape[1:]} does not match {self._rows.shape[1:]}")
+        self.n = 0
+        self.append(rows.astype(self._rows.dtype, copy=False))
+
+    def merge_(self, other: "RowTable") -> None:
+        """Append ``other``'s rows after these (the caller orders the tables)."""
+        self.append(other._rows[: other.n])
+
 
 @dataclass
 class Moments:
@@ -92,6 +106,26 @@ class Moments:
         """Population variance M2 / n (the spread of the per-token values)."""
         return self.m2 / self.count.clamp(min=1)
 
+    def merge_(self, other: "Moments") -> None:
+        """Fold another accumulator of the same K series into this one (Chan et al., exact in exact
+        arithmetic): n = n_a + n_b, d = mean_b - mean_a, mean = mean_a + d n_b / n,
+        M2 = M2_a + M2_b + d^2 n_a n_b / n."""
+        n_b = other.count.to(self.count.device)
+        mean_b, m2_b = other.mean.to(self.mean.device), other.m2.to(self.m2.device)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        safe_n = n.clamp(min=1)
+        self.mean += delta * n_b / safe_n
+        self.m2 += m2_b + delta**2 * self.count * n_b / safe_n
+        self.count += n_b
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"count": self.count.cpu().numpy(), "mean": self.mean.cpu().numpy(), "m2": self.m2.cpu().numpy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in ("count", "mean", "m2"):
+            _load_into(getattr(self, name), state[name], name)
+
 
 class TokenStats:
     """Streaming statistics of K per-token series; see the module docstring."""
@@ -111,6 +145,7 @@ class TokenStats:
         self.pos_count = torch.zeros(n_positions, dtype=torch.float64, device=device)
         self._seq_means = RowTable((n_series,), np.float32, expected_sequences)
         self._seq_counts = RowTable((), np.int64, expected_sequences)
+        self.first_sequence = 0  # global index of this accumulator's first sequence (data-parallel shards)
 
     def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
         """values [K, b, p] (float32), valid [b, p] (bool: real token, not padding).
@@ -155,6 +190,58 @@ class TokenStats:
         self._seq_means.append(torch.cat(seq_means, 1).float().cpu().numpy())
         self._seq_counts.append(seq_count.cpu().numpy().astype(np.int64))
 
+    # ----- state: checkpoints and data-parallel merges ---------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every accumulator as numpy arrays (float64 sums and moments copied exactly)."""
+        state = {"first_sequence": np.int64(self.first_sequence), "log_sum": self.log_sum.cpu().numpy(),
+                 "hist": self.hist.cpu().numpy(), "pos_sum": self.pos_sum.cpu().numpy(),
+                 "pos_count": self.pos_count.cpu().numpy(), "seq_means": self._seq_means.values(),
+                 "seq_counts": self._seq_counts.values()}
+        for prefix, moments in (("main", self.main), ("bos", self.bos)):
+            state.update({f"{prefix}.{k}": v for k, v in moments.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s arrays (shapes must match this accumulator's)."""
+        for prefix, moments in (("main", self.main), ("bos", self.bos)):
+            moments.load_state_dict({k: state[f"{prefix}.{k}"] for k in ("count", "mean", "m2")})
+        for name in ("log_sum", "hist", "pos_sum", "pos_count"):
+            _load_into(getattr(self, name), state[name], name)
+        self._seq_means.load_state_dict({"rows": state["seq_means"]})
+        self._seq_counts.load_state_dict({"rows": state["seq_counts"]})
+        self.first_sequence = int(state["first_sequence"])
+
+    def merge_(self, other: "TokenStats") -> None:
+        """Fold the statistics of an adjacent block of sequences into these: moments by Chan's formula,
+        sums and histogram counts added, per-sequence rows placed by global sequence index
+        (``first_sequence``), so the merged tables are in the original order whatever the merge order."""
+        mine, theirs = (self.first_sequence, self.n_sequences), (other.first_sequence, other.n_sequences)
+        if other.n_sequences and self.n_sequences and other.first_sequence == mine[0] + mine[1]:
+            before = False
+        elif other.n_sequences and self.n_sequences and self.first_sequence == theirs[0] + theirs[1]:
+            before = True
+        elif other.n_sequences == 0 or self.n_sequences == 0:
+            before = self.n_sequences == 0
+        else:
+            raise ValueError(f"sequence blocks {mine} and {theirs} (first, count) are not adjacent")
+        self.main.merge_(other.main)
+        self.bos.merge_(other.bos)
+        self.log_sum += other.log_sum.to(self.device)
+        self.hist += other.hist.to(self.device)
+        self.pos_sum += other.pos_sum.to(self.device)
+        self.pos_count += other.pos_count.to(self.device)
+        if before:  # other's block comes first: rebuild the tables as other's rows, then these
+            self._seq_means = _joined(other._seq_means, self._seq_means)
+            self._seq_counts = _joined(other._seq_counts, self._seq_counts)
+            self.first_sequence = other.first_sequence
+        else:
+            self._seq_means.merge_(other._seq_means)
+            self._seq_counts.merge_(other._seq_counts)
+
+    @property
+    def n_sequences(self) -> int:
+        return self._seq_counts.n
+
     # ----- read-out (numpy) -----------------------------------------------------------------------
     @property
     def count(self) -> int:
@@ -178,6 +265,23 @@ class TokenStats:
 
     def log_mean(self) -> np.ndarray:
         return (self.log_sum / self.main.count.clamp(min=1)).cpu().numpy()
+
+
+def _joined(first: RowTable, second: RowTable) -> RowTable:
+    """A new table holding ``first``'s rows, then ``second``'s."""
+    rows = first._rows
+    out = RowTable(rows.shape[1:], rows.dtype, first.n + second.n)
+    out.merge_(first)
+    out.merge_(second)
+    return out
+
+
+def _load_into(target: torch.Tensor, value: np.ndarray, name: str) -> None:
+    """Copy saved ``value`` into the accumulator tensor ``target`` (same shape) in place."""
+    value = torch.as_tensor(np.asarray(value))
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"saved {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+    target.copy_(value.to(target.dtype))
 
 
 def histogram_counts(values: torch.Tensor) -> torch.Tensor:
