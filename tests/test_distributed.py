@@ -190,10 +190,12 @@ def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
     assert [p for p, _ in fa] == [p for p, _ in fb]
     n_ci = 0
     for (path, x), (_, y) in zip(fa, fb):
-        if "ci95" in path:  # bootstrap CIs over per-sequence means: identical
+        if "ci95" in path and "fit_variants" not in path:  # bootstrap CIs over per-sequence means: identical
             assert x == y, path
             n_ci += 1
         else:
+            # everything else, including the regression-SE CIs of fit_variants (single curves from the
+            # merged streaming sums, equal to float rounding), within 1e-6 relative
             assert abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12), path
     assert n_ci > 20
     (one_npz,), (two_npz,) = (tmp_path / "one").glob("*.npz"), (tmp_path / "two").glob("*.npz")
