@@ -571,6 +571,8 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
+    except KeyError as err:  # a config value transformers has no implementation for (e.g. an unknown rope type)
+        raise _unmappable_config(spec, arch, config, err) from None
     except (OSError, ValueError, RuntimeError, *_safetensors_errors()) as err:
         raise _weights_error(spec, Path(os.path.expanduser(spec)) if local else None, err) from None
     finally:
@@ -581,7 +583,10 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         hf_model = hf_model.to(dev)
     hf_model.eval()
     tokenizer = _load_tokenizer(spec if not local else os.path.expanduser(spec), revision)
-    bridge = _build_bridge(hf_model, arch, spec)
+    try:
+        bridge = _build_bridge(hf_model, arch, spec)
+    except KeyError as err:
+        raise _unmappable_config(spec, arch, config, err) from None
     model_cfg = model_config(spec, revision, arch, hf_model, bridge, _bos_id(config, tokenizer))
     if model_cfg.ln_free and torch_dtype == torch.float16:
         raise NormgrowthError(f"model {spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
@@ -686,7 +691,7 @@ def supported_architecture(spec: str, config: Any) -> str:
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if getattr(config, "is_encoder_decoder", False) or (not causal and archs and all(
             a.endswith(NON_CAUSAL_SUFFIXES) or a.endswith("Model") for a in archs)):
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal language"
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder"
         raise NormgrowthError(f"model {spec!r} ({name}) is {kind} model: only decoder-only causal language "
                               "models are analysed; use a decoder-only checkpoint (e.g. Llama, Qwen, Gemma, GPT-2).")
     labels = ", ".join(f.label for f in FAMILIES.values())
@@ -708,13 +713,41 @@ def _build_bridge(hf_model: torch.nn.Module, arch: str, spec: str = "") -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build_bridge_from_module(hf_model, arch, hf_config=hf_model.config)
-    except (AttributeError, KeyError, ValueError, TypeError, NotImplementedError) as err:
+    except (AttributeError, ValueError, TypeError, NotImplementedError) as err:
         field_name = _config_field_of(err)
         what = f"its config field {field_name!r}" if field_name else f"its config ({_first_line(err)})"
         raise NormgrowthError(f"model {spec!r} ({arch}) cannot be mapped by the TransformerLens bridge because of "
                               f"{what}: use a checkpoint whose config the bridge supports.") from None
     finally:
         tl_logger.setLevel(level)
+
+
+def _unmappable_config(spec: str, arch: str, config: Any, err: KeyError) -> NormgrowthError:
+    """One sentence naming the config field whose value (the KeyError's key) has no implementation."""
+    key = err.args[0] if err.args else None
+    path = _field_holding(config.to_dict(), key) if key is not None else None
+    what = f"config field {path!r} = {key!r}" if path else f"config value {key!r}"
+    return NormgrowthError(f"model {spec!r} ({arch}) has {what}, which transformers / the TransformerLens bridge "
+                           "cannot map: use a checkpoint with a supported value of that field.")
+
+
+def _field_holding(doc: Any, value: Any, prefix: str = "") -> Optional[str]:
+    """Dotted path of the first field of a config dict whose value (or key) is ``value``."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            here = f"{prefix}{k}"
+            if isinstance(v, (dict, list)):
+                found = _field_holding(v, value, here + ".")
+                if found:
+                    return found
+            elif v == value and not isinstance(v, bool):
+                return here
+    elif isinstance(doc, list):
+        for v in doc:
+            found = _field_holding(v, value, prefix)
+            if found:
+                return found
+    return None
 
 
 def _config_field_of(err: BaseException) -> Optional[str]:
