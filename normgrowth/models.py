@@ -50,6 +50,8 @@ SITE_HOOKS: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",  # MLP write, bias b_out included
     "z": "blocks.{layer}.attn.hook_z",  # per-head mixed values [batch, pos, n_heads, d_head]
     "mlp_pre": "blocks.{layer}.mlp.hook_pre",  # MLP pre-activation [batch, pos, d_mlp]
+    "attn_in": "blocks.{layer}.attn.hook_in",  # the attention's input (after its input norm, if any)
+    "mlp_in": "blocks.{layer}.mlp.hook_in",  # the MLP's input (after its input norm, if any)
     "ln1_in": "blocks.{layer}.ln1.hook_in",  # input of the attention's norm (not the stream)
     "ln2_in": "blocks.{layer}.ln2.hook_in",  # input of the MLP's norm (not the stream)
     "final_in": "ln_final.hook_in",  # final stream, before the final norm
@@ -357,7 +359,9 @@ class LoadedModel:
 
         Keys: W_Q, W_O [layer, head, d_head, d_model] / W_K, W_V [layer, head, d_model, d_head] with
         K/V repeated to the query heads for grouped-query attention; W_K_stored/W_V_stored with the
-        stored (un-repeated) K/V heads; b_O, W_in, W_gate (gated MLPs, else None), W_out, b_in,
+        stored (un-repeated) K/V heads; b_Q, b_K, b_V [layer, head, d_head] (stored heads; Qwen2, Bloom ...),
+        b_O, W_in, W_gate (gated MLPs, else None; None for mixture-of-experts MLPs, see
+        :meth:`expert_weights`), W_out, b_in,
         b_out; ln1_w, ln1_b, ln2_w, ln2_b, ln1_post_w/_b, ln2_post_w/_b (output norms), lnf_w, lnf_b (the
         stored gains: LN-free checkpoints carry the 1e6 storage factor, Gemma's norms multiply by
         1 + stored). A bias or norm the checkpoint lacks is None; ``ln2`` is the MLP's reader norm (see
@@ -370,7 +374,7 @@ class LoadedModel:
             raise KeyError(f"unknown weight key(s) {sorted(unknown)}: choose from {', '.join(STACKED_WEIGHT_KEYS)}")
         out: dict[str, Optional[torch.Tensor]] = {}
         with torch.no_grad():
-            for key in ["W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out"]:
+            for key in ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out"]:
                 if not want & {key, key + "_stored"}:
                     continue
                 try:
@@ -378,7 +382,10 @@ class LoadedModel:
                 except AttributeError:
                     out[key] = None
             if "W_gate" in want:
-                out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+                try:
+                    out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+                except AttributeError:  # mixture-of-experts MLPs: see expert_weights
+                    out["W_gate"] = None
             for key in ["W_K", "W_V"]:
                 if key not in out:
                     continue
@@ -402,6 +409,45 @@ class LoadedModel:
                 out[name + "_b"] = None if any(x is None for x in bs) else torch.stack([x.detach() for x in bs])
         return {k: v for k, v in out.items() if k in want}
 
+    def expert_weights(self) -> dict[str, Optional[torch.Tensor]]:
+        """Mixture-of-experts MLP weights stacked over layers, TransformerLens orientation (``x W``).
+
+        ``W_gate``, ``W_in`` ``[layer, expert, d_model, d_mlp]`` (each expert computes
+        ``act(x W_gate^e) * (x W_in^e)``), ``W_out`` ``[layer, expert, d_mlp, d_model]``, ``W_router``
+        ``[layer, d_model, expert]`` (router logits ``x W_router``); for a shared expert (Qwen2-MoE)
+        ``W_gate_shared``, ``W_in_shared``, ``W_out_shared`` ``[layer, ...]`` and ``W_shared_gate``
+        ``[layer, d_model, 1]``, else None. Read from the HF modules: fused ``experts.gate_up_proj``
+        ``[expert, 2 d_mlp, d_model]`` (gate rows first) and ``experts.down_proj``, or a list of experts with
+        ``gate_proj`` / ``up_proj`` / ``down_proj``.
+        """
+        if not self.moe:
+            raise NormgrowthError(f"model {self.spec!r} has dense MLPs, not a mixture of experts.")
+        keys = ("W_gate", "W_in", "W_out", "W_router", "W_gate_shared", "W_in_shared", "W_out_shared", "W_shared_gate")
+        per: dict[str, list] = {k: [] for k in keys}
+        with torch.no_grad():
+            for blk in self.bridge.blocks:
+                moe = blk.mlp.original_component
+                experts = moe.experts
+                if hasattr(experts, "gate_up_proj"):
+                    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)  # [E, d_mlp, d_model] each
+                    down = experts.down_proj.detach()  # [E, d_model, d_mlp]
+                else:
+                    gate = torch.stack([e.gate_proj.weight.detach() for e in experts])
+                    up = torch.stack([e.up_proj.weight.detach() for e in experts])
+                    down = torch.stack([e.down_proj.weight.detach() for e in experts])
+                per["W_gate"].append(gate.transpose(1, 2))
+                per["W_in"].append(up.transpose(1, 2))
+                per["W_out"].append(down.transpose(1, 2))
+                router = moe.gate.weight if hasattr(moe.gate, "weight") else moe.gate
+                per["W_router"].append(router.detach().T)
+                shared = getattr(moe, "shared_expert", None)
+                if shared is not None:
+                    per["W_gate_shared"].append(shared.gate_proj.weight.detach().T)
+                    per["W_in_shared"].append(shared.up_proj.weight.detach().T)
+                    per["W_out_shared"].append(shared.down_proj.weight.detach().T)
+                    per["W_shared_gate"].append(moe.shared_expert_gate.weight.detach().T)
+        return {k: (torch.stack(v) if len(v) == self.n_layers else None) for k, v in per.items()}
+
     def norm_modules(self, which: str) -> list[torch.nn.Module]:
         """The HF normalisation modules behind ``ln1`` / ``ln2`` / ``ln1_post`` / ``ln2_post`` (one per
         block) or ``ln_final``; empty where the block has no such norm.
@@ -424,11 +470,11 @@ def _forward_to_config(name: str) -> property:
     return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (see :class:`ModelConfig`).")
 
 
-for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid"]:
+for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid", "moe"]:
     setattr(LoadedModel, _name, _forward_to_config(_name))
 
 
-STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
+STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
                        "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "ln1_post_w", "ln1_post_b", "ln2_post_w",
                        "ln2_post_b", "lnf_w", "lnf_b")
 
