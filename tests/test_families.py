@@ -4,6 +4,8 @@ writes sum to the stream, the family facts are right, and the analyses run."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,119 @@ def test_unknown_rope_type_names_the_field(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(NormgrowthError, match=r"config field 'rope_\w+\.rope_type' = 'warp'.*cannot map"):
         load_model(str(path))
+
+
+# ----- weights against the plain HF state dict ------------------------------------------------------
+GEMMA_GAIN = {"gemma", "gemma2", "gemma3"}  # HF's Gemma RMSNorm multiplies by 1 + weight
+INPUT_NORM_NAME = {"gptj": "ln_1", "bigcode": "ln_1", "olmo2": None}  # others: input_layernorm
+MLP_NORM_NAME = {"gptj": "ln_1", "bigcode": "ln_2", "falcon": "input_layernorm", "phi": "input_layernorm",
+                 "cohere": "input_layernorm", "gemma2": "pre_feedforward_layernorm",
+                 "gemma3": "pre_feedforward_layernorm", "olmo2": None}  # others: post_attention_layernorm
+
+
+def _gain(block, name, family, d):
+    if name is None:
+        return torch.ones(d, dtype=torch.float64)
+    w = getattr(block.get_submodule(name), "weight", None)
+    if w is None:  # OLMo's LayerNorm has no parameters
+        return torch.ones(d, dtype=torch.float64)
+    return w.detach().double() + (1.0 if family in GEMMA_GAIN else 0.0)
+
+
+def hf_value_output(family, block, n_heads, n_kv, d_head, d):
+    """Per stored K/V head the value rows ``[n_kv, d_head, d]`` and the output projection ``[d, n_heads d_head]``
+    (``nn.Linear`` layout, ``y = x W^T``), read from each family's HF parameters."""
+    if family == "bloom":  # fused per head: [n_heads, (q, k, v), d_head, d]
+        qkv = block.self_attention.query_key_value.weight.view(n_heads, 3, d_head, d)
+        return qkv[:, 2], block.self_attention.dense.weight
+    if family in ("falcon", "falcon_seq"):  # multi-query: [q heads..., k, v]
+        w = block.self_attention.query_key_value.weight
+        return w[(n_heads + 1) * d_head:].view(1, d_head, d), block.self_attention.dense.weight
+    if family == "bigcode":  # multi-query: [q (d), k (d_head), v (d_head)]
+        w = block.attn.c_attn.weight
+        return w[d + d_head:].view(1, d_head, d), block.attn.c_proj.weight
+    if family == "phi3":  # [q, k, v] stacked rows
+        w = block.self_attn.qkv_proj.weight
+        return w[(n_heads + n_kv) * d_head:].view(n_kv, d_head, d), block.self_attn.o_proj.weight
+    attn = block.attn if family == "gptj" else block.self_attn
+    out = {"gptj": "out_proj", "phi": "dense"}.get(family, "o_proj")
+    return attn.v_proj.weight.view(n_kv, d_head, d), getattr(attn, out).weight
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_weight_norms_match_hf_state_dict(family, family_dirs, family_model):
+    from normgrowth.weights import weight_norms
+
+    model = family_model(family)
+    hf = hf_model(family_dirs[family])
+    cfg = hf.config
+    d = hf.get_input_embeddings().weight.shape[1]
+    n_heads = cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head
+    d_head = d // n_heads
+    blocks = hf.get_submodule(HF_BLOCKS.get(family, (LAYERS,))[0])
+    n_kv = {"falcon": 1, "falcon_seq": 1, "bigcode": 1}.get(family, getattr(cfg, "num_key_value_heads", None) or n_heads)
+    wn = weight_norms(model)
+    for l, block in enumerate(blocks):
+        g1 = _gain(block, INPUT_NORM_NAME.get(family, "input_layernorm"), family, d)
+        v, o = (t.detach().double() for t in hf_value_output(family, block, n_heads, n_kv, d_head, d))
+        for h in range(n_heads):
+            kv = h // (n_heads // n_kv)
+            w_ov = g1[:, None] * v[kv].T @ o[:, h * d_head:(h + 1) * d_head].T  # x -> x diag(g1) W_V^h W_O^h
+            np.testing.assert_allclose(wn.W_OV_heads[l, h], torch.linalg.matrix_norm(w_ov).item(), rtol=1e-6,
+                                       err_msg=f"{family} layer {l} head {h}")
+        g2 = _gain(block, MLP_NORM_NAME.get(family, "post_attention_layernorm"), family, d)
+        if family in MOE:
+            experts = block.mlp.experts
+            up = experts.gate_up_proj.detach().double().chunk(2, dim=1)[1]  # [E, d_mlp, d]: gate rows come first
+            per_expert = [torch.linalg.matrix_norm(up[e] * g2[None, :]).item() for e in range(up.shape[0])]
+            np.testing.assert_allclose(wn.experts["W_in"][l], per_expert, rtol=1e-6)
+            np.testing.assert_allclose(wn.layers["W_in"][l], np.mean(per_expert), rtol=1e-6)
+            router = block.mlp.gate.weight.detach().double()  # [E, d]
+            np.testing.assert_allclose(wn.layers["W_router"][l], torch.linalg.matrix_norm(router * g2).item(),
+                                       rtol=1e-6)
+        if family in PLACEMENT:  # output norms: their gains as their own series
+            for key, name in (("gain_attn_out", "post_attention_layernorm"),
+                              ("gain_mlp_out", "post_feedforward_layernorm")):
+                np.testing.assert_allclose(wn.layers[key][l], _gain(block, name, family, d).norm().item(), rtol=1e-6)
+        else:
+            assert wn.layers["gain_attn_out"][l] is None and wn.layers["gain_mlp_out"][l] is None
+    if family in PLACEMENT:
+        assert "gain_attn_out" in wn.fit and "gain_mlp_out" in wn.fit
+    if family == "olmo2":
+        assert wn.series("gain_attn") is None  # no input norm, nothing folded
+    if family == "qwen2":  # q/k/v biases
+        b_v = blocks[0].self_attn.v_proj.bias.detach().double()
+        np.testing.assert_allclose(wn.layers["b_V"][0], b_v.norm().item(), rtol=1e-6)
+
+
+# MLP kind -> family: the random-input MLP output recomputed by calling the HF modules on the same vectors.
+RANDOM_MLP = {"gelu": "bigcode", "swiglu": "mistral", "geglu_peri": "gemma2", "moe": "mixtral", "post": "olmo2",
+              "parallel_shared": "phi"}
+
+
+@pytest.mark.parametrize("kind", sorted(RANDOM_MLP))
+def test_random_input_mlp_gain_equals_hf_modules(kind, family_dirs, family_model):
+    from normgrowth.weights import _random_seed, random_input_gains, standardised_normal
+
+    family = RANDOM_MLP[kind]
+    model = family_model(family)
+    n_seqs, seq_len, seed = 2, 6, 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OLMo 2 warns that unit-std inputs set its scale
+        gains = random_input_gains(model, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+    hf = hf_model(family_dirs[family])
+    blocks = hf.get_submodule(HF_BLOCKS.get(family, (LAYERS,))[0])
+    d = model.d_model
+    for l, block in enumerate(blocks):
+        norm_name = MLP_NORM_NAME.get(family, "post_attention_layernorm")
+        index = 0 if family in SHARED_NORM else 1  # a shared norm gets the attention's random vectors
+        z = standardised_normal((n_seqs, seq_len, d), 1.0, _random_seed(seed, l, index))
+        with torch.no_grad():
+            x = block.get_submodule(norm_name)(z) if norm_name else z
+            out = _first(block.mlp(x))
+            if family in PLACEMENT:
+                out = block.post_feedforward_layernorm(out)
+        expected = out.reshape(n_seqs, seq_len, d)[:, 1:].double().norm(dim=-1).mean().item()
+        np.testing.assert_allclose(gains["mlp_out"][l], expected, rtol=1e-5, err_msg=f"{kind} layer {l}")
+    assert (gains["mlp_act_rate"] is None) is (family in MOE)
+
