@@ -356,3 +356,59 @@ def test_random_input_mlp_gain_equals_hf_modules(kind, family_dirs, family_model
         np.testing.assert_allclose(gains["mlp_out"][l], expected, rtol=1e-5, err_msg=f"{kind} layer {l}")
     assert (gains["mlp_act_rate"] is None) is (family in MOE)
 
+
+
+# ----- deletion, weights, compare on the families ------------------------------------------------------
+def test_raw_readers_use_the_unnormalised_stream():
+    """token_sums for a reader that reads the raw stream (output-only placement): ||w~_c|| and ||a_L||."""
+    from normgrowth.deletion import token_sums
+
+    gen = torch.Generator().manual_seed(0)
+    writes = torch.randn(5, 4, 8, generator=gen, dtype=torch.float64)  # [tokens, writes, d]
+    mean = writes.mean(0)
+    reader_index = [1, 3, 4]
+    _, change, size = token_sums(writes, mean, reader_index, 1e-5, normalises=[False, True, False])
+    w = (writes - mean).numpy()
+    a = np.cumsum(writes.numpy(), axis=1)
+    for r, k in enumerate(reader_index):
+        if r == 1:
+            continue
+        np.testing.assert_allclose(size[:, r].numpy(), np.linalg.norm(a[:, k - 1], axis=-1), rtol=1e-12)
+        for c in range(4):
+            expected = np.linalg.norm(w[:, c], axis=-1) if c < k else np.zeros(5)
+            np.testing.assert_allclose(change[:, r, c].numpy(), expected, rtol=1e-12, atol=1e-15)
+    # the normalising reader: ||N(a) - N(a - w~)|| with N(x) = x / sqrt(mean(x^2) + eps)
+    def n(x):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5)
+    a1 = a[:, 2]
+    for c in range(3):
+        np.testing.assert_allclose(change[:, 1, c].numpy(), np.linalg.norm(n(a1) - n(a1 - w[:, c]), axis=-1),
+                                   rtol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gemma2", "falcon", "mixtral"])
+def test_family_deletion_and_weights_run(family, family_dirs, token_file):
+    from normgrowth.pipeline import run_deletion, run_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few sequences: bootstrap warnings
+        run = run_deletion(str(family_dirs[family]), str(token_file), batch_size=4, ablate="0")
+        doc = run.document()
+        weights = run_weights(str(family_dirs[family]), str(token_file), batch_size=4, random_seqs=2, random_len=6)
+    assert doc["max_write_sum_rel_error"] < 1e-5  # the writes sum to every reader's stream
+    assert doc["norm_placement"] == PLACEMENT.get(family, "pre")
+    assert doc["ablation"]["run"] and doc["ablation"]["writes"] == ["attn_out.0", "mlp_out.0"]
+    assert doc["centers"] is (family in LAYER_NORM)
+    wdoc = weights.document()
+    assert wdoc["comparison"] is not None and len(wdoc["weights"]["layers"]) == 2
+    assert (wdoc["weights"]["experts"] is not None) is (family in MOE)
+
+
+def test_compare_runs_across_placements(family_dirs, token_file):
+    from normgrowth.pipeline import run_compare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_compare(str(family_dirs["gemma2"]), str(family_dirs["olmo2"]), str(token_file), batch_size=4)
+    doc = run.document()
+    assert doc["norm_placement"] == ["peri", "post"] and doc["parallel_blocks"] == [False, False]
