@@ -79,13 +79,15 @@ def tiny_config(family: str, n_layers: int = 3, **overrides):
     import transformers
 
     cls_name, layers_field, shape = TINY_CONFIGS[family]
-    kwargs = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    kwargs.update(shape)
+    kwargs = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **shape)
     kwargs[layers_field] = n_layers
     if family == "neo":  # alternate global / local attention, as GPT-Neo does
         kwargs["attention_types"] = [[["global", "local"], n_layers // 2]] + [[["global"], n_layers % 2]]
     kwargs.update(overrides)
-    return getattr(transformers, cls_name)(**kwargs)
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    if isinstance(getattr(cfg, "pad_token_id", None), int) and cfg.pad_token_id >= cfg.vocab_size:
+        cfg.pad_token_id = None  # a default padding id beyond the tiny vocabulary (Phi-3's 32000)
+    return cfg
 
 
 def _norm_modules(model: torch.nn.Module):
