@@ -581,6 +581,7 @@ class DeletionResults(ResultProtocol):
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
     norm_placement: str = "pre"  # "post": block readers see the raw stream (see reader_normalises)
+    parallel_blocks: bool = False
     _doc: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -608,6 +609,7 @@ class DeletionResults(ResultProtocol):
             out: dict[str, Any] = {
                 "model": self.model, "ln_free": bool(self.ln_free), "normalization": self.normalization,
                 "centers": bool(self.centers), "norm_placement": self.norm_placement,
+                "parallel_blocks": bool(self.parallel_blocks),
                 "n_layers": self.n_layers, "d_model": self.d_model,
                 "norm_eps": self.norm_eps, "n_seqs": self.n_seqs, "n_tokens": self.n_tokens,
                 "data_source": self.data_source, "max_write_sum_rel_error": self.max_write_sum_rel_error,
@@ -644,6 +646,7 @@ class DeletionResults(ResultProtocol):
                    seq_fnorm=arrays["seq_fnorm"], mean_gram=arrays["mean_gram"],
                    max_write_sum_rel_error=float(doc.get("max_write_sum_rel_error") or 0.0),
                    data_source=doc.get("data_source", ""), norm_placement=str(doc.get("norm_placement", "pre")),
+                   parallel_blocks=bool(doc.get("parallel_blocks", False)),
                    ablation=doc.get("ablation") if (doc.get("ablation") or {}).get("writes") else None,
                    n_boot=int(doc.get("n_boot_requested", boot.get("n_boot", DEFAULT_N_BOOT))),
                    seed=int(doc.get("seed", 0)))
@@ -977,7 +980,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     res = DeletionResults(
         model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
         centers=bool(model.centers), n_layers=int(model.n_layers), d_model=int(d), norm_eps=eps, layout=layout,
-        norm_placement=str(model.norm_placement),
+        norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks),
         seq_gram=seq_gram, seq_n_tokens=seq_n_tokens, seq_infl=seq_infl, seq_fnorm=seq_fnorm, mean_gram=mean_gram,
         max_write_sum_rel_error=collector.max_rel_error, data_source=str(getattr(batch, "source", "")),
         n_boot=n_boot, seed=seed)

@@ -142,6 +142,8 @@ class WeightNorms:
     fit_skipped: dict[str, str] = field(default_factory=dict)  # series -> why it was not fitted
     # mixture-of-experts MLPs: EXPERT_KEYS -> [layer][expert], SHARED_EXPERT_KEYS -> [layer]; None for dense MLPs
     experts: Optional[dict[str, list]] = None
+    norm_placement: str = "pre"  # ModelConfig.norm_placement: "pre" | "peri" | "post" | "none"
+    parallel_blocks: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -173,6 +175,8 @@ class WeightNorms:
             "ln_free": bool(self.ln_free),
             "normalization": self.normalization,
             "experts": self.experts,
+            "norm_placement": self.norm_placement,
+            "parallel_blocks": bool(self.parallel_blocks),
         }
 
     @classmethod
@@ -189,7 +193,9 @@ class WeightNorms:
                        normalization=str(doc.get("normalization", "")), W_OV_heads=ov, layers=layers,
                        gain_final=float("nan") if doc.get("gain_final") is None else float(doc["gain_final"]),
                        fit={k: GrowthFit.from_json(v) for k, v in doc.get("fit", {}).items()},
-                       fit_skipped=dict(doc.get("fit_skipped", {})), experts=doc.get("experts"))
+                       fit_skipped=dict(doc.get("fit_skipped", {})), experts=doc.get("experts"),
+                       norm_placement=str(doc.get("norm_placement", "pre")),
+                       parallel_blocks=bool(doc.get("parallel_blocks", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise NormgrowthError(f"weight-norm JSON is malformed ({type(err).__name__}: {err}); compute it again "
                                   "with normgrowth weights.") from None
@@ -249,6 +255,8 @@ def weight_norms(model: Any, window: Any = None) -> WeightNorms:
     ov = np.zeros((n_layers, model.n_heads), dtype=np.float64)
     layers: dict[str, list[Optional[float]]] = {k: [] for k in LAYER_KEYS}
     experts: Optional[dict[str, list]] = None
+    norm_placement: str = "pre"  # ModelConfig.norm_placement: "pre" | "peri" | "post" | "none"
+    parallel_blocks: bool = False
     if ew is not None:
         experts = {k: [] for k in EXPERT_KEYS}
         experts.update({k: [] for k in SHARED_EXPERT_KEYS if ew[k] is not None})
@@ -293,7 +301,8 @@ def weight_norms(model: Any, window: Any = None) -> WeightNorms:
             layers["gain_mlp_out"].append(frobenius(g2_out[l]))
 
     wn = WeightNorms(model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
-                     W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)), experts=experts)
+                     W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)), experts=experts,
+                     norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks))
     wn.fit, wn.fit_skipped = fit_series({name: wn.series(name) for name in FIT_SERIES}, window)
     return wn
 
@@ -595,7 +604,8 @@ class WeightsResult(ResultProtocol):
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.norms.model, "ln_free": bool(self.norms.ln_free),
-                "normalization": self.norms.normalization, "weights": self.norms.to_json(),
+                "normalization": self.norms.normalization, "norm_placement": self.norms.norm_placement,
+                "parallel_blocks": bool(self.norms.parallel_blocks), "weights": self.norms.to_json(),
                 "random_inputs": self.random_inputs,
                 "comparison": None if self.comparison is None else comparison_to_json(self.comparison)}
 

@@ -397,9 +397,11 @@ def test_family_deletion_and_weights_run(family, family_dirs, token_file):
         weights = run_weights(str(family_dirs[family]), str(token_file), batch_size=4, random_seqs=2, random_len=6)
     assert doc["max_write_sum_rel_error"] < 1e-5  # the writes sum to every reader's stream
     assert doc["norm_placement"] == PLACEMENT.get(family, "pre")
+    assert doc["parallel_blocks"] is (family in PARALLEL)
     assert doc["ablation"]["run"] and doc["ablation"]["writes"] == ["attn_out.0", "mlp_out.0"]
     assert doc["centers"] is (family in LAYER_NORM)
     wdoc = weights.document()
+    assert wdoc["norm_placement"] == PLACEMENT.get(family, "pre") and wdoc["parallel_blocks"] is (family in PARALLEL)
     assert wdoc["comparison"] is not None and len(wdoc["weights"]["layers"]) == 2
     assert (wdoc["weights"]["experts"] is not None) is (family in MOE)
 

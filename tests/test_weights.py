@@ -210,7 +210,8 @@ def test_weight_norms_gpt2(gpt2, loaded):
     wn = weight_norms(loaded["gpt2"])
     doc = wn.to_json()
     json.dumps(doc)  # strict JSON
-    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization", "experts"}
+    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization", "experts",
+                        "norm_placement", "parallel_blocks"}
     assert doc["experts"] is None
     assert doc["ln_free"] is False and doc["normalization"] == "LN"
     _assert_matches(doc, *_ref_gpt2(gpt2[1], 3, 4))
