@@ -414,3 +414,19 @@ def test_compare_runs_across_placements(family_dirs, token_file):
         run = run_compare(str(family_dirs["gemma2"]), str(family_dirs["olmo2"]), str(token_file), batch_size=4)
     doc = run.document()
     assert doc["norm_placement"] == ["peri", "post"] and doc["parallel_blocks"] == [False, False]
+
+
+def test_ln_free_rmsnorm_is_detected(tmp_path):
+    """An RMSNorm model whose norms divide by a constant (eps 1e12, gains x 1e6 / sigma) is normalisation "none"."""
+    from conftest import LN_FREE_SIGMA, make_tiny, scale_to_ln_free
+    from normgrowth.models import load_model
+
+    hf = make_tiny("mistral", n_layers=2, rms_norm_eps=1e12)
+    scale_to_ln_free(hf, LN_FREE_SIGMA)
+    hf.save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    assert (model.normalization, model.norm_placement, model.ln_free, model.centers) == ("none", "none", True, False)
+    tokens = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = hf_model(tmp_path / "m")(tokens).logits
+        assert ((model.forward(tokens) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
