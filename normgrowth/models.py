@@ -64,6 +64,7 @@ SITE_REQUIRES: dict[str, str] = {
     "pos_embed": "has_pos_embed",  # rotary / ALiBi models write no position embedding
     "ln1_in": "input_norm",  # output-only normalisation has no input norm to hook
     "ln2_in": "mlp_norm",  # parallel blocks may share ln1
+    "mlp_pre": "dense_mlp",  # a mixture of experts has no single pre-activation
 }
 
 
@@ -237,6 +238,11 @@ class ModelConfig:
     def moe(self) -> bool:
         """The MLP is a mixture of experts."""
         return self.n_experts > 0
+
+    @property
+    def dense_mlp(self) -> bool:
+        """The MLP is one dense MLP (not a mixture of experts)."""
+        return self.n_experts == 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -470,7 +476,7 @@ def _forward_to_config(name: str) -> property:
     return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (see :class:`ModelConfig`).")
 
 
-for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid", "moe"]:
+for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid", "moe", "dense_mlp"]:
     setattr(LoadedModel, _name, _forward_to_config(_name))
 
 

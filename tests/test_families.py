@@ -161,6 +161,7 @@ def test_family_logits_sites_and_facts(family, family_dirs, family_model, batch)
     assert model.normalization == ("LN" if family in LAYER_NORM else "RMS") == meta["normalization"]
     assert model.mlp_norm is (family not in SHARED_NORM and family != "olmo2")
     assert model.n_experts == MOE.get(family, 0)
+    assert (res.mlp_act_rate is None) is (family in MOE)  # no single pre-activation in a mixture of experts
     assert model.input_norm is (family != "olmo2") and model.output_norm is (family in PLACEMENT)
 
 
