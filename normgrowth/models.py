@@ -124,9 +124,10 @@ FAMILIES: dict[str, Family] = {
     "Starcoder2ForCausalLM": Family("starcoder2", "Starcoder2"),
     "GPTBigCodeForCausalLM": Family("gpt-bigcode", "GPT-BigCode/StarCoder"),
 }
-# Architecture name endings of models that are not decoder-only causal LMs (encoders, seq2seq, classifiers).
+# Architecture name endings of encoder models (encoder-decoders are recognised by HF's is_encoder_decoder;
+# "ForConditionalGeneration" alone also names multimodal decoders such as Gemma 3 4B, which are unsupported).
 NON_CAUSAL_SUFFIXES = ("ForMaskedLM", "ForPreTraining", "ForSequenceClassification", "ForTokenClassification",
-                       "ForQuestionAnswering", "ForConditionalGeneration", "ForSeq2SeqLM", "ForMultipleChoice")
+                       "ForQuestionAnswering", "ForMultipleChoice")
 
 # HF config fields holding the MLP's hidden width, first one set wins (the bridge's d_mlp misses ffn_dim).
 HF_D_MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
@@ -742,7 +743,7 @@ def supported_architecture(spec: str, config: Any) -> str:
     name = archs[0] if archs else str(getattr(config, "model_type", "unknown"))
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if getattr(config, "is_encoder_decoder", False) or (not causal and archs and all(
-            a.endswith(NON_CAUSAL_SUFFIXES) or a.endswith("Model") for a in archs)):
+            a.endswith(NON_CAUSAL_SUFFIXES) for a in archs)):
         kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder"
         raise NormgrowthError(f"model {spec!r} ({name}) is {kind} model: only decoder-only causal language "
                               "models are analysed; use a decoder-only checkpoint (e.g. Llama, Qwen, Gemma, GPT-2).")
