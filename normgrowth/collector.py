@@ -123,8 +123,8 @@ class NormCollector:
             self.wo_gram = wo_gram_matrices(w_o)  # on the weights' device(s)
         self.heads = heads
         self.act_row = row
-        self.act_rate = act_rate and model.has_site("mlp_pre")
-        if act_rate:
+        self.act_rate = act_rate and model.has_site("mlp_pre")  # a mixture of experts has no mlp_pre
+        if self.act_rate:
             row += model.n_layers
         self.n_rows = row
         self.n_positions = n_positions

@@ -182,7 +182,7 @@ def test_family_bridge_writes_sum_to_stream(family, family_model, batch):
             assert ((pre + attn - mid).abs().max() / scale).item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2", "falcon", "qwen3_moe", "phi", "bloom"])
+@pytest.mark.parametrize("family", ["gemma2", "falcon", "qwen3_moe"])
 def test_family_report_runs(family, family_dirs, token_file):
     from normgrowth.pipeline import run_report
     from normgrowth.results import format_report_table
@@ -387,7 +387,7 @@ def test_raw_readers_use_the_unnormalised_stream():
                                    rtol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["olmo2", "gemma2", "falcon", "mixtral"])
+@pytest.mark.parametrize("family", ["olmo2", "mixtral"])
 def test_family_deletion_and_weights_run(family, family_dirs, token_file):
     from normgrowth.pipeline import run_deletion, run_weights
 
@@ -431,3 +431,25 @@ def test_ln_free_rmsnorm_is_detected(tmp_path):
     with torch.inference_mode():
         ref = hf_model(tmp_path / "m")(tokens).logits
         assert ((model.forward(tokens) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_every_analysis_runs(family, family_model, batch):
+    """report document, weights (with random inputs against real data) and deletion (with an ablation) on
+    every family; the writes sum to every reader's stream."""
+    from normgrowth.deletion import collect_deletion
+    from normgrowth.report import report_document
+    from normgrowth.weights import analyse_weights
+
+    model = family_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few sequences: bootstrap warnings
+        res = collect(model, batch, batch_size=4)
+        rep = report_document(res)
+        weights = analyse_weights(model, res, n_seqs=2, seq_len=6).to_json()
+        deletion = collect_deletion(model, batch, batch_size=4, ablate="1", n_boot=50)
+        doc = deletion.to_json()
+    assert rep["meta"]["norm_placement"] == PLACEMENT.get(family, "pre")
+    assert np.isfinite(weights["comparison"]["ratio_mlp"]).all() and np.isfinite(weights["comparison"]["ratio_attn"]).all()
+    assert deletion.max_write_sum_rel_error < 1e-5
+    assert doc["ablation"]["writes"] == ["attn_out.1", "mlp_out.1"] and doc["verdict"]["label"]
