@@ -481,9 +481,9 @@ for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid
     setattr(LoadedModel, _name, _forward_to_config(_name))
 
 
-STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
-                       "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "ln1_post_w", "ln1_post_b", "ln2_post_w",
-                       "ln2_post_b", "lnf_w", "lnf_b")
+STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out",
+                       "W_gate", "W_K_stored", "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "ln1_post_w",
+                       "ln1_post_b", "ln2_post_w", "ln2_post_b", "lnf_w", "lnf_b")
 
 
 def _tl_hook(fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Callable:
@@ -841,7 +841,8 @@ def _norm_facts(bridge: Any, normalization: str, norm_names: Sequence[str], spec
     eps = [norm_eps_of(m) for m in mods]
     huge = [e >= LN_FREE_MIN_EPS for e in eps]
     if all(huge):
-        gains = [m.weight.detach().abs().float().flatten().cpu() for m in mods if getattr(m, "weight", None) is not None]
+        gains = [m.weight.detach().abs().float().flatten().cpu() for m in mods
+                 if getattr(m, "weight", None) is not None]
         median_gain = float(torch.cat(gains).median()) / (eps[0] ** 0.5) if gains else 0.0
         if median_gain < 1e-4:
             warnings.warn(f"model {spec!r}: norm eps is {eps[0]:g} but the weights are not scaled "

@@ -535,7 +535,8 @@ def compare_gains(random_gains: Mapping[str, Any], results: Any, window: Any = N
         "random_attn_out": rnd_attn.tolist(), "real_attn_out": real_attn.tolist(), "ratio_attn": ratio_attn.tolist(),
         "random_mlp_out": rnd_mlp.tolist(), "real_mlp_out": real_mlp.tolist(), "ratio_mlp": ratio_mlp.tolist(),
         "random_act_rate": (None if random_gains.get("mlp_act_rate") is None
-                            else list(map(float, random_gains["mlp_act_rate"]))), "real_act_rate": None if real_rate is None else real_rate.tolist(),
+                            else list(map(float, random_gains["mlp_act_rate"]))),
+        "real_act_rate": None if real_rate is None else real_rate.tolist(),
         "fit": fits, "fit_skipped": skipped,
     }
 
