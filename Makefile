@@ -22,9 +22,25 @@ PAPER_MODELS := distilgpt2 gpt2 gpt2-medium gpt2-large gpt2-xl \
 	EleutherAI/pythia-1.4b EleutherAI/pythia-2.8b \
 	apollo-research/gpt2_noLN schaeff/gpt2-small_LNFree300 schaeff/gpt2-medium_LNFree500 \
 	schaeff/gpt2-large_LNFree600 schaeff/gpt2-xl_LNFree800
+# PRESET=landscape: 37 public checkpoints of 23 decoder families, 70M-8B parameters, every norm placement
+# (pre, peri: Gemma 2/3, post: OLMo 2); gated checkpoints (Llama 3.2, Gemma) need a hub token.
+LANDSCAPE_MODELS := gpt2 gpt2-medium EleutherAI/pythia-70m EleutherAI/pythia-410m EleutherAI/pythia-1.4b \
+	facebook/opt-125m facebook/opt-1.3b EleutherAI/gpt-neo-125M EleutherAI/gpt-j-6b \
+	bigscience/bloom-560m bigscience/bloom-1b7 tiiuae/falcon-rw-1b tiiuae/falcon-7b \
+	stabilityai/stablelm-2-1_6b TinyLlama/TinyLlama_v1.1 meta-llama/Llama-3.2-1B mistralai/Mistral-7B-v0.1 \
+	Qwen/Qwen2-0.5B Qwen/Qwen2.5-0.5B Qwen/Qwen2.5-1.5B Qwen/Qwen2.5-7B \
+	Qwen/Qwen3-0.6B Qwen/Qwen3-1.7B Qwen/Qwen3-8B \
+	google/gemma-2b google/gemma-2-2b google/gemma-3-1b-pt \
+	allenai/OLMo-1B-hf allenai/OLMo-2-0425-1B allenai/OLMo-2-1124-7B allenai/OLMoE-1B-7B-0924 \
+	microsoft/phi-1_5 microsoft/phi-2 microsoft/Phi-3-mini-4k-instruct \
+	ibm-granite/granite-3.0-2b-base bigcode/starcoder2-3b bigcode/gpt_bigcode-santacoder
 ifeq ($(PRESET),paper)
 MODELS ?= $(PAPER_MODELS)
 COMPARE ?= gpt2 apollo-research/gpt2_noLN
+endif
+ifeq ($(PRESET),landscape)
+MODELS ?= $(LANDSCAPE_MODELS)
+COMPARE ?= google/gemma-2-2b allenai/OLMo-2-0425-1B
 endif
 MODELS ?= $(ZOO)/ln $(ZOO)/noln
 COMPARE ?= $(word 1,$(MODELS)) $(word 2,$(MODELS))
@@ -45,6 +61,7 @@ help:
 	@echo "make test-slow the tests marked slow (the benchmark's full quick sweep, minutes)"
 	@echo "make figures   set up, build the offline model pair, collect results, draw figures/"
 	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models (needs the hub)"
+	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
 	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
 

@@ -127,8 +127,8 @@ class NormCollector:
             self.wo_gram = wo_gram_matrices(w_o)  # on the weights' device(s)
         self.heads = heads
         self.act_row = row
-        self.act_rate = act_rate
-        if act_rate:
+        self.act_rate = act_rate and model.has_site("mlp_pre")  # a mixture of experts has no mlp_pre
+        if self.act_rate:
             row += model.n_layers
         self.n_rows = row
         self.n_positions = n_positions
@@ -321,7 +321,7 @@ class NormCollector:
             normalization=m.normalization, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
             d_head=m.d_head, parallel_blocks=m.parallel_blocks, n_seqs=len(batch), n_tokens=st.count,
             n_bos_tokens=st.bos_count, data_source=batch.source, seq_len=seq_len, batch_size=batch_size,
-            sites=list(self.sites), version=__version__,
+            sites=list(self.sites), version=__version__, norm_placement=m.norm_placement,
         )
         return Results(meta=meta, sites=sites, embed=embed, heads=heads, mlp_act_rate=act,
                        seq_n_tokens=st.seq_counts(), position_count=st.pos_count.cpu().numpy())

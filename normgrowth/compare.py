@@ -263,7 +263,9 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
         r["sentence"] = _sentence(r, name_a, name_b)
     return json_safe({
         "models": [res_a.meta.model, res_b.meta.model], "names": [name_a, name_b],
-        "ln_free": [res_a.meta.ln_free, res_b.meta.ln_free], "rows": rows, "growth": growth, "bos": bos,
+        "ln_free": [res_a.meta.ln_free, res_b.meta.ln_free],
+        "norm_placement": [res_a.meta.norm_placement, res_b.meta.norm_placement],
+        "parallel_blocks": [res_a.meta.parallel_blocks, res_b.meta.parallel_blocks], "rows": rows, "growth": growth, "bos": bos,
         "position0_deterministic": fixed, "writes": writes, "weight_units": weight_units, "deletion": deletion,
         "curves": {site: {"a": res_a.sites[site].mean, "b": res_b.sites[site].mean}
                    for site in SITES if res_a.sites.get(site) is not None and res_b.sites.get(site) is not None},
@@ -338,8 +340,13 @@ def compare_results(*args: Any, **kwargs: Any) -> ComparisonResult:
 
 
 def format_comparison(doc: dict[str, Any]) -> str:
-    lines = [f"A = {doc['models'][0]}{' (LN-free)' if doc['ln_free'][0] else ''}",
-             f"B = {doc['models'][1]}{' (LN-free)' if doc['ln_free'][1] else ''}", ""]
+    placement = doc.get("norm_placement") or [None, None]
+
+    def about(i: int) -> str:
+        parts = (["LN-free"] if doc["ln_free"][i] else []) + ([f"{placement[i]}-norm"] if placement[i] else [])
+        return f" ({', '.join(parts)})" if parts else ""
+
+    lines = [f"A = {doc['models'][0]}{about(0)}", f"B = {doc['models'][1]}{about(1)}", ""]
     width = max(len(r["label"]) for r in doc["rows"])
     lines.append(f"{'quantity':<{width}}  {'A [95% CI]':>28}  {'B [95% CI]':>28}  {'A - B [95% CI]':>30}  "
                  f"{'p':>8}  {'p Holm':>8}  sig (raw/Holm)")

@@ -580,6 +580,8 @@ class DeletionResults(ResultProtocol):
     ablation: Optional[dict] = None
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
+    norm_placement: str = "pre"  # "post": block readers see the raw stream (see reader_normalises)
+    parallel_blocks: bool = False
     _doc: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -606,7 +608,9 @@ class DeletionResults(ResultProtocol):
             lay = self.layout
             out: dict[str, Any] = {
                 "model": self.model, "ln_free": bool(self.ln_free), "normalization": self.normalization,
-                "centers": bool(self.centers), "n_layers": self.n_layers, "d_model": self.d_model,
+                "centers": bool(self.centers), "norm_placement": self.norm_placement,
+                "parallel_blocks": bool(self.parallel_blocks),
+                "n_layers": self.n_layers, "d_model": self.d_model,
                 "norm_eps": self.norm_eps, "n_seqs": self.n_seqs, "n_tokens": self.n_tokens,
                 "data_source": self.data_source, "max_write_sum_rel_error": self.max_write_sum_rel_error,
                 "writes": list(lay.writes), "write_layer": list(lay.write_layer),
@@ -619,6 +623,10 @@ class DeletionResults(ResultProtocol):
             if self.ln_free:
                 out["verdict"]["note"] = ("LN-free model: nothing divides by the stream's size, so dilution does not "
                                           "reduce a write's influence here; the label describes geometry only")
+            elif self.norm_placement == "post":
+                out["verdict"]["note"] = ("output-only normalisation: the sublayers read the raw stream, so dilution "
+                                          "reduces a write's influence only at the final norm; the label describes "
+                                          "geometry at the block readers")
             out["ablation"] = self.ablation if self.ablation is not None else {
                 "writes": [], "distance": [], "normalized_input_change": [], "final_kl": [], "run": False}
             self._doc = json_safe(out)
@@ -637,7 +645,8 @@ class DeletionResults(ResultProtocol):
                    seq_gram=arrays["seq_gram"], seq_n_tokens=arrays["seq_n_tokens"], seq_infl=arrays["seq_infl"],
                    seq_fnorm=arrays["seq_fnorm"], mean_gram=arrays["mean_gram"],
                    max_write_sum_rel_error=float(doc.get("max_write_sum_rel_error") or 0.0),
-                   data_source=doc.get("data_source", ""),
+                   data_source=doc.get("data_source", ""), norm_placement=str(doc.get("norm_placement", "pre")),
+                   parallel_blocks=bool(doc.get("parallel_blocks", False)),
                    ablation=doc.get("ablation") if (doc.get("ablation") or {}).get("writes") else None,
                    n_boot=int(doc.get("n_boot_requested", boot.get("n_boot", DEFAULT_N_BOOT))),
                    seed=int(doc.get("seed", 0)))
@@ -866,13 +875,22 @@ class _WriteCollector:
         return hook
 
 
-def token_sums(writes: torch.Tensor, write_mean: torch.Tensor, reader_index: Sequence[int], eps: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reader_normalises(model: Any) -> list[bool]:
+    """Per reader (``resid_pre.0`` .. ``resid_pre.{n-1}``, then ``final``): whether what reads it divides by the
+    stream's size. Block readers do when the sublayers have input norms (pre / peri placement); with
+    output-only placement (OLMo 2) the sublayers read the raw stream. The final stream always passes the
+    final norm."""
+    return [bool(model.input_norm)] * int(model.n_layers) + [True]
+
+
+def token_sums(writes: torch.Tensor, write_mean: torch.Tensor, reader_index: Sequence[int], eps: float,
+               normalises: Optional[Sequence[bool]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token terms of the deletion sums, in float64, for projected writes ``[n, C, d]``.
 
     With ``w~ = P(w) - mu`` and ``a_L = sum_{c<k} P(w_c)`` the projected stream of reader ``L``:
     returns ``<w~_i, w~_j>`` ``[n, C, C]``, ``||N(a_L) - N(a_L - w~_c)||`` ``[n, R, C]`` (0 where ``c`` is not
-    before ``L``) and ``||N(a_L)||`` ``[n, R]`` (:func:`normalized_change`).
+    before ``L``) and ``||N(a_L)||`` ``[n, R]`` (:func:`normalized_change`). A reader whose ``normalises``
+    entry is False reads the raw stream, ``N(x) = x``: the terms are ``||w~_c||`` and ``||a_L||``.
     """
     x = writes.double()
     xt = x - write_mean.to(x.device, torch.float64)
@@ -883,6 +901,10 @@ def token_sums(writes: torch.Tensor, write_mean: torch.Tensor, reader_index: Seq
     a_dot = a @ xt.transpose(-1, -2)  # [n, R, C]
     w_sq = gram.diagonal(dim1=-2, dim2=-1)  # [n, C]
     change, size = normalized_change(a_sq[..., None], a_dot, w_sq[:, None, :], x.shape[-1], eps)
+    if normalises is not None and not all(normalises):
+        raw = ~torch.as_tensor(list(normalises), dtype=torch.bool, device=x.device)  # [R]
+        change = torch.where(raw[None, :, None], w_sq.sqrt()[:, None, :], change)
+        size = torch.where(raw[None, :, None], a_sq.sqrt()[..., None], size)
     before = torch.arange(x.shape[1], device=x.device)[None, :] < k[:, None]
     return gram, torch.where(before, change, 0.0), size[..., 0]
 
@@ -930,6 +952,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     seq_n_tokens = _valid(mask).sum(1).numpy().astype(np.int64)
     collector = _WriteCollector(model, layout)
     done = resume.restore(seq_gram, seq_infl, seq_fnorm, collector)
+    normalises = reader_normalises(model)
     chunk = max(1, _CHUNK_BYTES // (8 * (3 * n_c * d + n_r * d + 2 * n_c * n_c + 4 * n_r * n_c)))
     n_batches = 0
     with torch.inference_mode(), model.hooks(collector.hooks()):
@@ -952,7 +975,8 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
             i_sum = torch.zeros(tok.shape[0], n_r, n_c, dtype=torch.float64, device=acc_dev)
             f_sum = torch.zeros(tok.shape[0], n_r, dtype=torch.float64, device=acc_dev)
             for lo in range(0, w_valid.shape[0], chunk):
-                gram, change, size = token_sums(w_valid[lo:lo + chunk], write_mean, layout.reader_index, eps)
+                gram, change, size = token_sums(w_valid[lo:lo + chunk], write_mean, layout.reader_index, eps,
+                                                normalises)
                 ids = seq_id[lo:lo + chunk]
                 g_sum.index_add_(0, ids, gram.to(acc_dev))
                 i_sum.index_add_(0, ids, change.to(acc_dev))
@@ -971,6 +995,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     res = DeletionResults(
         model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
         centers=bool(model.centers), n_layers=int(model.n_layers), d_model=int(d), norm_eps=eps, layout=layout,
+        norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks),
         seq_gram=seq_gram, seq_n_tokens=seq_n_tokens, seq_infl=seq_infl, seq_fnorm=seq_fnorm, mean_gram=mean_gram,
         max_write_sum_rel_error=collector.max_rel_error, data_source=str(getattr(batch, "source", "")),
         n_boot=n_boot, seed=seed)
@@ -1175,9 +1200,11 @@ def ablation_check(model: Any, batch: Any, writes: Any = None, batch_size: int =
         means = _write_means(model, tokens, mask, labels, batch_size)
         state: dict[str, Any] = {}
 
+        normalises = reader_normalises(model)
+
         def reader_hook(r: int) -> Callable:
             def hook(x: torch.Tensor) -> None:
-                normed = normalize_input(x, model.centers, eps)
+                normed = normalize_input(x, model.centers, eps) if normalises[r] else x.float()
                 if state["mode"] == "clean":
                     state["clean"][r] = normed
                 else:

@@ -50,6 +50,8 @@ SITE_HOOKS: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",  # MLP write, bias b_out included
     "z": "blocks.{layer}.attn.hook_z",  # per-head mixed values [batch, pos, n_heads, d_head]
     "mlp_pre": "blocks.{layer}.mlp.hook_pre",  # MLP pre-activation [batch, pos, d_mlp]
+    "attn_in": "blocks.{layer}.attn.hook_in",  # the attention's input (after its input norm, if any)
+    "mlp_in": "blocks.{layer}.mlp.hook_in",  # the MLP's input (after its input norm, if any)
     "ln1_in": "blocks.{layer}.ln1.hook_in",  # input of the attention's norm (not the stream)
     "ln2_in": "blocks.{layer}.ln2.hook_in",  # input of the MLP's norm (not the stream)
     "final_in": "ln_final.hook_in",  # final stream, before the final norm
@@ -61,7 +63,8 @@ SITE_REQUIRES: dict[str, str] = {
     "resid_mid": "has_resid_mid",  # parallel blocks have no stream between attention and MLP
     "pos_embed": "has_pos_embed",  # rotary / ALiBi models write no position embedding
     "ln1_in": "input_norm",  # output-only normalisation has no input norm to hook
-    "ln2_in": "input_norm",
+    "ln2_in": "mlp_norm",  # parallel blocks may share ln1
+    "mlp_pre": "dense_mlp",  # a mixture of experts has no single pre-activation
 }
 
 
@@ -76,26 +79,60 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Family:
-    """What neither the bridge's config nor HF's says about an architecture: its name in reports."""
+    """What neither the bridge's config nor HF's says about an architecture.
+
+    ``gain_offset``: the norm multiplies by ``gain_offset + weight`` (Gemma's RMSNorm stores ``w`` and
+    scales by ``1 + w``); 0 for every other family.
+    """
 
     name: str  # short family name used in reports, e.g. "gpt-neox"
     label: str  # how users call it, for error messages, e.g. "GPT-NeoX/Pythia"
     refuse: Optional[Refusal] = None
+    gain_offset: float = 0.0
 
 
-# HF architecture -> family. Every other fact is read from the bridge's and HF's configs (model_config).
+# HF architecture -> family. Every other fact (normalisation kind, norm placement, parallel blocks, gated
+# MLP, experts, grouped-query heads ...) is read from the bridge's and HF's configs (model_config).
 FAMILIES: dict[str, Family] = {
     "GPT2LMHeadModel": Family("gpt2", "GPT-2"),
-    "GPTNeoXForCausalLM": Family("gpt-neox", "GPT-NeoX/Pythia"),
-    "LlamaForCausalLM": Family("llama", "Llama"),
+    "GPTNeoForCausalLM": Family("gpt-neo", "GPT-Neo"),
+    "GPTJForCausalLM": Family("gpt-j", "GPT-J"),
     "OPTForCausalLM": Family("opt", "OPT", Refusal(
         "do_layer_norm_before", False, "is a post-LayerNorm OPT model (like opt-350m), whose residual stream is "
         "re-normalised after every layer: use a pre-LN OPT model")),
-    "GPTNeoForCausalLM": Family("gpt-neo", "GPT-Neo"),
+    "BloomForCausalLM": Family("bloom", "Bloom"),
+    "FalconForCausalLM": Family("falcon", "Falcon"),
+    "GPTNeoXForCausalLM": Family("gpt-neox", "GPT-NeoX/Pythia"),
+    "StableLmForCausalLM": Family("stablelm", "StableLM"),
+    "LlamaForCausalLM": Family("llama", "Llama"),
+    "MistralForCausalLM": Family("mistral", "Mistral"),
+    "MixtralForCausalLM": Family("mixtral", "Mixtral"),
+    "Qwen2ForCausalLM": Family("qwen2", "Qwen2"),
+    "Qwen2MoeForCausalLM": Family("qwen2-moe", "Qwen2-MoE"),
+    "Qwen3ForCausalLM": Family("qwen3", "Qwen3"),
+    "Qwen3MoeForCausalLM": Family("qwen3-moe", "Qwen3-MoE"),
+    "GemmaForCausalLM": Family("gemma", "Gemma", gain_offset=1.0),
+    "Gemma2ForCausalLM": Family("gemma2", "Gemma 2", gain_offset=1.0),
+    "Gemma3ForCausalLM": Family("gemma3", "Gemma 3 (text)", gain_offset=1.0),
+    "OlmoForCausalLM": Family("olmo", "OLMo"),
+    "Olmo2ForCausalLM": Family("olmo2", "OLMo 2"),
+    "OlmoeForCausalLM": Family("olmoe", "OLMoE"),
+    "PhiForCausalLM": Family("phi", "Phi"),
+    "Phi3ForCausalLM": Family("phi3", "Phi-3"),
+    "CohereForCausalLM": Family("cohere", "Cohere"),
+    "GraniteForCausalLM": Family("granite", "Granite"),
+    "Starcoder2ForCausalLM": Family("starcoder2", "Starcoder2"),
+    "GPTBigCodeForCausalLM": Family("gpt-bigcode", "GPT-BigCode/StarCoder"),
 }
+# Architecture name endings of encoder models (encoder-decoders are recognised by HF's is_encoder_decoder;
+# "ForConditionalGeneration" alone also names multimodal decoders such as Gemma 3 4B, which are unsupported).
+NON_CAUSAL_SUFFIXES = ("ForMaskedLM", "ForPreTraining", "ForSequenceClassification", "ForTokenClassification",
+                       "ForQuestionAnswering", "ForMultipleChoice")
 
 # HF config fields holding the MLP's hidden width, first one set wins (the bridge's d_mlp misses ffn_dim).
 HF_D_MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
+# HF config fields holding the number of experts of a mixture-of-experts MLP, first one set wins.
+HF_N_EXPERTS_FIELDS = ("num_local_experts", "num_experts")
 # The bridge's normalization_type -> the kind of norm ("LN" subtracts the mean, "RMS" does not).
 BRIDGE_NORMALIZATION = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: "none"}
 # Bridge block children that normalise a sublayer's input / output.
@@ -144,7 +181,12 @@ class ModelConfig:
         positional_embedding: the bridge's ``positional_embedding_type``: ``"standard"`` (learned absolute
             positions added to the stream), ``"rotary"``, ``"alibi"`` ...
         has_pos_embed: a position embedding is written into the stream (the bridge has ``pos_embed``).
+        mlp_norm: the MLP reads the stream through its own input norm ``ln2`` (False for parallel blocks
+            whose attention and MLP share ``ln1``, and for output-only placement).
+        norm_gain_offset: each norm multiplies by ``norm_gain_offset + weight`` (1 for Gemma, else 0).
         gated_mlp: the MLP is gated, ``act(x W_gate) * (x W_in)`` (Llama's SwiGLU).
+        n_experts: experts per mixture-of-experts MLP (0 for a dense MLP).
+        n_experts_per_token: experts each token is routed to (0 for a dense MLP).
         act_fn: the MLP's activation function, e.g. ``"gelu_new"``, ``"silu"``, ``"relu"``.
         eager_attention: HF runs the attention eagerly and materialises ``[batch, head, pos, pos]`` scores
             (no SDPA path for this architecture).
@@ -173,7 +215,11 @@ class ModelConfig:
     parallel_blocks: bool
     positional_embedding: str
     has_pos_embed: bool
+    mlp_norm: bool
+    norm_gain_offset: float
     gated_mlp: bool
+    n_experts: int
+    n_experts_per_token: int
     act_fn: str
     eager_attention: bool
     bos_token_id: Optional[int]
@@ -188,6 +234,16 @@ class ModelConfig:
     def has_resid_mid(self) -> bool:
         """A stream exists between attention and MLP (sequential blocks)."""
         return not self.parallel_blocks
+
+    @property
+    def moe(self) -> bool:
+        """The MLP is a mixture of experts."""
+        return self.n_experts > 0
+
+    @property
+    def dense_mlp(self) -> bool:
+        """The MLP is one dense MLP (not a mixture of experts)."""
+        return self.n_experts == 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,9 +366,13 @@ class LoadedModel:
 
         Keys: W_Q, W_O [layer, head, d_head, d_model] / W_K, W_V [layer, head, d_model, d_head] with
         K/V repeated to the query heads for grouped-query attention; W_K_stored/W_V_stored with the
-        stored (un-repeated) K/V heads; b_O, W_in, W_gate (gated MLPs, else None), W_out, b_in,
-        b_out; ln1_w, ln1_b, ln2_w, ln2_b, lnf_w, lnf_b (the stored gains: for LN-free checkpoints
-        they carry the 1e6 storage factor). A bias the checkpoint lacks is None.
+        stored (un-repeated) K/V heads; b_Q, b_K, b_V [layer, head, d_head] (stored heads; Qwen2, Bloom ...),
+        b_O, W_in, W_gate (gated MLPs, else None; None for mixture-of-experts MLPs, see
+        :meth:`expert_weights`), W_out, b_in,
+        b_out; ln1_w, ln1_b, ln2_w, ln2_b, ln1_post_w/_b, ln2_post_w/_b (output norms), lnf_w, lnf_b (the
+        stored gains: LN-free checkpoints carry the 1e6 storage factor, Gemma's norms multiply by
+        1 + stored). A bias or norm the checkpoint lacks is None; ``ln2`` is the MLP's reader norm (see
+        :meth:`norm_modules`).
         """
         b = self.bridge
         want = set(STACKED_WEIGHT_KEYS if keys is None else keys)
@@ -321,7 +381,7 @@ class LoadedModel:
             raise KeyError(f"unknown weight key(s) {sorted(unknown)}: choose from {', '.join(STACKED_WEIGHT_KEYS)}")
         out: dict[str, Optional[torch.Tensor]] = {}
         with torch.no_grad():
-            for key in ["W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out"]:
+            for key in ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out"]:
                 if not want & {key, key + "_stored"}:
                     continue
                 try:
@@ -329,44 +389,101 @@ class LoadedModel:
                 except AttributeError:
                     out[key] = None
             if "W_gate" in want:
-                out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+                try:
+                    out["W_gate"] = b.W_gate.detach() if b.W_gate is not None else None
+                except AttributeError:  # mixture-of-experts MLPs: see expert_weights
+                    out["W_gate"] = None
             for key in ["W_K", "W_V"]:
                 if key not in out:
                     continue
                 out[key + "_stored"] = out[key]
                 if out[key] is not None:
                     out[key] = b._expand_kv_heads(out[key])
-            for name, which in (("ln1", "ln1"), ("ln2", "ln2"), ("lnf", "ln_final")):
+            for name, which in (("ln1", "ln1"), ("ln2", "ln2"), ("ln1_post", "ln1_post"), ("ln2_post", "ln2_post"),
+                                ("lnf", "ln_final")):
                 if not want & {name + "_w", name + "_b"}:
                     continue
                 mods = self.norm_modules(which)
-                ws = [m.weight.detach() for m in mods]
+                if not mods:
+                    out[name + "_w"] = out[name + "_b"] = None
+                    continue
+                ones = torch.ones(self.d_model)
+                # a norm without a weight (OLMo's non-parametric LayerNorm) multiplies by 1: stored gain 1 - offset
+                ws = [m.weight.detach() if getattr(m, "weight", None) is not None
+                      else ones - self.norm_gain_offset for m in mods]
                 bs = [getattr(m, "bias", None) for m in mods]
                 out[name + "_w"] = torch.stack(ws)
                 out[name + "_b"] = None if any(x is None for x in bs) else torch.stack([x.detach() for x in bs])
         return {k: v for k, v in out.items() if k in want}
 
+    def expert_weights(self) -> dict[str, Optional[torch.Tensor]]:
+        """Mixture-of-experts MLP weights stacked over layers, TransformerLens orientation (``x W``).
+
+        ``W_gate``, ``W_in`` ``[layer, expert, d_model, d_mlp]`` (each expert computes
+        ``act(x W_gate^e) * (x W_in^e)``), ``W_out`` ``[layer, expert, d_mlp, d_model]``, ``W_router``
+        ``[layer, d_model, expert]`` (router logits ``x W_router``); for a shared expert (Qwen2-MoE)
+        ``W_gate_shared``, ``W_in_shared``, ``W_out_shared`` ``[layer, ...]`` and ``W_shared_gate``
+        ``[layer, d_model, 1]``, else None. Read from the HF modules: fused ``experts.gate_up_proj``
+        ``[expert, 2 d_mlp, d_model]`` (gate rows first) and ``experts.down_proj``, or a list of experts with
+        ``gate_proj`` / ``up_proj`` / ``down_proj``.
+        """
+        if not self.moe:
+            raise NormgrowthError(f"model {self.spec!r} has dense MLPs, not a mixture of experts.")
+        keys = ("W_gate", "W_in", "W_out", "W_router", "W_gate_shared", "W_in_shared", "W_out_shared", "W_shared_gate")
+        per: dict[str, list] = {k: [] for k in keys}
+        with torch.no_grad():
+            for blk in self.bridge.blocks:
+                moe = blk.mlp.original_component
+                experts = moe.experts
+                if hasattr(experts, "gate_up_proj"):
+                    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)  # [E, d_mlp, d_model] each
+                    down = experts.down_proj.detach()  # [E, d_model, d_mlp]
+                else:
+                    gate = torch.stack([e.gate_proj.weight.detach() for e in experts])
+                    up = torch.stack([e.up_proj.weight.detach() for e in experts])
+                    down = torch.stack([e.down_proj.weight.detach() for e in experts])
+                per["W_gate"].append(gate.transpose(1, 2))
+                per["W_in"].append(up.transpose(1, 2))
+                per["W_out"].append(down.transpose(1, 2))
+                router = moe.gate.weight if hasattr(moe.gate, "weight") else moe.gate
+                per["W_router"].append(router.detach().T)
+                shared = getattr(moe, "shared_expert", None)
+                if shared is not None:
+                    per["W_gate_shared"].append(shared.gate_proj.weight.detach().T)
+                    per["W_in_shared"].append(shared.up_proj.weight.detach().T)
+                    per["W_out_shared"].append(shared.down_proj.weight.detach().T)
+                    per["W_shared_gate"].append(moe.shared_expert_gate.weight.detach().T)
+        return {k: (torch.stack(v) if len(v) == self.n_layers else None) for k, v in per.items()}
+
     def norm_modules(self, which: str) -> list[torch.nn.Module]:
-        """The HF normalisation modules behind ``ln1`` / ``ln2`` (one per block) or ``ln_final``."""
+        """The HF normalisation modules behind ``ln1`` / ``ln2`` / ``ln1_post`` / ``ln2_post`` (one per
+        block) or ``ln_final``; empty where the block has no such norm.
+
+        ``ln2`` is the norm the MLP reads through: ``ln1`` itself for parallel blocks that share one
+        input norm (GPT-J, Phi, Cohere, Falcon-7B); none for output-only placement (OLMo 2).
+        """
+        if which == "ln2" and not self.mlp_norm:
+            return _norm_modules(self.bridge, "ln1") if self.parallel_blocks else []
         return _norm_modules(self.bridge, which)
 
 
 def _norm_modules(bridge: Any, which: str) -> list[torch.nn.Module]:
     if which == "ln_final":
         return [bridge.ln_final.original_component]
-    return [getattr(blk, which).original_component for blk in bridge.blocks]
+    return [getattr(blk, which).original_component for blk in bridge.blocks if which in blk._modules]
 
 
 def _forward_to_config(name: str) -> property:
     return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (see :class:`ModelConfig`).")
 
 
-for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid"]:
+for _name in [f.name for f in dataclasses.fields(ModelConfig)] + ["has_resid_mid", "moe", "dense_mlp"]:
     setattr(LoadedModel, _name, _forward_to_config(_name))
 
 
-STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "b_in", "b_out", "W_gate", "W_K_stored",
-                       "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "lnf_w", "lnf_b")
+STACKED_WEIGHT_KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out",
+                       "W_gate", "W_K_stored", "W_V_stored", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "ln1_post_w",
+                       "ln1_post_b", "ln2_post_w", "ln2_post_b", "lnf_w", "lnf_b")
 
 
 def _tl_hook(fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Callable:
@@ -483,14 +600,7 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
     config = load_config(spec, revision)
-    archs = list(getattr(config, "architectures", None) or [])
-    arch = next((a for a in archs if a in FAMILIES), None)
-    if arch is None:
-        labels = ", ".join(f.label for f in FAMILIES.values())
-        raise NormgrowthError(
-            f"model {spec!r} has architecture {archs[0] if archs else config.model_type!r}, which normgrowth does "
-            f"not support: use a checkpoint of one of these families: {labels}."
-        )
+    arch = supported_architecture(spec, config)
     refuse = FAMILIES[arch].refuse
     if refuse is not None and getattr(config, refuse.hf_field, None) == refuse.value:
         raise NormgrowthError(f"model {spec!r} {refuse.reason}.")
@@ -514,6 +624,8 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
+    except KeyError as err:  # a config value transformers has no implementation for (e.g. an unknown rope type)
+        raise _unmappable_config(spec, arch, config, err) from None
     except (OSError, ValueError, RuntimeError, *_safetensors_errors()) as err:
         raise _weights_error(spec, Path(os.path.expanduser(spec)) if local else None, err) from None
     finally:
@@ -524,7 +636,10 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
         hf_model = hf_model.to(dev)
     hf_model.eval()
     tokenizer = _load_tokenizer(spec if not local else os.path.expanduser(spec), revision)
-    bridge = _build_bridge(hf_model, arch)
+    try:
+        bridge = _build_bridge(hf_model, arch, spec)
+    except KeyError as err:
+        raise _unmappable_config(spec, arch, config, err) from None
     model_cfg = model_config(spec, revision, arch, hf_model, bridge, _bos_id(config, tokenizer))
     if model_cfg.ln_free and torch_dtype == torch.float16:
         raise NormgrowthError(f"model {spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
@@ -549,6 +664,10 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
     norm_names = [name for name in INPUT_NORMS + OUTPUT_NORMS if name in block]
     norm_eps, ln_free = _norm_facts(bridge, normalization, norm_names, spec)
     d_mlp = next((getattr(hf_cfg, f) for f in HF_D_MLP_FIELDS if getattr(hf_cfg, f, None)), None) or cfg.d_mlp
+    n_experts = int(next((getattr(hf_cfg, f) for f in HF_N_EXPERTS_FIELDS if getattr(hf_cfg, f, None)), 0) or 0)
+    n_experts_per_token = int(getattr(hf_cfg, "num_experts_per_tok", 0) or 0)
+    if n_experts and getattr(hf_cfg, "moe_intermediate_size", None):
+        d_mlp = hf_cfg.moe_intermediate_size
     return ModelConfig(
         spec=spec, revision=revision, architecture=architecture, family=FAMILIES[architecture].name,
         n_layers=int(cfg.n_layers), d_model=int(cfg.d_model), n_heads=int(cfg.n_heads),
@@ -558,8 +677,9 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
         norm_eps=norm_eps, input_norm=input_norm, output_norm=output_norm,
         norm_placement="none" if normalization == "none" else placement_of(input_norm, output_norm, ln_free),
         parallel_blocks=bool(cfg.parallel_attn_mlp), positional_embedding=str(cfg.positional_embedding_type),
-        has_pos_embed="pos_embed" in dict(bridge.named_children()), gated_mlp=bool(cfg.gated_mlp),
-        act_fn=str(cfg.act_fn),
+        has_pos_embed="pos_embed" in dict(bridge.named_children()), mlp_norm="ln2" in block,
+        norm_gain_offset=float(FAMILIES[architecture].gain_offset), gated_mlp=bool(cfg.gated_mlp),
+        n_experts=n_experts, n_experts_per_token=n_experts_per_token if n_experts else 0, act_fn=str(cfg.act_fn),
         eager_attention=getattr(hf_cfg, "_attn_implementation", None) == "eager", bos_token_id=bos_token_id,
     )
 
@@ -611,7 +731,30 @@ def _bos_id(config: Any, tokenizer: Any) -> Optional[int]:
     return int(bos) if isinstance(bos, int) else None
 
 
-def _build_bridge(hf_model: torch.nn.Module, arch: str) -> Any:
+def supported_architecture(spec: str, config: Any) -> str:
+    """The config's architecture that :data:`FAMILIES` supports, or a one-sentence :class:`NormgrowthError`.
+
+    Encoders and encoder-decoders are refused as such; any other architecture gets the supported families.
+    """
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    arch = next((a for a in archs if a in FAMILIES), None)
+    if arch is not None:
+        return arch
+    name = archs[0] if archs else str(getattr(config, "model_type", "unknown"))
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if getattr(config, "is_encoder_decoder", False) or (not causal and archs and all(
+            a.endswith(NON_CAUSAL_SUFFIXES) for a in archs)):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder"
+        raise NormgrowthError(f"model {spec!r} ({name}) is {kind} model: only decoder-only causal language "
+                              "models are analysed; use a decoder-only checkpoint (e.g. Llama, Qwen, Gemma, GPT-2).")
+    labels = ", ".join(f.label for f in FAMILIES.values())
+    raise NormgrowthError(f"model {spec!r} has architecture {name!r}, which normgrowth does not support: use a "
+                          f"checkpoint of one of these families: {labels}.")
+
+
+def _build_bridge(hf_model: torch.nn.Module, arch: str, spec: str = "") -> Any:
+    """Wrap ``hf_model`` in a TransformerLens bridge; a config the bridge cannot map is one sentence naming
+    the config field (the attribute the bridge looked for) where the error says which."""
     import logging
 
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
@@ -623,40 +766,91 @@ def _build_bridge(hf_model: torch.nn.Module, arch: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build_bridge_from_module(hf_model, arch, hf_config=hf_model.config)
+    except (AttributeError, ValueError, TypeError, NotImplementedError) as err:
+        field_name = _config_field_of(err)
+        what = f"its config field {field_name!r}" if field_name else f"its config ({_first_line(err)})"
+        raise NormgrowthError(f"model {spec!r} ({arch}) cannot be mapped by the TransformerLens bridge because of "
+                              f"{what}: use a checkpoint whose config the bridge supports.") from None
     finally:
         tl_logger.setLevel(level)
+
+
+def _unmappable_config(spec: str, arch: str, config: Any, err: KeyError) -> NormgrowthError:
+    """One sentence naming the config field whose value (the KeyError's key) has no implementation."""
+    key = err.args[0] if err.args else None
+    path = _field_holding(config.to_dict(), key) if key is not None else None
+    what = f"config field {path!r} = {key!r}" if path else f"config value {key!r}"
+    return NormgrowthError(f"model {spec!r} ({arch}) has {what}, which transformers / the TransformerLens bridge "
+                           "cannot map: use a checkpoint with a supported value of that field.")
+
+
+def _field_holding(doc: Any, value: Any, prefix: str = "") -> Optional[str]:
+    """Dotted path of the first field of a config dict whose value (or key) is ``value``."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            here = f"{prefix}{k}"
+            if isinstance(v, (dict, list)):
+                found = _field_holding(v, value, here + ".")
+                if found:
+                    return found
+            elif v == value and not isinstance(v, bool):
+                return here
+    elif isinstance(doc, list):
+        for v in doc:
+            found = _field_holding(v, value, prefix)
+            if found:
+                return found
+    return None
+
+
+def _config_field_of(err: BaseException) -> Optional[str]:
+    """The config attribute an AttributeError / KeyError names (``'X' object has no attribute 'f'``, ``'f'``)."""
+    import re
+
+    text = str(err)
+    hit = re.search(r"has no attribute '([A-Za-z_][A-Za-z0-9_]*)'", text) or re.fullmatch(r"'([A-Za-z_]\w*)'", text)
+    return hit.group(1) if hit else None
+
+
+# Norm modules that keep eps in their code, not as an attribute (OLMo's parameter-free LayerNorm).
+FIXED_NORM_EPS = {"OlmoLayerNorm": 1e-5}
 
 
 def norm_eps_of(module: torch.nn.Module) -> float:
     for attr in ("eps", "variance_epsilon", "epsilon"):
         if hasattr(module, attr):
             return float(getattr(module, attr))
+    if type(module).__name__ in FIXED_NORM_EPS:
+        return FIXED_NORM_EPS[type(module).__name__]
     raise NormgrowthError(f"cannot find the eps of normalisation module {type(module).__name__}.")
 
 
 def _norm_facts(bridge: Any, normalization: str, norm_names: Sequence[str], spec: str) -> tuple[float, bool]:
     """``(norm_eps, ln_free)`` from the live modules (eps is read, never overwritten).
 
-    LN-free (published format): every LayerNorm has eps >= 1e6 (1e12 in practice) and weights scaled
-    by about sqrt(eps)/sigma_avg, so LN(x) = (x - mean) * w / sqrt(var + eps) ~ (x - mean) * w / sqrt(eps).
+    LN-free (published format, LayerNorm or RMSNorm): every input norm and the final norm has eps >= 1e6
+    (1e12 in practice) and gains scaled by about sqrt(eps) / sigma_avg, so
+    ``LN(x) = (x - mean) * w / sqrt(var + eps) ~ (x - mean) * w / sqrt(eps)`` (RMSNorm: ``x * w / sqrt(eps)``):
+    the norm divides by a constant. Output norms (peri / post placement) are not input norms; a model
+    without input norms is judged by its output and final norms.
     """
     if normalization == "none":
         return 0.0, False
-    mods = [m for which in norm_names for m in _norm_modules(bridge, which)] + _norm_modules(bridge, "ln_final")
+    inputs = [n for n in norm_names if n in INPUT_NORMS] or list(norm_names)
+    mods = [m for which in inputs for m in _norm_modules(bridge, which)] + _norm_modules(bridge, "ln_final")
     eps = [norm_eps_of(m) for m in mods]
-    if normalization != "LN":
-        return eps[0], False
     huge = [e >= LN_FREE_MIN_EPS for e in eps]
     if all(huge):
-        scales = torch.cat([m.weight.detach().abs().float().flatten().cpu() for m in mods])
-        median_gain = float(scales.median()) / (eps[0] ** 0.5)
+        gains = [m.weight.detach().abs().float().flatten().cpu() for m in mods
+                 if getattr(m, "weight", None) is not None]
+        median_gain = float(torch.cat(gains).median()) / (eps[0] ** 0.5) if gains else 0.0
         if median_gain < 1e-4:
-            warnings.warn(f"model {spec!r}: LayerNorm eps is {eps[0]:g} but the weights are not scaled "
+            warnings.warn(f"model {spec!r}: norm eps is {eps[0]:g} but the weights are not scaled "
                           "to compensate; its normalised inputs are close to zero.")
         return eps[0], True
     if any(huge):
-        warnings.warn(f"model {spec!r}: {sum(huge)} of {len(huge)} LayerNorms have eps >= 1e6 (partly "
-                      "LN-free); it is treated as an ordinary LayerNorm model.")
+        warnings.warn(f"model {spec!r}: {sum(huge)} of {len(huge)} norms have eps >= 1e6 (partly "
+                      "LN-free); it is treated as an ordinary normalised model.")
     return eps[0], False
 
 

@@ -105,6 +105,7 @@ class RunMeta:
     sites: list[str]
     version: str
     schema_version: int = SCHEMA_VERSION
+    norm_placement: str = "pre"  # "pre" | "peri" | "post" | "none" (see ModelConfig.norm_placement)
 
 
 @dataclass(repr=False)
@@ -204,7 +205,8 @@ class Results(ResultProtocol):
 
     def summary(self) -> str:
         m = self.meta
-        lines = [f"{m.model}: {m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {m.n_layers} layers, "
+        lines = [f"{m.model}: {m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {_layout(m)}, "
+                 f"{m.n_layers} layers, "
                  f"d_model {m.d_model}; {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 ({m.dtype})"]
         post = self.sites.get("resid_post")
         if post is not None and m.n_layers >= 1:
@@ -231,6 +233,11 @@ class Results(ResultProtocol):
         return fit_growth(st.seq_mean, window=window or None, weights=self.seq_n_tokens, n_boot=N_BOOT, seed=seed)
 
 
+def _layout(m: RunMeta) -> str:
+    """``"<placement>-norm, parallel|sequential blocks"`` for headers."""
+    return f"{m.norm_placement}-norm, {'parallel' if m.parallel_blocks else 'sequential'} blocks"
+
+
 def _tolist(a: Any) -> Any:
     arr = np.asarray(a, dtype=np.float64)
     return [None if not np.isfinite(x) else float(x) for x in arr] if arr.ndim == 1 else [_tolist(r) for r in arr]
@@ -239,7 +246,7 @@ def _tolist(a: Any) -> Any:
 def format_report_table(res: Results) -> str:
     """Per-layer table: mean norms per site, resid_post growth ratio to the previous layer, position-0 norm."""
     m = res.meta
-    head = (f"model {m.model}  ({m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, "
+    head = (f"model {m.model}  ({m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {_layout(m)}, "
             f"{m.n_layers} layers, d_model {m.d_model}, {m.dtype} on {m.device})\n"
             f"data {m.data_source}: {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 "
             f"(position 0 reported apart)\n"

@@ -32,13 +32,33 @@ from .models import norm_eps_of
 from .protocol import ResultProtocol
 
 # Per-layer scalar series of WeightNorms, in table order (W_OV_heads is the per-head list).
-LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
-                               "gain_attn", "gain_mlp")
+LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
+                               "W_router", "gain_attn", "gain_mlp", "gain_attn_out", "gain_mlp_out")
+# Per-expert series of mixture-of-experts MLPs ([layer][expert]) and the shared expert's ([layer]).
+EXPERT_KEYS: tuple[str, ...] = ("W_in", "W_gate", "W_out")
+SHARED_EXPERT_KEYS: tuple[str, ...] = ("W_in_shared", "W_gate_shared", "W_out_shared", "W_shared_gate")
 # Series that get a growth fit: the head mean of ||W_OV^h|| first, then every scalar series.
 FIT_SERIES: tuple[str, ...] = ("W_OV_mean",) + LAYER_KEYS
 
-# Random-input pass: which norm a hook site feeds, and its index in the seed.
+# Random-input pass: which norm a hook site feeds, and its index in the seed (pre / peri placement with a
+# norm per sublayer; see random_sites for the other layouts).
 RANDOM_SITES: tuple[tuple[str, str, int], ...] = (("ln1_in", "attn", 0), ("ln2_in", "mlp", 1))
+
+
+def random_sites(model: Any) -> tuple[tuple[str, str, int], ...]:
+    """The (hook site, sublayer, seed index) pairs whose input the random-input pass replaces.
+
+    A sublayer with an input norm gets the random vectors as that norm's argument (``ln1_in`` / ``ln2_in``);
+    parallel blocks sharing one norm get them once, at ``ln1_in`` (both sublayers read its output); a
+    sublayer without an input norm (output-only placement, OLMo 2) gets them as its own input
+    (``attn_in`` / ``mlp_in``), so there the input scale matters.
+    """
+    attn = ("ln1_in" if model.input_norm else "attn_in", "attn", 0)
+    if model.mlp_norm:
+        return (attn, ("ln2_in", "mlp", 1))
+    if model.input_norm:  # parallel blocks sharing ln1
+        return (attn,)
+    return (attn, ("mlp_in", "mlp", 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +140,10 @@ class WeightNorms:
     gain_final: float  # ||g_f||_2 of the final norm (effective gain for LN-free)
     fit: dict[str, Any] = field(default_factory=dict)  # series -> GrowthFit
     fit_skipped: dict[str, str] = field(default_factory=dict)  # series -> why it was not fitted
+    # mixture-of-experts MLPs: EXPERT_KEYS -> [layer][expert], SHARED_EXPERT_KEYS -> [layer]; None for dense MLPs
+    experts: Optional[dict[str, list]] = None
+    norm_placement: str = "pre"  # ModelConfig.norm_placement: "pre" | "peri" | "post" | "none"
+    parallel_blocks: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -150,6 +174,9 @@ class WeightNorms:
             "model": self.model,
             "ln_free": bool(self.ln_free),
             "normalization": self.normalization,
+            "experts": self.experts,
+            "norm_placement": self.norm_placement,
+            "parallel_blocks": bool(self.parallel_blocks),
         }
 
     @classmethod
@@ -166,21 +193,29 @@ class WeightNorms:
                        normalization=str(doc.get("normalization", "")), W_OV_heads=ov, layers=layers,
                        gain_final=float("nan") if doc.get("gain_final") is None else float(doc["gain_final"]),
                        fit={k: GrowthFit.from_json(v) for k, v in doc.get("fit", {}).items()},
-                       fit_skipped=dict(doc.get("fit_skipped", {})))
+                       fit_skipped=dict(doc.get("fit_skipped", {})), experts=doc.get("experts"),
+                       norm_placement=str(doc.get("norm_placement", "pre")),
+                       parallel_blocks=bool(doc.get("parallel_blocks", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise NormgrowthError(f"weight-norm JSON is malformed ({type(err).__name__}: {err}); compute it again "
                                   "with normgrowth weights.") from None
 
 
-def _layer_gains(model: Any, which: str, stored: torch.Tensor) -> list[torch.Tensor]:
-    """Effective gain vectors (float64) of the ``ln1``/``ln2``/``ln_final`` norms, one per module."""
+def _layer_gains(model: Any, which: str, stored: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Effective gain vectors (float64) of the ``ln1``/``ln2``/``ln1_post``/``ln2_post``/``ln_final`` norms,
+    one per module: ``effective_gain(offset + stored)`` (offset 1 for Gemma's ``1 + w`` norms, else 0);
+    None per layer where the block has no such norm."""
+    if stored is None:
+        return [None] * model.n_layers
     mods = model.norm_modules(which)
-    return [effective_gain(stored[i], norm_eps_of(mods[i]), model.ln_free) for i in range(stored.shape[0])]
+    offset = float(getattr(model, "norm_gain_offset", 0.0))
+    return [effective_gain(stored[i].to(torch.float64) + offset, norm_eps_of(mods[i]), model.ln_free)
+            for i in range(stored.shape[0])]
 
 
 def check_finite_gains(model: Any) -> None:
     """Raise when a normalisation gain is inf/NaN (an LN-free checkpoint's 1e6-scaled gains overflow float16)."""
-    for which in ("ln1", "ln2", "ln_final"):
+    for which in ("ln1", "ln2", "ln1_post", "ln2_post", "ln_final"):
         for i, mod in enumerate(model.norm_modules(which)):
             w = getattr(mod, "weight", None)
             if w is not None and not bool(torch.isfinite(w.detach()).all()):
@@ -193,23 +228,38 @@ def check_finite_gains(model: Any) -> None:
 def weight_norms(model: Any, window: Any = None) -> WeightNorms:
     """Frobenius norms of every layer's weights (norm gains folded in) and their growth fits.
 
-    Per layer ``l`` (``g1``/``g2`` the effective gains of the attention's / MLP's norm):
+    Per layer ``l`` (``g1``/``g2`` the effective gains of the attention's / MLP's input norm; a vector
+    of ones where the sublayer reads the raw stream, OLMo 2):
     ``W_OV_heads[h] = ||diag(g1) W_V^h W_O^h||_F`` (query head h reads K/V head
     ``h // (n_heads // n_kv_heads)``); ``W_Q, W_K, W_V, W_O`` = Frobenius norm of the whole layer's
-    raw matrix (stored K/V heads for GQA); ``W_in = ||diag(g2) W_in||_F``, ``W_gate`` likewise
-    (gated MLPs); ``W_out``, ``b_O``, ``b_in``, ``b_out`` raw (None when the checkpoint has no such
-    bias); ``gain_attn = ||g1||``, ``gain_mlp = ||g2||``. Every series is fitted with
-    ``fit_growth(series, window)``; a series with a missing or zero value is skipped.
+    raw matrix (stored K/V heads for GQA); ``b_V`` the stored value bias; ``W_in = ||diag(g2) W_in||_F``,
+    ``W_gate`` likewise (gated MLPs); for mixture-of-experts MLPs ``W_in``, ``W_gate``, ``W_out`` are the
+    means over experts of each expert's norm (each expert in ``experts``) and
+    ``W_router = ||diag(g2) W_router||_F``; ``W_out``, ``b_O``, ``b_in``, ``b_out`` raw (None when the
+    checkpoint has no such weight); ``gain_attn = ||g1||``, ``gain_mlp = ||g2||`` (None without input
+    norms); ``gain_attn_out``, ``gain_mlp_out`` = ``||g||`` of the output norms (peri / post placement,
+    else None). Every series is fitted with ``fit_growth(series, window)``; a series with a missing
+    or zero value is skipped.
     """
     check_finite_gains(model)
     sw = model.stacked_weights()
     n_layers = model.n_layers
     g1 = _layer_gains(model, "ln1", sw["ln1_w"])
     g2 = _layer_gains(model, "ln2", sw["ln2_w"])
+    g1_out = _layer_gains(model, "ln1_post", sw["ln1_post_w"])
+    g2_out = _layer_gains(model, "ln2_post", sw["ln2_post_w"])
     gf = _layer_gains(model, "ln_final", sw["lnf_w"])[0]
+    ones = torch.ones(model.d_model, dtype=torch.float64)
+    ew = model.expert_weights() if getattr(model, "moe", False) else None
 
     ov = np.zeros((n_layers, model.n_heads), dtype=np.float64)
     layers: dict[str, list[Optional[float]]] = {k: [] for k in LAYER_KEYS}
+    experts: Optional[dict[str, list]] = None
+    norm_placement: str = "pre"  # ModelConfig.norm_placement: "pre" | "peri" | "post" | "none"
+    parallel_blocks: bool = False
+    if ew is not None:
+        experts = {k: [] for k in EXPERT_KEYS}
+        experts.update({k: [] for k in SHARED_EXPERT_KEYS if ew[k] is not None})
 
     def at(key: str, l: int) -> Optional[torch.Tensor]:
         t = sw.get(key)
@@ -217,22 +267,42 @@ def weight_norms(model: Any, window: Any = None) -> WeightNorms:
 
     with torch.no_grad():
         for l in range(n_layers):
-            ov[l] = folded_ov_norms(g1[l], sw["W_V"][l], sw["W_O"][l]).numpy()
+            a_gain = g1[l] if g1[l] is not None else ones
+            m_gain = g2[l] if g2[l] is not None else ones
+            ov[l] = folded_ov_norms(a_gain, sw["W_V"][l], sw["W_O"][l]).numpy()
             layers["W_Q"].append(frobenius(at("W_Q", l)))
             layers["W_K"].append(frobenius(at("W_K_stored", l)))
             layers["W_V"].append(frobenius(at("W_V_stored", l)))
             layers["W_O"].append(frobenius(at("W_O", l)))
+            layers["b_V"].append(frobenius(at("b_V", l)))
             layers["b_O"].append(frobenius(at("b_O", l)))
-            layers["W_in"].append(folded_frobenius(g2[l], at("W_in", l)))
-            layers["W_gate"].append(folded_frobenius(g2[l], at("W_gate", l)))
-            layers["W_out"].append(frobenius(at("W_out", l)))
+            if ew is None:
+                layers["W_in"].append(folded_frobenius(m_gain, at("W_in", l)))
+                layers["W_gate"].append(folded_frobenius(m_gain, at("W_gate", l)))
+                layers["W_out"].append(frobenius(at("W_out", l)))
+                layers["W_router"].append(None)
+            else:
+                per = {"W_in": [folded_frobenius(m_gain, w) for w in ew["W_in"][l]],
+                       "W_gate": [folded_frobenius(m_gain, w) for w in ew["W_gate"][l]],
+                       "W_out": [frobenius(w) for w in ew["W_out"][l]]}
+                for key, values in per.items():
+                    experts[key].append(values)
+                    layers[key].append(float(np.mean(values)))
+                layers["W_router"].append(folded_frobenius(m_gain, ew["W_router"][l]))
+                for key in SHARED_EXPERT_KEYS:
+                    if ew[key] is not None:
+                        w = ew[key][l]
+                        experts[key].append(frobenius(w) if key == "W_out_shared" else folded_frobenius(m_gain, w))
             layers["b_in"].append(frobenius(at("b_in", l)))
             layers["b_out"].append(frobenius(at("b_out", l)))
             layers["gain_attn"].append(frobenius(g1[l]))
             layers["gain_mlp"].append(frobenius(g2[l]))
+            layers["gain_attn_out"].append(frobenius(g1_out[l]))
+            layers["gain_mlp_out"].append(frobenius(g2_out[l]))
 
     wn = WeightNorms(model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
-                     W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)))
+                     W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)), experts=experts,
+                     norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks))
     wn.fit, wn.fit_skipped = fit_series({name: wn.series(name) for name in FIT_SERIES}, window)
     return wn
 
@@ -326,6 +396,11 @@ def _resolve_input_std(model: Any, input_std: StdSpec) -> tuple[np.ndarray, np.n
         return arr
 
     if input_std is None:
+        if not model.input_norm:
+            warnings.warn(f"model {model.spec!r} has no input norms (its sublayers read the raw stream), so the "
+                          "random-input gains are for unit-std inputs; pass input_std (e.g. "
+                          "input_std_from_results(results, model)) to use the real inputs' scale.")
+            return np.ones(n), np.ones(n), "unit (no input norm: outputs depend on this scale)"
         if model.ln_free:
             warnings.warn(f"model {model.spec!r} is LN-free: its norms do not remove the input scale, so the "
                           "random-input gains are for unit-std inputs; pass input_std (e.g. "
@@ -410,22 +485,24 @@ def random_input_gains(model: Any, n_seqs: int = 8, seq_len: int = 64, seed: int
             pre_count[layer] += rates.numel()
         return fn
 
+    moe = bool(getattr(model, "moe", False))  # a mixture of experts has no single pre-activation to count
     hooks = []
     for l in range(n_layers):
-        for site, kind, idx in RANDOM_SITES:
+        for site, kind, idx in random_sites(model):
             hooks.append((site, l, replace(l, kind, idx)))
         hooks.append(("attn_out", l, record_norm(l, "attn_out")))
         hooks.append(("mlp_out", l, record_norm(l, "mlp_out")))
-        hooks.append(("mlp_pre", l, record_pre(l)))
+        if not moe:
+            hooks.append(("mlp_pre", l, record_pre(l)))
     tokens = random_token_ids(model, n_seqs, seq_len, seed)
     with torch.no_grad(), model.hooks(hooks):
         model.forward(tokens, logits=False)
-    if np.any(pre_count == 0):
+    if not moe and np.any(pre_count == 0):
         raise NormgrowthError("the mlp_pre hook did not fire in every layer: this architecture is not supported.")
     return {
         "attn_out": (sums["attn_out"] / n_tokens).tolist(),
         "mlp_out": (sums["mlp_out"] / n_tokens).tolist(),
-        "mlp_act_rate": (active / pre_count).tolist(),
+        "mlp_act_rate": None if moe else (active / pre_count).tolist(),
         "input_std": {"attn": std_attn.tolist(), "mlp": std_mlp.tolist()},
         "input_std_source": source,
         "n_seqs": int(n_seqs), "seq_len": int(seq_len), "seed": int(seed), "n_tokens": int(n_tokens),
@@ -457,7 +534,9 @@ def compare_gains(random_gains: Mapping[str, Any], results: Any, window: Any = N
     return {
         "random_attn_out": rnd_attn.tolist(), "real_attn_out": real_attn.tolist(), "ratio_attn": ratio_attn.tolist(),
         "random_mlp_out": rnd_mlp.tolist(), "real_mlp_out": real_mlp.tolist(), "ratio_mlp": ratio_mlp.tolist(),
-        "random_act_rate": list(map(float, random_gains["mlp_act_rate"])), "real_act_rate": None if real_rate is None else real_rate.tolist(),
+        "random_act_rate": (None if random_gains.get("mlp_act_rate") is None
+                            else list(map(float, random_gains["mlp_act_rate"]))),
+        "real_act_rate": None if real_rate is None else real_rate.tolist(),
         "fit": fits, "fit_skipped": skipped,
     }
 
@@ -487,10 +566,14 @@ def format_gain_table(comparison_or_gains: Mapping[str, Any]) -> str:
         cols = [("rand_attn", c["random_attn_out"]), ("real_attn", c["real_attn_out"]), ("real/rand", c["ratio_attn"]),
                 ("rand_mlp", c["random_mlp_out"]), ("real_mlp", c["real_mlp_out"]), ("real/rand", c["ratio_mlp"]),
                 ("rand_act", c["random_act_rate"])]
-        if c["real_act_rate"] is not None:
+        if c["random_act_rate"] is None:  # mixture of experts: no single activation rate
+            cols.pop()
+        if c["real_act_rate"] is not None and c["random_act_rate"] is not None:
             cols.append(("real_act", c["real_act_rate"]))
     else:
-        cols = [("rand_attn", c["attn_out"]), ("rand_mlp", c["mlp_out"]), ("rand_act", c["mlp_act_rate"])]
+        cols = [("rand_attn", c["attn_out"]), ("rand_mlp", c["mlp_out"])]
+        if c["mlp_act_rate"] is not None:
+            cols.append(("rand_act", c["mlp_act_rate"]))
     n = len(cols[0][1])
     rows = [[str(l)] + [_fmt(float(v[l])) for _, v in cols] for l in range(n)]
     out = _table(["layer"] + [name for name, _ in cols], rows)
@@ -522,7 +605,8 @@ class WeightsResult(ResultProtocol):
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.norms.model, "ln_free": bool(self.norms.ln_free),
-                "normalization": self.norms.normalization, "weights": self.norms.to_json(),
+                "normalization": self.norms.normalization, "norm_placement": self.norms.norm_placement,
+                "parallel_blocks": bool(self.norms.parallel_blocks), "weights": self.norms.to_json(),
                 "random_inputs": self.random_inputs,
                 "comparison": None if self.comparison is None else comparison_to_json(self.comparison)}
 
@@ -566,6 +650,15 @@ class WeightsResult(ResultProtocol):
             if any(v is not None for v in wn.layers[key]):
                 yield from rows(_SERIES_SITE[key], key, wn.layers[key])
         yield {"model": model, "site": "final_norm", "layer": None, "statistic": "gain", "value": float(wn.gain_final)}
+        for key, per_layer in (wn.experts or {}).items():
+            for layer, values in enumerate(per_layer):
+                if isinstance(values, list):
+                    for e, v in enumerate(values):
+                        yield {"model": model, "site": "mlp", "layer": layer, "statistic": f"expert_{key}",
+                               "value": float("nan") if v is None else float(v), "expert": e}
+                else:
+                    yield {"model": model, "site": "mlp", "layer": layer, "statistic": key,
+                           "value": float("nan") if values is None else float(values)}
         if self.random_inputs is not None:
             r = self.random_inputs
             yield from rows("attn_out", "random_input_norm", r["attn_out"])
@@ -599,8 +692,9 @@ class WeightsResult(ResultProtocol):
         return "\n".join(lines)
 
 
-_SERIES_SITE = {**{k: "attn" for k in ("W_Q", "W_K", "W_V", "W_O", "b_O", "gain_attn")},
-                **{k: "mlp" for k in ("W_in", "W_gate", "W_out", "b_in", "b_out", "gain_mlp")}}
+_SERIES_SITE = {**{k: "attn" for k in ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O", "gain_attn", "gain_attn_out")},
+                **{k: "mlp" for k in ("W_in", "W_gate", "W_out", "b_in", "b_out", "W_router", "gain_mlp",
+                                      "gain_mlp_out")}}
 
 
 def analyse_weights(model: Any, results: Any = None, random_inputs: bool = True, n_seqs: int = 8, seq_len: int = 64,

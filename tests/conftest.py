@@ -24,6 +24,8 @@ LN_FREE_SIGMA = 3.0
 # The one table of tiny test models: family -> (transformers config class, the config's field for the
 # number of layers, the tiny shape). Every test builds its small random model from a row of this table
 # (tiny_config / make_tiny / build_tiny), with overrides where a test needs another shape.
+_GQA = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            max_position_embeddings=64)  # the Llama-like shape: grouped-query attention, 2 K/V heads
 TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "gpt2": ("GPT2Config", "n_layer", dict(n_embd=32, n_head=4, n_positions=64)),
     "neox": ("GPTNeoXConfig", "num_hidden_layers",
@@ -35,8 +37,39 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
             dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64,
                  word_embed_proj_dim=32, pad_token_id=1)),
     "neo": ("GPTNeoConfig", "num_layers", dict(hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=8)),
+    "gptj": ("GPTJConfig", "n_layer", dict(n_embd=32, n_head=4, n_positions=64, rotary_dim=4)),
+    "bloom": ("BloomConfig", "n_layer", dict(hidden_size=32, n_head=4)),
+    "falcon": ("FalconConfig", "num_hidden_layers",  # Falcon-7B layout: parallel blocks, one shared norm, MQA
+               dict(hidden_size=32, num_attention_heads=4, parallel_attn=True, new_decoder_architecture=False)),
+    "falcon_seq": ("FalconConfig", "num_hidden_layers",
+                   dict(hidden_size=32, num_attention_heads=4, parallel_attn=False, new_decoder_architecture=False)),
+    "stablelm": ("StableLmConfig", "num_hidden_layers", dict(**_GQA)),
+    "mistral": ("MistralConfig", "num_hidden_layers", dict(**_GQA)),
+    "mixtral": ("MixtralConfig", "num_hidden_layers", dict(**_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", "num_hidden_layers", dict(**_GQA)),
+    "qwen2_moe": ("Qwen2MoeConfig", "num_hidden_layers", dict(**_GQA, num_experts=4, num_experts_per_tok=2,
+                                                              moe_intermediate_size=16,
+                                                              shared_expert_intermediate_size=32)),
+    "qwen3": ("Qwen3Config", "num_hidden_layers", dict(**_GQA, head_dim=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", "num_hidden_layers", dict(**_GQA, head_dim=8, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=16)),
+    "gemma": ("GemmaConfig", "num_hidden_layers", dict(**_GQA, head_dim=8)),
+    "gemma2": ("Gemma2Config", "num_hidden_layers", dict(**_GQA, head_dim=8)),
+    "gemma3": ("Gemma3TextConfig", "num_hidden_layers", dict(**_GQA, head_dim=8)),
+    "olmo": ("OlmoConfig", "num_hidden_layers", dict(**_GQA)),
+    "olmo2": ("Olmo2Config", "num_hidden_layers", dict(**_GQA)),
+    "olmoe": ("OlmoeConfig", "num_hidden_layers", dict(**_GQA, num_experts=4, num_experts_per_tok=2)),
+    "phi": ("PhiConfig", "num_hidden_layers", dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                   max_position_embeddings=64)),
+    "phi3": ("Phi3Config", "num_hidden_layers", dict(**_GQA)),
+    "cohere": ("CohereConfig", "num_hidden_layers", dict(**_GQA)),
+    "granite": ("GraniteConfig", "num_hidden_layers", dict(**_GQA, residual_multiplier=0.5, embedding_multiplier=2.0)),
+    "starcoder2": ("Starcoder2Config", "num_hidden_layers", dict(**_GQA)),
+    "bigcode": ("GPTBigCodeConfig", "n_layer", dict(n_embd=32, n_head=4, n_positions=64)),
 }
-FAMILIES = tuple(TINY_CONFIGS)
+# The families most tests run on (one per original architecture); test_families.py runs every row.
+FAMILIES = ("gpt2", "neox", "llama", "opt", "neo")
+ALL_FAMILIES = tuple(TINY_CONFIGS)
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 overrides for training tests
 
 
@@ -51,7 +84,10 @@ def tiny_config(family: str, n_layers: int = 3, **overrides):
     if family == "neo":  # alternate global / local attention, as GPT-Neo does
         kwargs["attention_types"] = [[["global", "local"], n_layers // 2]] + [[["global"], n_layers % 2]]
     kwargs.update(overrides)
-    return getattr(transformers, cls_name)(**kwargs)
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    if isinstance(getattr(cfg, "pad_token_id", None), int) and cfg.pad_token_id >= cfg.vocab_size:
+        cfg.pad_token_id = None  # a default padding id beyond the tiny vocabulary (Phi-3's 32000)
+    return cfg
 
 
 def _norm_modules(model: torch.nn.Module):

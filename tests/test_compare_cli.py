@@ -83,7 +83,9 @@ def test_weights_command_schema(tiny_dirs, token_file, tmp_path):
     result = invoke("weights", tiny_dirs["neox"], "--data", token_file, "--json", tmp_path / "w.json")
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "w.json").read_text())
-    assert set(doc) == {"model", "ln_free", "normalization", "weights", "random_inputs", "comparison"}
+    assert set(doc) == {"model", "ln_free", "normalization", "norm_placement", "parallel_blocks", "weights",
+                        "random_inputs", "comparison"}
+    assert doc["norm_placement"] == "pre" and doc["parallel_blocks"] is True  # GPT-NeoX: parallel attention and MLP
     assert doc["model"] == str(tiny_dirs["neox"]) and doc["ln_free"] is False and doc["normalization"] == "LN"
     w = doc["weights"]
     assert len(w["layers"]) == 3 and len(w["layers"][0]["W_OV_heads"]) == 4

@@ -161,7 +161,7 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
                                                       "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
                                                       "num_attention_heads": 2, "intermediate_size": 8}))
-    with pytest.raises(NormgrowthError, match="BertForMaskedLM.*does not support.*GPT-2"):
+    with pytest.raises(NormgrowthError, match="BertForMaskedLM.*encoder model: only decoder-only causal"):
         load_model(str(tmp_path))
 
 

@@ -89,6 +89,9 @@ def _ov(gain, wv_h, wo_h):
     return _fro(torch.diag(gain) @ wv_h @ wo_h)
 
 
+NO_MOE_NO_OUTPUT_NORM = {"W_router": None, "gain_attn_out": None, "gain_mlp_out": None}
+
+
 def _ref_gpt2(sd, n_layers, n_heads, gain_scale=1.0):
     d = sd["transformer.wte.weight"].shape[1]
     dh = d // n_heads
@@ -103,8 +106,8 @@ def _ref_gpt2(sd, n_layers, n_heads, gain_scale=1.0):
         out.append({
             "W_OV_heads": [_ov(g1, wv[:, h * dh:(h + 1) * dh], wo[h * dh:(h + 1) * dh, :]) for h in range(n_heads)],
             "W_Q": _fro(wq), "W_K": _fro(wk), "W_V": _fro(wv), "W_O": _fro(wo),
-            "b_O": _fro(sd[p + "attn.c_proj.bias"]),
-            "W_in": _fro(torch.diag(g2) @ sd[p + "mlp.c_fc.weight"]), "W_gate": None,
+            "b_V": _fro(sd[p + "attn.c_attn.bias"][2 * d:]), "b_O": _fro(sd[p + "attn.c_proj.bias"]),
+            "W_in": _fro(torch.diag(g2) @ sd[p + "mlp.c_fc.weight"]), "W_gate": None, **NO_MOE_NO_OUTPUT_NORM,
             "W_out": _fro(sd[p + "mlp.c_proj.weight"]),
             "b_in": _fro(sd[p + "mlp.c_fc.bias"]), "b_out": _fro(sd[p + "mlp.c_proj.bias"]),
             "gain_attn": _fro(g1), "gain_mlp": _fro(g2),
@@ -126,7 +129,8 @@ def _ref_neox(sd, n_layers, n_heads):
         out.append({
             "W_OV_heads": [_ov(g1, qkv[h, 2].T, wo[:, h * dh:(h + 1) * dh].T) for h in range(n_heads)],
             "W_Q": _fro(qkv[:, 0]), "W_K": _fro(qkv[:, 1]), "W_V": _fro(qkv[:, 2]), "W_O": _fro(wo),
-            "b_O": _fro(sd[p + "attention.dense.bias"]),
+            "b_V": _fro(sd[p + "attention.query_key_value.bias"].view(n_heads, 3, dh)[:, 2]),
+            "b_O": _fro(sd[p + "attention.dense.bias"]), **NO_MOE_NO_OUTPUT_NORM,
             "W_in": _fro(torch.diag(g2) @ sd[p + "mlp.dense_h_to_4h.weight"].T), "W_gate": None,
             "W_out": _fro(sd[p + "mlp.dense_4h_to_h.weight"]),
             "b_in": _fro(sd[p + "mlp.dense_h_to_4h.bias"]), "b_out": _fro(sd[p + "mlp.dense_4h_to_h.bias"]),
@@ -152,7 +156,8 @@ def _ref_llama(sd, n_layers, n_heads, n_kv_heads):
             heads.append(_ov(g1, wv[kv * dh:(kv + 1) * dh, :].T, wo[:, h * dh:(h + 1) * dh].T))
         out.append({
             "W_OV_heads": heads, "W_Q": _fro(wq), "W_K": _fro(wk), "W_V": _fro(wv), "W_O": _fro(wo),
-            "b_O": None, "W_in": _fro(torch.diag(g2) @ sd[p + "mlp.up_proj.weight"].T),
+            "b_V": None, "b_O": None, **NO_MOE_NO_OUTPUT_NORM,
+            "W_in": _fro(torch.diag(g2) @ sd[p + "mlp.up_proj.weight"].T),
             "W_gate": _fro(torch.diag(g2) @ sd[p + "mlp.gate_proj.weight"].T),
             "W_out": _fro(sd[p + "mlp.down_proj.weight"]), "b_in": None, "b_out": None,
             "gain_attn": _fro(g1), "gain_mlp": _fro(g2),
@@ -205,11 +210,14 @@ def test_weight_norms_gpt2(gpt2, loaded):
     wn = weight_norms(loaded["gpt2"])
     doc = wn.to_json()
     json.dumps(doc)  # strict JSON
-    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization"}
+    assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization", "experts",
+                        "norm_placement", "parallel_blocks"}
+    assert doc["experts"] is None
     assert doc["ln_free"] is False and doc["normalization"] == "LN"
     _assert_matches(doc, *_ref_gpt2(gpt2[1], 3, 4))
-    assert set(doc["fit"]) == set(FIT_SERIES) - {"W_gate"}
-    assert doc["fit_skipped"] == {"W_gate": "not in this checkpoint"}
+    absent = {"W_gate", "W_router", "gain_attn_out", "gain_mlp_out"}  # no gated MLP, no experts, no output norms
+    assert set(doc["fit"]) == set(FIT_SERIES) - absent
+    assert doc["fit_skipped"] == {k: "not in this checkpoint" for k in absent}
     ref_w_in = [row["W_in"] for row in _ref_gpt2(gpt2[1], 3, 4)[0]]
     assert doc["fit"]["W_in"]["growth_factor"] == pytest.approx(fit_growth(ref_w_in).growth_factor, rel=1e-6)
     text = format_weight_table(wn)
@@ -230,7 +238,7 @@ def test_weight_norms_llama_gqa(llama, loaded):
     _assert_matches(doc, *_ref_llama(llama[1], 3, 4, 2))
     assert doc["layers"][0]["b_O"] is None and doc["layers"][0]["W_gate"] is not None
     assert "W_gate" in doc["fit"]
-    assert set(doc["fit_skipped"]) == {"b_O", "b_in", "b_out"}
+    assert set(doc["fit_skipped"]) == {"b_V", "b_O", "b_in", "b_out", "W_router", "gain_attn_out", "gain_mlp_out"}
 
 
 def test_weight_norms_ln_free_use_effective_gain(ln_free, loaded):
