@@ -1,4 +1,4 @@
-"""Command line: ``normgrowth report | weights | fit | deletion | compare | zoo build``.
+"""Command line: ``normgrowth report | weights | fit | deletion | compare | sweep | zoo build``.
 
 The commands parse their options, call :mod:`normgrowth.pipeline` (which loads, caches and computes) and
 print; progress bars and notes go to stderr. Heavy libraries (torch, transformers, TransformerLens) are
@@ -149,6 +149,29 @@ def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNor
 
         for path in plot_comparison(run.document(), figure):
             typer.echo(f"wrote {path}", err=True)
+
+
+@app.command()
+def sweep(checkpoints: list[str] = typer.Argument(..., help="Checkpoint folders, parent folders of step-<N> / "
+                                                             "step<N> / checkpoint-<N> subfolders, or hub names."),
+          revisions: Optional[str] = typer.Option(None, "--revisions", help="Hub revisions, comma-separated "
+                                                  "(e.g. step0,step512,step143000)."),
+          data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN, batch_size: str = BATCH,
+          device: Optional[str] = DEVICE, dtype: str = DTYPE,
+          out: Optional[Path] = typer.Option(None, "--out", help="Results directory: every point is cached there, "
+                                                                 "so an interrupted sweep resumes."),
+          json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
+          with_weights: bool = typer.Option(True, "--weights/--no-weights", help="Include weight-norm growth fits."),
+          with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include the deletion verdict."),
+          device_map: Optional[str] = DEVICE_MAP):
+    """Growth fits (as in report), weight-norm growth and the deletion verdict at every checkpoint, in step order."""
+    from .pipeline import run_sweep
+
+    run = run_sweep(checkpoints, data, revisions=revisions, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size,
+                    device=device, dtype=dtype, out=out, device_map=device_map, window=window,
+                    with_weights=with_weights, with_deletion=with_deletion, progress=_reporter())
+    _echo(run.text())
+    _write_json(json_path, run.document())
 
 
 @app.command("fit")
