@@ -205,3 +205,30 @@ def test_sweep_result_protocol(swept, tmp_path):
     assert list(series["step"]) == [0, 9, 10]
     assert np.all(series["lo"] <= series["g"]) and np.all(series["g"] <= series["hi"])
     assert "step" in loaded.summary() and "resid_post" in loaded.summary()
+
+
+# ----- figure ------------------------------------------------------------------------------------
+def _analyses(name: str):
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "analyses")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_fig_training_draws_each_series_in_step_order(swept, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    run, _ = swept
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "sweep.json").write_text(json.dumps(run.document()))
+    fig = _analyses("fig_training")
+    series = fig.sweep_series(results)
+    assert len(series) == 1 and [p["step"] for p in series[0][1]] == [0, 9, 10]
+    paths = fig.main(results, tmp_path / "figures")
+    assert [p.name for p in paths] == ["fig_training.png", "fig_training.pdf"]
+    assert imread(paths[0])[..., :3].std() > 0.05
+    assert fig.main(tmp_path / "nothing", tmp_path / "figures") == []  # no sweep: skipped with a note
+    assert "fig_training: skipped" in capsys.readouterr().out
