@@ -194,15 +194,23 @@ def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or colu
 @zoo_app.command("build")
 def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for ln/, noln/ and zoo.json."),
               tiny: bool = typer.Option(False, "--tiny", help="A seconds-long toy build (for tests and smoke runs)."),
-              force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached.")):
-    """Train the offline pair: a small GPT-2 on stdlib docstrings and its LN-free twin (cached)."""
-    from .zoo import ZooSettings, build_pair
+              force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached."),
+              seeds: int = typer.Option(1, "--seeds", help="Independent LN model / twin / control triples "
+                                                         "(seeds 0..n-1; extra ones under OUT/seeds/).")):
+    """Train the offline models: a small GPT-2 on stdlib docstrings, its LN-free twin and the LN-kept control (cached)."""
+    from .zoo import ZooSettings, build_seeds
 
     settings = ZooSettings.tiny() if tiny else ZooSettings()
-    result = build_pair(out, settings, progress=lambda msg: typer.echo(msg, err=True), force=force)
-    _echo(f"LN model      {result['ln']}: held-out loss {result['ln_heldout_loss']:.4f} nats/token")
-    _echo(f"LN-free twin  {result['noln']}: held-out loss {result['noln_heldout_loss']:.4f} nats/token "
-          f"({100 * (result['noln_heldout_loss'] / result['ln_heldout_loss'] - 1):+.1f} %)")
+    results = build_seeds(out, settings, seeds, progress=lambda msg: typer.echo(msg, err=True), force=force)
+    for result in results:
+        ln = result["ln_heldout_loss"]
+        _echo(f"seed {result['meta']['settings']['seed']}")
+        _echo(f"  LN model      {result['ln']}: held-out loss {ln:.4f} nats/token")
+        _echo(f"  LN-free twin  {result['noln']}: held-out loss {result['noln_heldout_loss']:.4f} nats/token "
+              f"({100 * (result['noln_heldout_loss'] / ln - 1):+.1f} %)")
+        if result.get("control") is not None:
+            _echo(f"  control       {result['control']}: held-out loss {result['control_heldout_loss']:.4f} "
+                  f"nats/token (LayerNorm kept, the twin's fine-tuning schedule)")
 
 
 def main() -> None:

@@ -449,3 +449,22 @@ def test_removal_trace_and_recipe_recorded(pair):
     assert twin[-1]["resid_post_norm"] == pytest.approx(meta["resid_post_norm"]["noln"], rel=1e-4)
     assert set(meta["sigma_special"]) == set(sites) and set(meta["growth_per_layer"]) == {"ln", "noln", "control"}
     assert "before any removal" in meta["recipe"]["sigma"] and meta["recipe"]["special_sigma"]
+
+
+def test_two_seeds_and_their_spread(tmp_path):
+    from normgrowth.zoo import build_seeds, seed_summary
+
+    results = build_seeds(tmp_path, TINY, n_seeds=2, progress=None)
+    assert [r["meta"]["settings"]["seed"] for r in results] == [0, 1]
+    assert Path(results[1]["noln"]) == tmp_path / "seeds" / "seed-1" / "noln"
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    d = [r["meta"]["ln_removal_trace"]["twin"][-1]["fit"]["growth_factor"]
+         - r["meta"]["ln_removal_trace"]["control"][-1]["fit"]["growth_factor"] for r in results]
+    assert [s["twin_minus_control"] for s in summary["seeds"]] == pytest.approx(d)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / np.sqrt(2)
+    assert summary["twin_minus_control_ci95"] == pytest.approx([np.mean(d) - half, np.mean(d) + half])
+    assert seed_summary([results[0]["meta"]])["twin_minus_control_ci95"] is None
+    with pytest.raises(NormgrowthError):
+        build_seeds(tmp_path, TINY, n_seeds=0)

@@ -16,7 +16,7 @@ The analysis package never imports this subpackage; only ``normgrowth zoo build`
 measurements: docs/zoo.md.
 """
 
-from .build import build_pair, checkpoint_names, read_cache, recipe
+from .build import build_pair, build_seeds, checkpoint_names, read_cache, recipe, seed_summary
 from .corpus import (BOS_TOKEN, batch_stream, docstrings_from_source, is_heldout, pack_sequences, split_docs,
                      stdlib_docstrings, stdlib_files, train_tokenizer)
 from .ln_removal import (LN_FREE_EPS, LN_FREE_SCALE, FrozenLayerNorm, ln_free_storage_weight, ln_sites,
@@ -27,7 +27,7 @@ from .train import (checkpoint_steps, cosine_lr, growth_per_layer, heldout_loss,
                     resid_post_norms, resid_post_seq_norms, train_steps)
 
 __all__ = [
-    "BOS_TOKEN", "checkpoint_names", "checkpoint_steps", "measure_sigmas", "recipe", "resid_post_seq_norms",
+    "BOS_TOKEN", "build_seeds", "seed_summary", "checkpoint_names", "checkpoint_steps", "measure_sigmas", "recipe", "resid_post_seq_norms",
     "special_mask", "FrozenLayerNorm", "LN_FREE_EPS", "LN_FREE_SCALE", "ZOO_FORMAT_VERSION", "ZooSettings",
     "batch_stream", "build_pair", "cosine_lr", "docstrings_from_source", "growth_per_layer", "heldout_loss",
     "is_heldout", "ln_free_storage_weight", "ln_sites", "make_config", "make_optimizer", "measure_sigma_avg",

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -325,3 +326,51 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
         "weights_sha256": {"ln": ln_sha, "noln": noln_sha, **shas},
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# several seeds
+# ----------------------------------------------------------------------------------------------
+def seed_summary(metas: list[dict]) -> dict:
+    """Across seeds: each seed's resid_post growth factor per layer (the final fits of the removal trace:
+    default window, bootstrap over held-out sequences) of the LN model, the twin and the control, the
+    twin-minus-control difference ``d_s``, and its mean with the t interval
+    ``mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)`` (None for one seed)."""
+    from ..numerics import t_interval
+
+    rows = []
+    for meta in metas:
+        trace = meta.get("ln_removal_trace") or {}
+        g = {"ln": trace["twin"][0]["fit"]["growth_factor"], "noln": trace["twin"][-1]["fit"]["growth_factor"],
+             "control": trace["control"][-1]["fit"]["growth_factor"] if len(trace.get("control", [])) > 1 else None}
+        rows.append({"seed": meta["settings"]["seed"], "growth_factor": g,
+                     "heldout_loss": {"ln": meta["ln_heldout_loss"], "noln": meta["noln_heldout_loss"],
+                                      "control": meta.get("control_heldout_loss")},
+                     "twin_minus_control": None if g["control"] is None else g["noln"] - g["control"]})
+    diffs = np.array([r["twin_minus_control"] for r in rows if r["twin_minus_control"] is not None], dtype=float)
+    n = diffs.size
+    out: dict[str, Any] = {"seeds": rows, "n_seeds": len(rows), "twin_minus_control_mean": None,
+                           "twin_minus_control_sd": None, "twin_minus_control_ci95": None}
+    if n:
+        out["twin_minus_control_mean"] = float(diffs.mean())
+    if n >= 2:
+        sd = float(diffs.std(ddof=1))
+        out["twin_minus_control_sd"] = sd
+        out["twin_minus_control_ci95"] = list(t_interval(float(diffs.mean()), sd / math.sqrt(n), n - 1))
+    return out
+
+
+def build_seeds(out_dir: str | os.PathLike, settings: ZooSettings = ZooSettings(), n_seeds: int = 1,
+                progress: Optional[Progress] = print, force: bool = False) -> list[dict]:
+    """:func:`build_pair` for seeds ``settings.seed + k``, k = 0 .. n_seeds - 1: the first into ``out_dir``,
+    the others into ``out_dir/seeds/seed-<s>``; writes :func:`seed_summary` to ``out_dir/seeds.json``."""
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise NormgrowthError(f"the number of seeds must be a positive integer, got {n_seeds!r}.")
+    out_dir = Path(out_dir).expanduser()
+    results = []
+    for k in range(n_seeds):
+        s = dataclasses.replace(settings, seed=settings.seed + k)
+        target = out_dir if k == 0 else out_dir / "seeds" / f"seed-{s.seed}"
+        results.append(build_pair(target, s, progress=progress, force=force))
+    atomic_write_json(out_dir / "seeds.json", seed_summary([r["meta"] for r in results]))
+    return results
