@@ -468,3 +468,27 @@ def test_two_seeds_and_their_spread(tmp_path):
     assert seed_summary([results[0]["meta"]])["twin_minus_control_ci95"] is None
     with pytest.raises(NormgrowthError):
         build_seeds(tmp_path, TINY, n_seeds=0)
+
+
+def test_fig_ln_removal_draws_the_recorded_trace(pair, tmp_path, capsys):
+    import importlib
+    import sys
+
+    from matplotlib.image import imread
+
+    folder = str(Path(__file__).resolve().parents[1] / "analyses")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    fig = importlib.import_module("fig_ln_removal")
+    out, result, _ = pair
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(out / "zoo.json", results / "zoo.json")
+    twin = fig.trace_arrays(result["meta"]["ln_removal_trace"]["twin"])
+    assert twin["loss"][-1] == pytest.approx(result["noln_heldout_loss"], abs=1e-6)
+    assert np.all(twin["lo"] <= twin["g"]) and np.all(twin["g"] <= twin["hi"])
+    paths = fig.main(results, tmp_path / "figures")
+    assert [p.name for p in paths] == ["fig_ln_removal.png", "fig_ln_removal.pdf"]
+    assert imread(paths[0])[..., :3].std() > 0.05
+    assert fig.main(tmp_path / "none", tmp_path / "figures") == []
+    assert "fig_ln_removal: skipped" in capsys.readouterr().out
