@@ -197,7 +197,7 @@ def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for
               force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached."),
               seeds: int = typer.Option(1, "--seeds", help="Independent LN model / twin / control triples "
                                                          "(seeds 0..n-1; extra ones under OUT/seeds/).")):
-    """Train the offline models: a small GPT-2 on stdlib docstrings, its LN-free twin and the LN-kept control (cached)."""
+    """Train the offline models: a small GPT-2 on stdlib docstrings, its LN-free twin, the LN-kept control."""
     from .zoo import ZooSettings, build_seeds
 
     settings = ZooSettings.tiny() if tiny else ZooSettings()

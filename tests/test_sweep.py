@@ -12,7 +12,7 @@ import pytest
 
 from conftest import VOCAB, build_tiny
 from normgrowth.errors import NormgrowthError
-from normgrowth.pipeline import run_report, run_sweep
+from normgrowth.pipeline import run_sweep
 from normgrowth.sweep import SweepResult, expand_checkpoints, fit_series, step_of
 
 
