@@ -232,3 +232,18 @@ def test_fig_training_draws_each_series_in_step_order(swept, tmp_path, capsys):
     assert imread(paths[0])[..., :3].std() > 0.05
     assert fig.main(tmp_path / "nothing", tmp_path / "figures") == []  # no sweep: skipped with a note
     assert "fig_training: skipped" in capsys.readouterr().out
+
+
+def test_cli_sweep_prints_step_order_and_writes_the_json(swept, run_dir, tokens, tmp_path):
+    from typer.testing import CliRunner
+
+    from normgrowth.cli import app
+
+    run, out = swept
+    path = tmp_path / "sweep.json"
+    result = CliRunner().invoke(app, ["sweep", str(run_dir), "--data", str(tokens), "--batch-size", "4", "--out",
+                                      str(out), "--json", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:] if line.strip()]
+    assert rows == ["0", "9", "10"]
+    assert json.loads(path.read_text())["points"] == json.loads(json.dumps(run.document()))["points"]
