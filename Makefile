@@ -10,6 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # ---- figures pipeline -------------------------------------------------------------------------
 # MODELS: hub names or local checkpoint directories. Default: the offline pair built by `normgrowth zoo build`.
 ZOO ?= zoo
+ZOO_SEEDS ?= 1
 RESULTS ?= results
 FIGURES ?= figures
 DATA ?= builtin
@@ -34,16 +35,30 @@ LANDSCAPE_MODELS := gpt2 gpt2-medium EleutherAI/pythia-70m EleutherAI/pythia-410
 	allenai/OLMo-1B-hf allenai/OLMo-2-0425-1B allenai/OLMo-2-1124-7B allenai/OLMoE-1B-7B-0924 \
 	microsoft/phi-1_5 microsoft/phi-2 microsoft/Phi-3-mini-4k-instruct \
 	ibm-granite/granite-3.0-2b-base bigcode/starcoder2-3b bigcode/gpt_bigcode-santacoder
+# Sweeps over training checkpoints: SWEEP (parent folders of step-<N> checkpoints or hub names) at SWEEP_REVISIONS.
+PAPER_SWEEP := EleutherAI/pythia-160m EleutherAI/pythia-410m
+PAPER_REVISIONS := step0,step1,step4,step16,step64,step256,step512,step2000,step8000,step23000,step64000,step143000
+ZOO_MODELS := $(ZOO)/ln $(ZOO)/noln $(ZOO)/control
 ifeq ($(PRESET),paper)
 MODELS ?= $(PAPER_MODELS)
 COMPARE ?= gpt2 apollo-research/gpt2_noLN
+SWEEP ?= $(PAPER_SWEEP)
+SWEEP_REVISIONS ?= $(PAPER_REVISIONS)
 endif
 ifeq ($(PRESET),landscape)
 MODELS ?= $(LANDSCAPE_MODELS)
 COMPARE ?= google/gemma-2-2b allenai/OLMo-2-0425-1B
+SWEEP ?= $(PAPER_SWEEP)
+SWEEP_REVISIONS ?= $(PAPER_REVISIONS)
 endif
-MODELS ?= $(ZOO)/ln $(ZOO)/noln
+MODELS ?= $(ZOO_MODELS)
+# the offline models: the headline comparison is the LN-free twin against the control (same fine-tuning, LN kept)
+ifeq ($(strip $(MODELS)),$(strip $(ZOO_MODELS)))
+COMPARE ?= $(ZOO)/control $(ZOO)/noln
+endif
 COMPARE ?= $(word 1,$(MODELS)) $(word 2,$(MODELS))
+SWEEP ?= $(ZOO)/train
+SWEEP_REVISIONS ?=
 COMMON := --data $(DATA) --n-seqs $(N_SEQS) --seq-len $(SEQ_LEN) --out $(RESULTS)/cache
 
 slug = $(subst /,__,$(1))
@@ -52,7 +67,10 @@ MODEL_DIRS := $(foreach m,$(MODELS),$(RESULTS)/models/$(call slug,$(m)))
 REPORTS := $(addsuffix /report.json,$(MODEL_DIRS))
 WEIGHTS := $(addsuffix /weights.json,$(MODEL_DIRS))
 DELETIONS := $(addsuffix /deletion.json,$(MODEL_DIRS))
-ZOO_DEP := $(if $(filter $(ZOO)/%,$(MODELS) $(COMPARE)),$(ZOO)/zoo.json,)
+ZOO_DEP := $(if $(filter $(ZOO)/%,$(MODELS) $(COMPARE) $(SWEEP)),$(ZOO)/zoo.json,)
+ZOO_RECORD := $(if $(ZOO_DEP),$(RESULTS)/zoo.json,)
+# with the offline triple, also the uncontrolled comparison (LN model against its twin) as a third row
+EXTRA_COMPARE := $(if $(filter $(COMPARE),$(ZOO)/control),$(RESULTS)/compare-ln.json,)
 
 .PHONY: setup test test-slow figures results bench zoo clean help
 
@@ -60,7 +78,8 @@ help:
 	@echo "make test      set up .venv and run the test suite (offline; tests marked slow are left out)"
 	@echo "make test-slow the tests marked slow (the benchmark's full quick sweep, minutes)"
 	@echo "make figures   set up, build the offline model pair, collect results, draw figures/"
-	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models (needs the hub)"
+	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models and a Pythia"
+	@echo "               sweep over training (needs the hub); ZOO_SEEDS=n trains n offline triples"
 	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
 	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
@@ -86,7 +105,12 @@ bench: $(STAMP)
 zoo: $(ZOO)/zoo.json
 
 $(ZOO)/zoo.json: | $(STAMP)
-	$(NG) zoo build --out $(ZOO)
+	$(NG) zoo build --out $(ZOO) --seeds $(ZOO_SEEDS)
+
+$(RESULTS)/zoo.json: $(ZOO)/zoo.json
+	mkdir -p $(RESULTS)
+	cp $(ZOO)/zoo.json $@
+	if [ -f $(ZOO)/seeds.json ]; then cp $(ZOO)/seeds.json $(RESULTS)/seeds.json; fi
 
 $(RESULTS)/models/%/report.json: $(ZOO_DEP) | $(STAMP)
 	$(NG) report $(call unslug,$*) $(COMMON) --json $@
@@ -100,11 +124,18 @@ $(RESULTS)/models/%/deletion.json: $(ZOO_DEP) | $(STAMP)
 $(RESULTS)/compare.json: $(ZOO_DEP) | $(STAMP)
 	$(NG) compare $(COMPARE) $(COMMON) --json $@
 
-results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json
+$(RESULTS)/compare-ln.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) compare $(ZOO)/ln $(ZOO)/noln $(COMMON) --json $@
+
+$(RESULTS)/sweep.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) sweep $(SWEEP) $(if $(SWEEP_REVISIONS),--revisions $(SWEEP_REVISIONS),) $(COMMON) --json $@
+
+results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) $(EXTRA_COMPARE)
 
 figures: $(FIGURES)/.done
 
-$(FIGURES)/.done: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(wildcard analyses/*.py) | $(STAMP)
+$(FIGURES)/.done: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) \
+		$(EXTRA_COMPARE) $(wildcard analyses/*.py) | $(STAMP)
 	$(PY) analyses/all.py --results $(RESULTS) --out $(FIGURES)
 	touch $@
 

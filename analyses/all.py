@@ -16,6 +16,9 @@ from typing import Optional, Sequence
 
 SCRIPTS = ("fig_norms", "fig_growth_ratio", "fig_position", "fig_components", "fig_weights", "fig_random_gains",
            "fig_deletion", "fig_reading", "fig_locality", "fig_compare", "fig_summary")
+# Figures of training runs: they read R/sweep*.json (normgrowth sweep) and R/zoo.json (the zoo build's record).
+TRAINING_SCRIPTS = ("fig_training", "fig_ln_removal")
+ALL_SCRIPTS = SCRIPTS + TRAINING_SCRIPTS
 
 
 class FigureError(RuntimeError):
@@ -23,7 +26,7 @@ class FigureError(RuntimeError):
 
 
 def make_all(results_dir: str | Path = "results", out_dir: str | Path = "figures",
-             scripts: Sequence[str] = SCRIPTS) -> list[Path]:
+             scripts: Sequence[str] = ALL_SCRIPTS) -> list[Path]:
     """Run every figure script; return the files written. Raises FigureError after all ran if any failed."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
@@ -50,10 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="results directory (default: results)")
     parser.add_argument("--out", default="figures", help="output directory (default: figures)")
-    parser.add_argument("--only", nargs="*", choices=SCRIPTS, help="draw only these figures")
+    parser.add_argument("--only", nargs="*", choices=ALL_SCRIPTS, help="draw only these figures")
     args = parser.parse_args(argv)
     try:
-        make_all(args.results, args.out, args.only or SCRIPTS)
+        make_all(args.results, args.out, args.only or ALL_SCRIPTS)
     except FigureError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

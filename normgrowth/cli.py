@@ -1,4 +1,4 @@
-"""Command line: ``normgrowth report | weights | fit | deletion | compare | zoo build``.
+"""Command line: ``normgrowth report | weights | fit | deletion | compare | sweep | zoo build``.
 
 The commands parse their options, call :mod:`normgrowth.pipeline` (which loads, caches and computes) and
 print; progress bars and notes go to stderr. Heavy libraries (torch, transformers, TransformerLens) are
@@ -195,6 +195,29 @@ def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNor
             typer.echo(f"wrote {path}", err=True)
 
 
+@app.command()
+def sweep(checkpoints: list[str] = typer.Argument(..., help="Checkpoint folders, parent folders of step-<N> / "
+                                                             "step<N> / checkpoint-<N> subfolders, or hub names."),
+          revisions: Optional[str] = typer.Option(None, "--revisions", help="Hub revisions, comma-separated "
+                                                  "(e.g. step0,step512,step143000)."),
+          data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN, batch_size: str = BATCH,
+          device: Optional[str] = DEVICE, dtype: str = DTYPE,
+          out: Optional[Path] = typer.Option(None, "--out", help="Results directory: every point is cached there, "
+                                                                 "so an interrupted sweep resumes."),
+          json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
+          with_weights: bool = typer.Option(True, "--weights/--no-weights", help="Include weight-norm growth fits."),
+          with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include the deletion verdict."),
+          device_map: Optional[str] = DEVICE_MAP):
+    """Growth fits (as in report), weight-norm growth and the deletion verdict at every checkpoint, in step order."""
+    from .pipeline import run_sweep
+
+    run = run_sweep(checkpoints, data, revisions=revisions, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size,
+                    device=device, dtype=dtype, out=out, device_map=device_map, window=window,
+                    with_weights=with_weights, with_deletion=with_deletion, progress=_reporter())
+    _echo(run.text())
+    _write_json(json_path, run.document())
+
+
 @app.command("fit")
 def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or columns layer,value) or JSON list of per-layer norms."),
                 window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON,
@@ -218,15 +241,23 @@ def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or colu
 @zoo_app.command("build")
 def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for ln/, noln/ and zoo.json."),
               tiny: bool = typer.Option(False, "--tiny", help="A seconds-long toy build (for tests and smoke runs)."),
-              force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached.")):
-    """Train the offline pair: a small GPT-2 on stdlib docstrings and its LN-free twin (cached)."""
-    from .zoo import ZooSettings, build_pair
+              force: bool = typer.Option(False, "--force", help="Rebuild even when a matching pair is cached."),
+              seeds: int = typer.Option(1, "--seeds", help="Independent LN model / twin / control triples "
+                                                         "(seeds 0..n-1; extra ones under OUT/seeds/).")):
+    """Train the offline models: a small GPT-2 on stdlib docstrings, its LN-free twin, the LN-kept control."""
+    from .zoo import ZooSettings, build_seeds
 
     settings = ZooSettings.tiny() if tiny else ZooSettings()
-    result = build_pair(out, settings, progress=lambda msg: typer.echo(msg, err=True), force=force)
-    _echo(f"LN model      {result['ln']}: held-out loss {result['ln_heldout_loss']:.4f} nats/token")
-    _echo(f"LN-free twin  {result['noln']}: held-out loss {result['noln_heldout_loss']:.4f} nats/token "
-          f"({100 * (result['noln_heldout_loss'] / result['ln_heldout_loss'] - 1):+.1f} %)")
+    results = build_seeds(out, settings, seeds, progress=lambda msg: typer.echo(msg, err=True), force=force)
+    for result in results:
+        ln = result["ln_heldout_loss"]
+        _echo(f"seed {result['meta']['settings']['seed']}")
+        _echo(f"  LN model      {result['ln']}: held-out loss {ln:.4f} nats/token")
+        _echo(f"  LN-free twin  {result['noln']}: held-out loss {result['noln_heldout_loss']:.4f} nats/token "
+              f"({100 * (result['noln_heldout_loss'] / ln - 1):+.1f} %)")
+        if result.get("control") is not None:
+            _echo(f"  control       {result['control']}: held-out loss {result['control_heldout_loss']:.4f} "
+                  f"nats/token (LayerNorm kept, the twin's fine-tuning schedule)")
 
 
 def main() -> None:

@@ -554,3 +554,85 @@ def run_compare(model_a: str, model_b: str, data: Optional[str] = "builtin", *, 
     (ra, rb), (wa, wb), (da, db) = reports, weights, deletions
     doc = compare_documents(ra.results, rb.results, ra.document(), rb.document(), wa, wb, da, db)
     return CompareRun(doc=doc, reports=(ra, rb), weights=(wa, wb), deletions=(da, db))
+
+
+# ----------------------------------------------------------------------------------------------
+# sweeps over checkpoints
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SweepRun:
+    """``normgrowth sweep``: the :class:`~normgrowth.sweep.SweepResult` and which points came from the cache."""
+
+    result: Any  # SweepResult
+    cached: list[bool]
+
+    def document(self) -> dict[str, Any]:
+        return self.result.to_json()
+
+    def text(self) -> str:
+        return self.result.text()
+
+
+def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_weights: bool,
+                 with_deletion: bool, emit: _Emitter) -> tuple[dict, bool]:
+    """The document of one sweep point (:mod:`normgrowth.sweep`), from its own cache entry when present.
+
+    Its parts come from the commands' own code paths and caches: ``fit`` is the report document's ``fit``,
+    ``weight_fit`` the weights result's fits (no data, no random inputs), ``deletion`` the deletion JSON's
+    ``verdict`` (no ablations)."""
+    from .collect import DEFAULT_SITES
+    from .storage import json_safe
+
+    s = dataclasses.replace(settings, revision=point.revision)
+    spec = point.checkpoint
+
+    def compute() -> dict:
+        handle = _ModelHandle(spec, s)
+        rep = _report(spec, s, window, emit, handle)
+        meta = rep.results.meta
+        doc: dict[str, Any] = {
+            "checkpoint": spec, "revision": point.revision, "step": point.step, "series": point.series,
+            "model": meta.model, "family": meta.family, "n_layers": meta.n_layers, "d_model": meta.d_model,
+            "normalization": meta.normalization, "ln_free": meta.ln_free, "n_seqs": meta.n_seqs,
+            "n_tokens": meta.n_tokens,
+            "fit": rep.document()["fit"], "weight_fit": None, "deletion": None}
+        if with_weights:
+            w = _weights(spec, s, with_data=False, window=window, random_inputs=False, random_seqs=8,
+                         random_len=64, seed=0, emit=emit, handle=handle)
+            doc["weight_fit"] = w.result.norms.to_json().get("fit")
+        if with_deletion:
+            d = _deletion(spec, s, None, emit, handle)
+            doc["deletion"] = {"verdict": d.doc.get("verdict")}
+        return json_safe(doc)
+
+    base = _entry("sweep_point", spec, s, {"sites": list(DEFAULT_SITES), "window": window or None,
+                                            "weights": with_weights, "deletion": with_deletion})
+    return _cached_json(base, emit, compute)
+
+
+def run_sweep(checkpoints: Union[str, list[str]], data: Optional[str] = "builtin", *,
+              revisions: Union[str, list[str], None] = None, n_seqs: Optional[int] = None,
+              seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
+              dtype: str = "float32", out: Union[str, Path, None] = None, device_map: Optional[str] = None,
+              window: Optional[str] = None, with_weights: bool = True, with_deletion: bool = True,
+              progress: Optional[ProgressCallback] = None) -> SweepRun:
+    """The report's fits (plus weight-norm fits and the deletion verdict) at every checkpoint of
+    :func:`normgrowth.sweep.expand_checkpoints` ``(checkpoints, revisions)``, in that order.
+
+    With ``out`` every point is cached (kind ``sweep_point``, on top of the ``report``, ``weights`` and
+    ``deletion`` entries it is made from), so an interrupted sweep resumes where it stopped."""
+    from .sweep import SweepResult, expand_checkpoints, parse_revisions
+
+    specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else [str(c) for c in checkpoints]
+    revs = parse_revisions(revisions) if isinstance(revisions, str) else list(revisions or [])
+    points = expand_checkpoints([str(c) for c in specs], revs)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map)
+    emit = _Emitter(progress)
+    docs, cached = [], []
+    for k, point in enumerate(points):
+        emit.note(f"sweep point {k + 1}/{len(points)}: {point.label}")
+        doc, was_cached = _sweep_point(point, settings, window, with_weights, with_deletion, emit)
+        docs.append(doc)
+        cached.append(was_cached)
+    result = SweepResult(points=docs, settings=settings.to_json(), window=window or None)
+    return SweepRun(result=result, cached=cached)

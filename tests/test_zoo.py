@@ -26,6 +26,7 @@ from normgrowth.zoo import (FrozenLayerNorm, ZooSettings, build_pair, growth_per
                             to_ln_free_storage)
 
 TINY = ZooSettings.tiny()
+BUILT = ["control", "ln", "noln", "train", "zoo.json"]
 TEXT = "Return the number of items in the collection, counting duplicates."
 
 
@@ -306,7 +307,7 @@ def test_cache_reused_then_rebuilt_when_settings_change(pair, tmp_path):
 
 def test_interrupted_or_corrupt_build_never_looks_valid(pair, tmp_path, monkeypatch):
     out, _, _ = pair
-    for name in ("ln", "noln", "zoo.json"):
+    for name in BUILT:
         (shutil.copytree if name != "zoo.json" else shutil.copy)(out / name, tmp_path / name)
     assert zoo.read_cache(tmp_path, TINY) is not None
     # a build that dies half-way leaves no record for its settings, no temp folder, and the old pair intact
@@ -323,11 +324,171 @@ def test_interrupted_or_corrupt_build_never_looks_valid(pair, tmp_path, monkeypa
     monkeypatch.undo()
     assert zoo.read_cache(tmp_path, changed) is None
     assert zoo.read_cache(tmp_path, TINY) is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ln", "noln", "zoo.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == BUILT
     # a corrupted checkpoint invalidates the cache and is rebuilt
     weights = tmp_path / "noln" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert zoo.read_cache(tmp_path, TINY) is None
     rebuilt = build_pair(tmp_path, TINY, progress=None)
     assert rebuilt["cached"] is False and zoo.read_cache(tmp_path, TINY) is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ln", "noln", "zoo.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == BUILT
+
+
+# ----- training checkpoints, the control, the published-recipe details ----------------------------
+def test_checkpoint_steps_are_log_spaced_with_ends():
+    steps = zoo.checkpoint_steps(700, 8)
+    assert steps[0] == 0 and steps[-1] == 700 and len(steps) == 8
+    ratios = np.diff(np.log(steps[1:]))
+    assert np.allclose(ratios, ratios.mean(), rtol=0.1)  # equal steps in log space (rounded)
+    assert zoo.checkpoint_steps(700, 0) == [] and zoo.checkpoint_steps(3, 8) == [0, 1, 2, 3]
+
+
+def test_training_checkpoints_are_the_model_at_those_steps(pair):
+    from safetensors.torch import load_file
+
+    out, result, _ = pair
+    meta = result["meta"]
+    steps = meta["train_checkpoint_steps"]
+    assert steps == zoo.checkpoint_steps(TINY.train_steps, TINY.train_checkpoints)
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(f"step-{n}" for n in steps)
+    last = load_file(out / "train" / f"step-{TINY.train_steps}" / "model.safetensors")
+    final = load_file(out / "ln" / "model.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    # step 0 is the untrained model: GPT2LMHeadModel of the same config right after torch.manual_seed(seed)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(TINY.seed)
+    init = GPT2LMHeadModel(GPT2Config.from_pretrained(out / "ln")).state_dict()
+    first = load_file(out / "train" / "step-0" / "model.safetensors")
+    assert all(torch.equal(first[k], init[k]) for k in first)
+    assert not torch.equal(first["transformer.h.0.mlp.c_fc.weight"], final["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_control_is_the_ln_model_trained_on_the_twins_schedule(pair):
+    """Rebuild the control by hand: the LN checkpoint, the training stream after the LN model's steps and
+    the sigma batches, (2L+1) x steps_per_site steps at the constant removal lr, then the cosine recovery."""
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    out, result, _ = pair
+    model, tokenizer = _hf(out / "ln")
+    assert not any(isinstance(m, FrozenLayerNorm) for m in model.modules())
+    docs, _ = zoo.stdlib_docstrings(TINY.max_chars, TINY.min_doc_chars)
+    train_docs, _ = zoo.split_docs(docs, TINY.heldout_fraction)
+    ids = tokenizer(train_docs, add_special_tokens=False)["input_ids"]
+    stream = zoo.batch_stream(pack_sequences(ids, tokenizer.bos_token_id, TINY.n_ctx), TINY.batch_size, TINY.seed)
+    for _ in range(TINY.train_steps + TINY.sigma_batches):
+        next(stream)
+    opt = zoo.make_optimizer(model, TINY.ln_removal_lr, TINY.weight_decay)
+    n_site_steps = (2 * TINY.n_layer + 1) * TINY.ln_removal_steps_per_site
+    model.train()
+    for step in range(n_site_steps + TINY.recovery_steps):
+        lr = TINY.ln_removal_lr if step < n_site_steps else zoo.cosine_lr(step - n_site_steps, TINY.recovery_steps,
+                                                                          TINY.ln_removal_lr, 0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = next(stream)
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    control = load_file(out / "control" / "model.safetensors")
+    mine = model.state_dict()
+    assert max(float((control[k] - mine[k]).abs().max()) for k in control) <= 1e-5
+    assert GPT2LMHeadModel.from_pretrained(out / "control").config.layer_norm_epsilon == 1e-5
+    assert load_model(str(out / "control")).ln_free is False
+    meta = result["meta"]
+    assert meta["recipe"]["fine_tuning_steps"] == n_site_steps + TINY.recovery_steps
+    assert result["control_heldout_loss"] == pytest.approx(meta["ln_removal_trace"]["control"][-1]["heldout_loss"])
+
+
+def test_sigmas_measured_apart_for_special_tokens():
+    """measure_sigmas against numpy on HF's hidden_states[0] (the input of h.0.ln_1): ordinary tokens and
+    special ones (position 0 and every id 0) averaged separately."""
+    model = _tiny_gpt2()
+    batch = torch.randint(1, 50, (3, 10), generator=torch.Generator().manual_seed(3))
+    batch[:, 0] = 0
+    batch[1, 5] = 0
+    with torch.no_grad():
+        emb = model(batch, output_hidden_states=True).hidden_states[0].numpy().astype(np.float64)
+    std = np.sqrt(np.var(emb, axis=-1) + model.config.layer_norm_epsilon)
+    special = np.zeros(batch.shape, dtype=bool)
+    special[:, 0] = True
+    special[1, 5] = True
+    got = zoo.measure_sigmas(model, ["h.0.ln_1", "ln_f"], [batch], special_id=0)
+    assert got["h.0.ln_1"][0] == pytest.approx(std[~special].mean(), rel=1e-5)
+    assert got["h.0.ln_1"][1] == pytest.approx(std[special].mean(), rel=1e-5)
+
+
+def test_frozen_layernorm_special_scale_is_phased_out():
+    ln = nn.LayerNorm(4, eps=0.0)
+    frozen = FrozenLayerNorm(ln, sigma_avg=2.0, sigma_special=8.0)
+    x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
+    frozen.special = torch.tensor([[True, False, False]])
+    centred = x - x.mean(-1, keepdim=True)
+    with torch.no_grad():
+        y0 = frozen(x)
+        torch.testing.assert_close(y0[0, 0], centred[0, 0] / 8.0 * ln.weight + ln.bias)
+        torch.testing.assert_close(y0[0, 1:], centred[0, 1:] / 2.0 * ln.weight + ln.bias)
+        frozen.phase.fill_(0.5)
+        torch.testing.assert_close(frozen(x)[0, 0], centred[0, 0] / 5.0 * ln.weight + ln.bias)
+        frozen.phase.fill_(1.0)
+        torch.testing.assert_close(frozen(x), centred / 2.0 * ln.weight + ln.bias)
+
+
+def test_removal_trace_and_recipe_recorded(pair):
+    out, result, _ = pair
+    meta = json.loads((out / "zoo.json").read_text())
+    sites = ln_sites(TINY.n_layer)
+    twin, control = meta["ln_removal_trace"]["twin"], meta["ln_removal_trace"]["control"]
+    assert [p["site"] for p in twin] == ["LN model"] + sites + ["recovery"] == [p["site"] for p in control]
+    assert twin[0] == control[0] and twin[0]["heldout_loss"] == pytest.approx(meta["ln_heldout_loss"])
+    assert twin[-1]["heldout_loss"] == pytest.approx(meta["noln_heldout_loss"], abs=1e-6)
+    assert all(p["fit"]["window"] == [0, TINY.n_layer - 1] for p in twin)
+    assert twin[-1]["resid_post_norm"] == pytest.approx(meta["resid_post_norm"]["noln"], rel=1e-4)
+    assert set(meta["sigma_special"]) == set(sites) and set(meta["growth_per_layer"]) == {"ln", "noln", "control"}
+    assert "before any removal" in meta["recipe"]["sigma"] and meta["recipe"]["special_sigma"]
+
+
+def test_two_seeds_and_their_spread(tmp_path):
+    from normgrowth.zoo import build_seeds, seed_summary
+
+    results = build_seeds(tmp_path, TINY, n_seeds=2, progress=None)
+    assert [r["meta"]["settings"]["seed"] for r in results] == [0, 1]
+    assert Path(results[1]["noln"]) == tmp_path / "seeds" / "seed-1" / "noln"
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    d = [r["meta"]["ln_removal_trace"]["twin"][-1]["fit"]["growth_factor"]
+         - r["meta"]["ln_removal_trace"]["control"][-1]["fit"]["growth_factor"] for r in results]
+    assert [s["twin_minus_control"] for s in summary["seeds"]] == pytest.approx(d)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / np.sqrt(2)
+    assert summary["twin_minus_control_ci95"] == pytest.approx([np.mean(d) - half, np.mean(d) + half])
+    assert seed_summary([results[0]["meta"]])["twin_minus_control_ci95"] is None
+    with pytest.raises(NormgrowthError):
+        build_seeds(tmp_path, TINY, n_seeds=0)
+
+
+def test_fig_ln_removal_draws_the_recorded_trace(pair, tmp_path, capsys):
+    import importlib
+    import sys
+
+    from matplotlib.image import imread
+
+    folder = str(Path(__file__).resolve().parents[1] / "analyses")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    fig = importlib.import_module("fig_ln_removal")
+    out, result, _ = pair
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(out / "zoo.json", results / "zoo.json")
+    twin = fig.trace_arrays(result["meta"]["ln_removal_trace"]["twin"])
+    assert twin["loss"][-1] == pytest.approx(result["noln_heldout_loss"], abs=1e-6)
+    assert np.all(twin["lo"] <= twin["g"]) and np.all(twin["g"] <= twin["hi"])
+    paths = fig.main(results, tmp_path / "figures")
+    assert [p.name for p in paths] == ["fig_ln_removal.png", "fig_ln_removal.pdf"]
+    assert imread(paths[0])[..., :3].std() > 0.05
+    assert fig.main(tmp_path / "none", tmp_path / "figures") == []
+    assert "fig_ln_removal: skipped" in capsys.readouterr().out

@@ -16,17 +16,19 @@ The analysis package never imports this subpackage; only ``normgrowth zoo build`
 measurements: docs/zoo.md.
 """
 
-from .build import build_pair, read_cache
+from .build import build_pair, build_seeds, checkpoint_names, read_cache, recipe, seed_summary
 from .corpus import (BOS_TOKEN, batch_stream, docstrings_from_source, is_heldout, pack_sequences, split_docs,
                      stdlib_docstrings, stdlib_files, train_tokenizer)
 from .ln_removal import (LN_FREE_EPS, LN_FREE_SCALE, FrozenLayerNorm, ln_free_storage_weight, ln_sites,
-                         measure_sigma_avg, remove_layernorm, to_ln_free_storage, token_std)
+                         measure_sigma_avg, measure_sigmas, remove_layernorm, special_mask, to_ln_free_storage,
+                         token_std)
 from .settings import ZOO_FORMAT_VERSION, ZooSettings, settings_hash
-from .train import (cosine_lr, growth_per_layer, heldout_loss, make_config, make_optimizer, resid_post_norms,
-                    train_steps)
+from .train import (checkpoint_steps, cosine_lr, growth_per_layer, heldout_loss, make_config, make_optimizer,
+                    resid_post_norms, resid_post_seq_norms, train_steps)
 
 __all__ = [
-    "BOS_TOKEN", "FrozenLayerNorm", "LN_FREE_EPS", "LN_FREE_SCALE", "ZOO_FORMAT_VERSION", "ZooSettings",
+    "BOS_TOKEN", "build_seeds", "seed_summary", "checkpoint_names", "checkpoint_steps", "measure_sigmas", "recipe", "resid_post_seq_norms",
+    "special_mask", "FrozenLayerNorm", "LN_FREE_EPS", "LN_FREE_SCALE", "ZOO_FORMAT_VERSION", "ZooSettings",
     "batch_stream", "build_pair", "cosine_lr", "docstrings_from_source", "growth_per_layer", "heldout_loss",
     "is_heldout", "ln_free_storage_weight", "ln_sites", "make_config", "make_optimizer", "measure_sigma_avg",
     "pack_sequences", "read_cache", "remove_layernorm", "resid_post_norms", "settings_hash", "split_docs",

@@ -7,6 +7,7 @@ Checkpoints are built in a temporary folder and renamed into place; ``zoo.json``
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -19,16 +20,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import NormgrowthError
 from ..storage import atomic_write_json
 from .corpus import batch_stream, corpus_sha256, pack_sequences, split_docs, stdlib_docstrings, train_tokenizer
-from .ln_removal import remove_layernorm, to_ln_free_storage
+from .ln_removal import ln_sites, remove_layernorm, to_ln_free_storage
 from .settings import ZOO_FORMAT_VERSION, ZooSettings, python_version, settings_hash
-from .train import (Progress, cosine_lr, growth_per_layer, heldout_loss, make_config, make_optimizer,
-                    resid_post_norms, train_steps)
+from .train import (Progress, checkpoint_steps, cosine_lr, growth_per_layer, heldout_loss, make_config,
+                    make_optimizer, resid_post_norms, resid_post_seq_norms, train_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def read_cache(out_dir: Path, settings: ZooSettings) -> Optional[dict]:
         return None
     if meta.get("settings_hash") != settings_hash(settings):
         return None
-    for name in ("ln", "noln"):
+    for name in checkpoint_names(meta):
         ckpt = out_dir / name
         weights = ckpt / "model.safetensors"
         if not ((ckpt / "config.json").is_file() and (ckpt / "tokenizer.json").is_file() and weights.is_file()):
@@ -74,6 +76,12 @@ def read_cache(out_dir: Path, settings: ZooSettings) -> Optional[dict]:
         if _sha256_file(weights) != meta.get("weights_sha256", {}).get(name):
             return None
     return meta
+
+
+def checkpoint_names(meta: dict) -> list[str]:
+    """Every checkpoint folder a build record lists, relative to the zoo folder (``ln``, ``noln``,
+    ``control``, ``train/step-<N>``)."""
+    return list(meta.get("weights_sha256", {}) or {"ln": None, "noln": None})
 
 
 def _remove_stale_builds(out_dir: Path) -> None:
@@ -110,6 +118,9 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _result(out_dir: Path, meta: dict, cached: bool) -> dict:
     return {"ln": str(out_dir / "ln"), "noln": str(out_dir / "noln"), "zoo_json": str(out_dir / "zoo.json"),
+            "control": str(out_dir / "control") if "control" in meta.get("weights_sha256", {}) else None,
+            "train": str(out_dir / "train") if meta.get("train_checkpoint_steps") else None,
+            "control_heldout_loss": meta.get("control_heldout_loss"),
             "ln_heldout_loss": meta["ln_heldout_loss"], "noln_heldout_loss": meta["noln_heldout_loss"],
             "settings_hash": meta["settings_hash"], "cached": cached, "meta": meta}
 
@@ -146,7 +157,11 @@ def build_pair(out_dir: str | os.PathLike, settings: ZooSettings = ZooSettings()
             meta = _build_into(tmp, settings, say)
         # swap in: invalidate the old record first, then move checkpoints, then write the record
         (out_dir / "zoo.json").unlink(missing_ok=True)
-        for name in ("ln", "noln"):
+        for name in ("ln", "noln", "control", "train"):
+            if not (tmp / name).exists():
+                if (out_dir / name).exists():
+                    os.replace(out_dir / name, tmp / f"old-{name}")
+                continue
             if (out_dir / name).exists():
                 os.replace(out_dir / name, tmp / f"old-{name}")
             os.replace(tmp / name, out_dir / name)
@@ -156,6 +171,35 @@ def build_pair(out_dir: str | os.PathLike, settings: ZooSettings = ZooSettings()
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"zoo: wrote {out_dir / 'ln'} and {out_dir / 'noln'} in {meta['seconds']['total']:.0f} s")
     return _result(out_dir, meta, cached=False)
+
+
+def recipe(settings: ZooSettings) -> dict:
+    """The twin's and the control's schedule in words and numbers (recorded in zoo.json)."""
+    n_sites = 2 * settings.n_layer + 1
+    return {
+        "order": "h.i.ln_2 for every layer, then h.i.ln_1, then ln_f",
+        "sigma": ("measured per site once, on the LN model before any removal" if settings.sigma_before_removal
+                  else "measured per site just before its freeze, earlier sites frozen"),
+        "sigma_batches": settings.sigma_batches,
+        "special_sigma": ("position 0 and BOS/EOS tokens get their own sigma, phased out linearly over the "
+                          "recovery steps" if settings.special_sigma else None),
+        "steps_per_site": settings.ln_removal_steps_per_site, "lr": settings.ln_removal_lr,
+        "recovery_steps": settings.recovery_steps, "recovery_lr": "cosine from lr to lr/10",
+        "fine_tuning_steps": n_sites * settings.ln_removal_steps_per_site + settings.recovery_steps,
+        "control": ("the LN model fine-tuned on the same batches, steps and learning rates with LayerNorm kept"
+                    if settings.control else None),
+    }
+
+
+def _trace_point(model: nn.Module, held: torch.Tensor, site: str, k: int) -> dict:
+    """Held-out loss and the resid_post growth fit (``normgrowth.fit.fit_growth`` of the per-sequence
+    curves, default window, 200 bootstrap resamples over sequences) of ``model`` after site ``k``."""
+    from ..fit import fit_growth
+
+    seq = resid_post_seq_norms(model, held)
+    fit = fit_growth(seq, n_boot=200, seed=0).to_json() if seq.shape[1] >= 2 else None
+    return {"index": k, "site": site, "heldout_loss": heldout_loss(model, held), "fit": fit,
+            "resid_post_norm": [round(float(v), 5) for v in seq.mean(axis=0)]}
 
 
 def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
@@ -201,16 +245,33 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
         model = GPT2LMHeadModel(config)
     batches = batch_stream(train_data, settings.batch_size, settings.seed)
     opt = make_optimizer(model, settings.lr, settings.weight_decay)
+    steps = checkpoint_steps(settings.train_steps, settings.train_checkpoints)
+    shas: dict[str, str] = {}
+
+    def save_step(n: int) -> None:
+        if n in steps:
+            shas[f"train/step-{n}"] = _save_checkpoint(model, tokenizer, tmp / "train" / f"step-{n}")
+
+    save_step(0)
     train_steps(model, opt, batches, settings.train_steps,
                 lambda s: cosine_lr(s, settings.train_steps, settings.lr, settings.warmup_steps),
-                say, "LN model", math.ceil(settings.train_steps / 7))
+                say, "LN model", math.ceil(settings.train_steps / 7), on_step=save_step)
     ln_loss = heldout_loss(model, held_data)
     ln_norms = resid_post_norms(model, held_data)
     say(f"zoo: LN model held-out loss {ln_loss:.4f}")
     ln_sha = _save_checkpoint(model, tokenizer, tmp / "ln")
+    ln_state = copy.deepcopy(model.state_dict())
     t = lap("train_ln", t)
 
-    sigmas = remove_layernorm(model, batches, settings, say)
+    start = _trace_point(model, held_data, "LN model", -1)
+    trace: dict[str, list[dict]] = {"twin": [start], "control": [start]}
+
+    def tracer(name: str):
+        return lambda k, site, m: trace[name].append(_trace_point(m, held_data, site, k))
+
+    sigmas_full = {}
+    sigmas = remove_layernorm(model, batches, settings, say, special_id=bos_id, on_site=tracer("twin"),
+                              sigmas_out=sigmas_full)
     frozen_loss = heldout_loss(model, held_data)
     stored = to_ln_free_storage(model)
     noln_loss = heldout_loss(stored, held_data)
@@ -219,7 +280,27 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
     noln_norms = resid_post_norms(stored, held_data)
     say(f"zoo: LN-free model held-out loss {noln_loss:.4f} (LN model {ln_loss:.4f})")
     noln_sha = _save_checkpoint(stored, tokenizer, tmp / "noln")
+    trace["twin"].append(_trace_point(stored, held_data, "recovery", len(ln_sites(settings.n_layer))))
     t = lap("remove_ln", t)
+
+    control_loss, control_norms = None, None
+    if settings.control:
+        # the LN model again, on exactly the twin's batches, steps and learning rates, LayerNorm kept
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            control = GPT2LMHeadModel(config)
+        control.load_state_dict(ln_state)
+        control_batches = batch_stream(train_data, settings.batch_size, settings.seed)
+        for _ in range(settings.train_steps):
+            next(control_batches)
+        remove_layernorm(control, control_batches, settings, say, special_id=bos_id, keep_ln=True,
+                         on_site=tracer("control"))
+        control_loss = heldout_loss(control, held_data)
+        control_norms = resid_post_norms(control, held_data)
+        trace["control"].append(_trace_point(control, held_data, "recovery", len(ln_sites(settings.n_layer))))
+        say(f"zoo: control (LN kept, same schedule) held-out loss {control_loss:.4f}")
+        shas["control"] = _save_checkpoint(control, tokenizer, tmp / "control")
+        t = lap("control", t)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     seconds["cpu_total"] = round(time.process_time() - cpu_start, 2)  # CPU time of all threads
 
@@ -232,10 +313,64 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
                    "train_tokens": int(train_data.numel())},
         "vocab_size": vocab_size, "bos_token_id": bos_id,
         "ln_heldout_loss": ln_loss, "noln_heldout_loss": noln_loss, "frozen_ln_heldout_loss": frozen_loss,
-        "sigma_avg": sigmas,
-        "resid_post_norm": {"ln": [round(float(v), 5) for v in ln_norms],
-                            "noln": [round(float(v), 5) for v in noln_norms]},
-        "growth_per_layer": {"ln": growth_per_layer(ln_norms), "noln": growth_per_layer(noln_norms)},
-        "weights_sha256": {"ln": ln_sha, "noln": noln_sha},
+        "control_heldout_loss": control_loss,
+        "recipe": recipe(settings),
+        "sigma_avg": sigmas, "sigma_special": {k: v[1] for k, v in sigmas_full.items()} if settings.special_sigma
+        else None,
+        "resid_post_norm": {name: [round(float(v), 5) for v in norms] for name, norms in
+                            (("ln", ln_norms), ("noln", noln_norms), ("control", control_norms)) if norms is not None},
+        "growth_per_layer": {name: growth_per_layer(norms) for name, norms in
+                             (("ln", ln_norms), ("noln", noln_norms), ("control", control_norms)) if norms is not None},
+        "train_checkpoint_steps": steps,
+        "ln_removal_trace": trace,
+        "weights_sha256": {"ln": ln_sha, "noln": noln_sha, **shas},
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# several seeds
+# ----------------------------------------------------------------------------------------------
+def seed_summary(metas: list[dict]) -> dict:
+    """Across seeds: each seed's resid_post growth factor per layer (the final fits of the removal trace:
+    default window, bootstrap over held-out sequences) of the LN model, the twin and the control, the
+    twin-minus-control difference ``d_s``, and its mean with the t interval
+    ``mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)`` (None for one seed)."""
+    from ..numerics import t_interval
+
+    rows = []
+    for meta in metas:
+        trace = meta.get("ln_removal_trace") or {}
+        g = {"ln": trace["twin"][0]["fit"]["growth_factor"], "noln": trace["twin"][-1]["fit"]["growth_factor"],
+             "control": trace["control"][-1]["fit"]["growth_factor"] if len(trace.get("control", [])) > 1 else None}
+        rows.append({"seed": meta["settings"]["seed"], "growth_factor": g,
+                     "heldout_loss": {"ln": meta["ln_heldout_loss"], "noln": meta["noln_heldout_loss"],
+                                      "control": meta.get("control_heldout_loss")},
+                     "twin_minus_control": None if g["control"] is None else g["noln"] - g["control"]})
+    diffs = np.array([r["twin_minus_control"] for r in rows if r["twin_minus_control"] is not None], dtype=float)
+    n = diffs.size
+    out: dict[str, Any] = {"seeds": rows, "n_seeds": len(rows), "twin_minus_control_mean": None,
+                           "twin_minus_control_sd": None, "twin_minus_control_ci95": None}
+    if n:
+        out["twin_minus_control_mean"] = float(diffs.mean())
+    if n >= 2:
+        sd = float(diffs.std(ddof=1))
+        out["twin_minus_control_sd"] = sd
+        out["twin_minus_control_ci95"] = list(t_interval(float(diffs.mean()), sd / math.sqrt(n), n - 1))
+    return out
+
+
+def build_seeds(out_dir: str | os.PathLike, settings: ZooSettings = ZooSettings(), n_seeds: int = 1,
+                progress: Optional[Progress] = print, force: bool = False) -> list[dict]:
+    """:func:`build_pair` for seeds ``settings.seed + k``, k = 0 .. n_seeds - 1: the first into ``out_dir``,
+    the others into ``out_dir/seeds/seed-<s>``; writes :func:`seed_summary` to ``out_dir/seeds.json``."""
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise NormgrowthError(f"the number of seeds must be a positive integer, got {n_seeds!r}.")
+    out_dir = Path(out_dir).expanduser()
+    results = []
+    for k in range(n_seeds):
+        s = dataclasses.replace(settings, seed=settings.seed + k)
+        target = out_dir if k == 0 else out_dir / "seeds" / f"seed-{s.seed}"
+        results.append(build_pair(target, s, progress=progress, force=force))
+    atomic_write_json(out_dir / "seeds.json", seed_summary([r["meta"] for r in results]))
+    return results

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..errors import NormgrowthError
 
-ZOO_FORMAT_VERSION = 1  # part of the cache key: a change of recipe must change this number
+ZOO_FORMAT_VERSION = 2  # part of the cache key: a change of recipe must change this number
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class ZooSettings:
     ln_removal_lr: float = 1e-3  # constant lr while LayerNorms are frozen one at a time
     recovery_steps: int = 60  # fine-tuning after the last LayerNorm is frozen (cosine to lr/10)
     sigma_batches: int = 2  # training batches on which each sigma_avg is measured
+    sigma_before_removal: bool = True  # measure every site's sigma on the model before any removal
+    special_sigma: bool = True  # own sigma for position 0 / BOS / EOS tokens, phased out during recovery
+    control: bool = True  # also fine-tune the LN model on the twin's schedule with LayerNorm kept
+    train_checkpoints: int = 8  # LN-model checkpoints saved during training (log-spaced, step 0 and last included)
     heldout_fraction: float = 0.05  # share of docstrings held out (by a hash of their text)
     max_heldout_seqs: int = 128  # held-out sequences used for losses and norms
     max_chars: Optional[int] = None  # stop reading the stdlib after this many docstring characters
@@ -44,7 +48,8 @@ class ZooSettings:
         """A pair built in a few seconds, for tests (2 layers, width 32, a small slice of the stdlib)."""
         return cls(n_layer=2, d_model=32, n_head=2, n_ctx=32, vocab_size=320, train_steps=12, warmup_steps=2,
                    batch_size=4, lr=3e-3, ln_removal_steps_per_site=2, recovery_steps=2, sigma_batches=1,
-                   heldout_fraction=0.1, max_heldout_seqs=8, max_chars=40_000, threads=1)
+                   heldout_fraction=0.1, max_heldout_seqs=8, max_chars=40_000, threads=1,
+                   train_checkpoints=4)
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a pair."""
@@ -58,6 +63,8 @@ class ZooSettings:
                                   "one merge); use a larger vocabulary.")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise NormgrowthError("zoo settings: heldout_fraction must lie strictly between 0 and 1.")
+        if self.train_checkpoints < 0:
+            raise NormgrowthError("zoo settings: train_checkpoints must be >= 0 (0: none saved).")
         if self.train_steps < 1 or self.ln_removal_steps_per_site < 0 or self.recovery_steps < 0:
             raise NormgrowthError("zoo settings: train_steps must be >= 1 and the fine-tuning step counts >= 0.")
 

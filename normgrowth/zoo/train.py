@@ -53,9 +53,10 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[torch.Tensor], n_steps: int,
                 lr_at: Callable[[int], float], progress: Optional[Progress] = None, label: str = "",
-                report_every: int = 0) -> float:
+                report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
-    ``lr_at(step)``); return the mean loss of the last 10 steps (NaN when ``n_steps`` is 0)."""
+    ``lr_at(step)``); ``on_step(n)`` after the n-th step; return the mean loss of the last 10 steps (NaN
+    when ``n_steps`` is 0)."""
     model.train()
     recent: list[float] = []
     t0 = time.perf_counter()
@@ -69,12 +70,26 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         recent = (recent + [loss.item()])[-10:]
+        if on_step is not None:
+            on_step(step + 1)
+            model.train()
         if progress is not None and report_every and ((step + 1) % report_every == 0 or step + 1 == n_steps):
             per_step = (time.perf_counter() - t0) / (step + 1)
             progress(f"zoo: {label} step {step + 1}/{n_steps} loss {sum(recent) / len(recent):.3f} "
                      f"({per_step:.2f} s/step)")
     model.eval()
     return sum(recent) / len(recent) if recent else float("nan")
+
+
+def checkpoint_steps(total: int, n: int) -> list[int]:
+    """``n`` log-spaced steps from 0 to ``total``: 0, then ``round(geomspace(max(1, total / 100), total,
+    n - 1))`` (duplicates dropped, so fewer when ``total`` is small)."""
+    if n <= 0:
+        return []
+    if n == 1 or total < 1:
+        return [0]
+    inner = np.geomspace(max(1.0, total / 100), total, n - 1)
+    return sorted({0, total, *(int(round(v)) for v in inner)})
 
 
 def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> float:
@@ -117,6 +132,32 @@ def resid_post_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16)
         for h in handles:
             h.remove()
     return (sums / count).float()
+
+
+def resid_post_seq_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """Per-sequence mean L2 norm of each block's output over positions >= 1, float64 ``[n_seqs, n_layer]``
+    (every sequence has the same length, so token weights are equal)."""
+    blocks = model.transformer.h
+    rows: list[np.ndarray] = []
+    current = [np.zeros(0)]
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(module: nn.Module, args: tuple, output: Any, i: int = i) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            current[0][:, i] = hidden[:, 1:].float().norm(dim=-1).double().mean(dim=1).numpy()
+        handles.append(block.register_forward_hook(hook))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, data.shape[0], batch_size):
+                batch = data[start:start + batch_size]
+                current[0] = np.zeros((batch.shape[0], len(blocks)))
+                model(batch)
+                rows.append(current[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return np.concatenate(rows, axis=0)
 
 
 def growth_per_layer(norms: Any) -> float:
