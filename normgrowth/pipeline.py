@@ -580,7 +580,7 @@ def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_
     Its parts come from the commands' own code paths and caches: ``fit`` is the report document's ``fit``,
     ``weight_fit`` the weights result's fits (no data, no random inputs), ``deletion`` the deletion JSON's
     ``verdict`` (no ablations)."""
-    from .collect import DEFAULT_SITES
+    from .collector import DEFAULT_SITES
     from .storage import json_safe
 
     s = dataclasses.replace(settings, revision=point.revision)
