@@ -33,7 +33,8 @@ from normgrowth.data import TokenBatch  # noqa: E402
 from normgrowth.deletion import collect_deletion  # noqa: E402
 from normgrowth.storage import atomic_write_json  # noqa: E402
 
-BENCH_ARGS = ["--models", "gpt2-small,pythia-410m", "--seq-lens", "128,1024", "--batch-size", "8", "--reps", "3",
+BENCH_ARGS = ["--models", "gpt2-small,pythia-1b", "--dtype", "bfloat16", "--seq-lens", "128,1024", "--batch-size", "8",
+              "--reps", "3",
               "--scaling-n-seqs", "8"]
 
 
