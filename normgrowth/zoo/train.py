@@ -110,28 +110,9 @@ def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> 
 def resid_post_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Mean L2 norm of each block's output (resid_post) over all non-position-0 tokens, float32 [n_layer].
 
-    Read with forward hooks on ``transformer.h[i]`` (HF's ``hidden_states[-1]`` is after ``ln_f``);
-    sums accumulate in float64."""
-    blocks = model.transformer.h
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
-    count = 0
-    handles = []
-    for i, block in enumerate(blocks):
-        def hook(module: nn.Module, args: tuple, output: Any, i: int = i) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            sums[i] += float(hidden[:, 1:].float().norm(dim=-1).sum(dtype=torch.float64))
-        handles.append(block.register_forward_hook(hook))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, data.shape[0], batch_size):
-                batch = data[start:start + batch_size]
-                model(batch)
-                count += batch[:, 1:].numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / count).float()
+    Every sequence has the same length, so this is the mean of :func:`resid_post_seq_norms` over sequences
+    (float64 before the cast)."""
+    return torch.from_numpy(resid_post_seq_norms(model, data, batch_size).mean(axis=0)).float()
 
 
 def resid_post_seq_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> np.ndarray:
