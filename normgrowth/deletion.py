@@ -45,6 +45,7 @@ from .errors import NormgrowthError
 from .numerics import (DEFAULT_N_BOOT, loglinear_slope, percentile_ci, polyfit_rows, resample_counts)
 from .protocol import ResultProtocol
 from .storage import json_safe
+from .tables import fmt_number
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null", "dilution_null",
               "visibility_null", "excess_dilution")
@@ -682,11 +683,7 @@ class DeletionResults(ResultProtocol):
 # report
 # ----------------------------------------------------------------------------------------------
 def _f(x: Any, spec: str = ".3f") -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    return format(x, spec) if math.isfinite(x) else "-"
+    return fmt_number(x, spec, missing="-")
 
 
 def _with_ci(x: Any, ci: Any, spec: str = ".3f") -> str:

@@ -30,6 +30,7 @@ from normgrowth.laws import LawFit, fit_laws, law_label, UNDECIDED
 from normgrowth.numerics import (bootstrap_means, fit_line, percentile_ci, polyfit_rows, t_interval,
                                  top_coefficient_se, weighted_mean, welch_satterthwaite_df)
 from normgrowth.storage import json_safe
+from normgrowth.tables import fmt_number, text_table
 
 CI_BOOTSTRAP = "bootstrap over sequences"
 CI_SE = "regression standard error"
@@ -712,35 +713,29 @@ def law_note(fit: GrowthFit) -> str:
     return f"law: {fit.law.best}, not exponential"
 
 
-def _fmt(x: float, spec: str) -> str:
-    return format(x, spec) if math.isfinite(x) else "nan"
-
-
 def format_fit_table(fits: dict[str, GrowthFit]) -> str:
     """Plain-text table, one row per site: g [95% CI], % per layer, endpoint g, R^2, curvature [95% CI]
     and its effect at the window ends, window, curves, preferred law, and notes (curvature flag when its CI
     excludes 0 on a window of >= 5 layers; a decided law other than the exponential)."""
     header = ["site", "g/layer [95% CI]", "%/layer", "endpoint g", "R^2", "curvature [95% CI]", "curv. effect",
               "window", "curves", "law", "note"]
-    rows = [header]
+    rows = []
     for site, fit in fits.items():
         notes = [n for n in (curvature_flag(fit), law_note(fit)) if n]
         rows.append([
             str(site),
-            f"{_fmt(fit.growth_factor, '.4f')} [{_fmt(fit.ci95[0], '.4f')}, {_fmt(fit.ci95[1], '.4f')}]",
-            _fmt(fit.percent_per_layer, "+.2f"),
-            _fmt(fit.endpoint_growth_factor, ".4f"),
-            _fmt(fit.r2, ".4f"),
-            f"{_fmt(fit.curvature, '+.2e')} [{_fmt(fit.curvature_ci95[0], '+.2e')}, {_fmt(fit.curvature_ci95[1], '+.2e')}]",
-            _fmt(100 * fit.curvature_effect, "+.1f") + "%",
+            f"{fmt_number(fit.growth_factor, '.4f')} [{fmt_number(fit.ci95[0], '.4f')}, {fmt_number(fit.ci95[1], '.4f')}]",
+            fmt_number(fit.percent_per_layer, "+.2f"),
+            fmt_number(fit.endpoint_growth_factor, ".4f"),
+            fmt_number(fit.r2, ".4f"),
+            f"{fmt_number(fit.curvature, '+.2e')} [{fmt_number(fit.curvature_ci95[0], '+.2e')}, {fmt_number(fit.curvature_ci95[1], '+.2e')}]",
+            fmt_number(100 * fit.curvature_effect, "+.1f") + "%",
             f"{fit.window[0]}:{fit.window[1]}",
             str(fit.n_curves),
             law_label(fit.law).replace("exponential", "exp."),
             "; ".join(notes),
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = text_table(header, rows)
     ci_methods = sorted({fit.ci_method for fit in fits.values()})
     if ci_methods:
         lines.append(f"CI: {'; '.join(ci_methods)}. curvature = c in log n = a + b*l + c*l^2 (per layer^2); "

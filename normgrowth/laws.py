@@ -27,6 +27,7 @@ from scipy import stats
 
 from .numerics import difference_ci_from_cis, fit_line, percentile_ci, polyfit_rows, t_interval
 from .storage import json_safe
+from .tables import fmt_number, text_table
 
 LAWS = ("exponential", "linear", "power")
 UNDECIDED = "undecided"
@@ -319,10 +320,6 @@ def compare_laws(fit_a: dict, fit_b: dict) -> dict:
     return json_safe(out)
 
 
-def _f(x: Any, spec: str) -> str:
-    return "nan" if x is None or not math.isfinite(float(x)) else format(float(x), spec)
-
-
 def law_label(law: Optional[LawFit]) -> str:
     """Short text for a table cell: ``"linear"``, or ``"undecided (power?)"`` with the leader."""
     if law is None:
@@ -336,22 +333,20 @@ def format_law_table(laws: dict[str, LawFit]) -> str:
     """One row per (curve, law): rate parameter [95 % CI], rss_log, its ratio to the leader's, LOO-CV
     error and the share of support fits won; then each curve's verdict."""
     header = ["curve", "law", "rate parameter [95% CI]", "rss_log", "/leader", "cv_log", "wins"]
-    rows = [header]
+    rows = []
     verdicts = []
     for key, lf in laws.items():
         for law in LAWS:
             name, val, (lo, hi) = lf.rate(law)
             entry = lf.laws[law]
             rows.append([str(key), law + (" *" if law == lf.leader else ""),
-                         f"{name} {_f(val, '.4g')} [{_f(lo, '.4g')}, {_f(hi, '.4g')}]",
-                         _f(entry["rss_log"], ".4g"), _f(lf.support["rss_ratio_to_leader"].get(law), ".2f"),
-                         _f(entry.get("cv_log"), ".4g"), _f(lf.support["wins"].get(law), ".0%")])
+                         f"{name} {fmt_number(val, '.4g')} [{fmt_number(lo, '.4g')}, {fmt_number(hi, '.4g')}]",
+                         fmt_number(entry["rss_log"], ".4g"), fmt_number(lf.support["rss_ratio_to_leader"].get(law), ".2f"),
+                         fmt_number(entry.get("cv_log"), ".4g"), fmt_number(lf.support["wins"].get(law), ".0%")])
         why = "; ".join(lf.support.get("undecided_because", []))
         verdicts.append(f"{key}: preferred law {lf.best}" + (f" ({why})" if why else f" ({LAW_MEANINGS[lf.best]})")
                         + ("" if lf.best in ("exponential", UNDECIDED) else "; the exponential is NOT the preferred law"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(header, rows)
     methods = sorted({lf.support.get("method", "") for lf in laws.values()})
     lines.append("* = smallest rss_log (sum of squared log residuals); wins: share of "
                  f"{' / '.join(methods)} fits won. Decided when the window has >= {MIN_LAYERS} layers and "

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import NormgrowthError
 from .protocol import ResultProtocol
+from .tables import text_table
 
 STEP_NAME = re.compile(r"^(?:step-?|checkpoint-)(\d+)$")
 ARCH_KEYS = (("model_type",), ("n_layer", "num_hidden_layers", "num_layers"), ("n_embd", "hidden_size", "d_model"))
@@ -204,6 +205,4 @@ class SweepResult(ResultProtocol):
                  p["checkpoint"] if p.get("revision") is None else f"{p['checkpoint']}@{p['revision']}",
                  _fmt_g((p.get("fit") or {}).get("resid_post")), _fmt_g((p.get("fit") or {}).get("resid_pre")),
                  _fmt_g((p.get("weight_fit") or {}).get("W_OV_mean")), verdict_label(p)) for p in self.points]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+        return "\n".join(text_table(header, rows))

@@ -1,0 +1,25 @@
+"""Plain-text tables for the commands' output: one layout, one way to print a number that may be missing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+def fmt_number(x: Any, spec: str, missing: str = "nan") -> str:
+    """``format(x, spec)``, or ``missing`` when ``x`` is None, not a number, NaN or infinite."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return missing
+    return format(value, spec) if math.isfinite(value) else missing
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart: the header, a rule of dashes, then the rows (lines right-stripped)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
