@@ -144,25 +144,6 @@ def _position0_is_fixed(res: Results) -> bool:
     return bool(np.all(sd <= 1e-6 * scale))
 
 
-def _weight_series(doc: dict, name: str) -> Optional[np.ndarray]:
-    """Per-layer values of a weight series from a weights document (list-of-layers or dict layout)."""
-    layers = doc.get("layers")
-    if isinstance(layers, dict):
-        if name == "W_OV_mean":
-            heads = layers.get("W_OV_heads")
-            return None if heads is None else np.asarray(heads, dtype=float).mean(1)
-        vals = layers.get(name)
-    elif isinstance(layers, list) and layers:
-        if name == "W_OV_mean":
-            return np.array([np.mean(r["W_OV_heads"]) for r in layers], dtype=float)
-        vals = [r.get(name) for r in layers]
-    else:
-        return None
-    if vals is None or any(v is None for v in vals):
-        return None
-    return np.asarray(vals, dtype=float)
-
-
 def comparable_weight_fit(weights: dict, res: Results, series: str) -> tuple[Optional[dict], str]:
     """The growth fit of a weight series in units comparable across LN and LN-free models.
 
@@ -178,7 +159,9 @@ def comparable_weight_fit(weights: dict, res: Results, series: str) -> tuple[Opt
 
     if site not in res.sites or res.sites.get(site) is None:
         site = "resid_pre"
-    values = _weight_series(weights, series)
+    from .weights import WeightNorms
+
+    values = WeightNorms.from_json(weights).series(series)
     sigma = np.asarray(res.sites[site].token_std_mean, dtype=float)
     if values is None or values.shape != sigma.shape or np.any(values <= 0) or np.any(sigma <= 0):
         return None, "not comparable (no per-layer values)"

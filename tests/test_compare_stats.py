@@ -47,7 +47,8 @@ def test_weight_rows_of_ln_free_models_become_gains_on_the_normalised_input():
     folded = 2.0 * g ** np.arange(n) / sigma
     from normgrowth.fit import fit_growth
 
-    doc = {"ln_free": True, "layers": [{"W_OV_heads": [v, v], "W_in": v, "W_out": 1.0} for v in folded],
+    doc = {"model": "planted", "ln_free": True,
+           "layers": [{"W_OV_heads": [v, v], "W_in": v, "W_out": 1.0} for v in folded],
            "fit": {s: fit_growth(folded, window=(1, 6)).to_json() for s in ("W_OV_mean", "W_in", "W_out")}}
     res = types.SimpleNamespace(sites={"resid_pre": types.SimpleNamespace(token_std_mean=sigma), "resid_mid": None})
     fit, units = comparable_weight_fit(doc, res, "W_OV_mean")
