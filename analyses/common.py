@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 
+from normgrowth.laws import anchored_exponential
 from normgrowth.results import SITES, display_name  # noqa: F401  (the figures' site order and model names)
 
 DPI = 150
@@ -192,21 +193,8 @@ def fnum(x: Any) -> float:
 
 
 def fit_line(curve: Sequence[float], fit: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The fitted exponential over the fit's window: ``n(l) = exp(c) g^l`` for ``l = a..b``.
-
-    ``g`` is the fit's growth factor; ``c`` anchors the line to ``curve`` by least squares in log space
-    over the window, ``c = mean_l (log curve[l] - l log g)`` (the intercept of the log-linear fit
-    when ``curve`` is the fitted mean curve).
-    """
-    a, b = (int(x) for x in fit["window"])
-    g = fnum(fit["growth_factor"])
-    layers = np.arange(a, b + 1, dtype=float)
-    y = arr(curve)[a:b + 1]
-    ok = np.isfinite(y) & (y > 0)
-    if not (math.isfinite(g) and g > 0) or not ok.any():
-        return layers, np.full_like(layers, np.nan)
-    c = float(np.mean(np.log(y[ok]) - layers[ok] * math.log(g)))
-    return layers, np.exp(c + layers * math.log(g))
+    """The fit's exponential over its window, anchored to ``curve`` (:func:`normgrowth.laws.anchored_exponential`)."""
+    return anchored_exponential(curve, fit)
 
 
 def rate_text(fit: dict) -> str:

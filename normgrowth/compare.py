@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from scipy import stats
 
+from .laws import anchored_exponential
 from .numerics import Z95, difference_ci_from_cis, excludes_zero, holm_adjust, weighted_mean_ci
 from .protocol import ResultProtocol
 from .results import SITES, Results, display_name
@@ -383,11 +384,8 @@ def draw_comparison(fig: Any, doc: dict[str, Any], colors: tuple[str, str] = ("#
             label += f": {fit['percent_per_layer']:+.1f} %/layer"
         ax_n.plot(np.arange(curve.size), curve, "o-", color=colors[i], label=label, ms=3)
         if fit and fit.get("growth_factor"):
-            lo, hi = fit["window"]
-            x = np.arange(lo, hi + 1)
-            slope = math.log(fit["growth_factor"])
-            anchor = np.mean(np.log(curve[lo:hi + 1]) - slope * x)  # least-squares intercept for that slope
-            ax_n.plot(x, np.exp(anchor + slope * x), color=colors[i], lw=6, alpha=0.25, zorder=1)
+            x, y = anchored_exponential(curve, fit)
+            ax_n.plot(x, y, color=colors[i], lw=6, alpha=0.25, zorder=1)
     ax_n.set_yscale("log")
     ax_n.set_xlabel("layer")
     ax_n.set_ylabel("mean ‖resid_post‖₂ (log scale)")

@@ -103,6 +103,24 @@ def law_curve(law: str, params: dict, layers: Any) -> np.ndarray:
     raise ValueError(f"unknown growth law {law!r}; expected one of {LAWS}")
 
 
+def anchored_exponential(curve: Any, fit_json: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted exponential of a GrowthFit JSON drawn over its window: ``n(l) = exp(c) g^l``, ``l = a..b``.
+
+    ``g`` is the fit's growth factor; ``c`` anchors the line to ``curve`` by least squares in log space over
+    the window's positive values, ``c = mean_l (log curve[l] - l log g)`` (the intercept of the log-linear
+    fit when ``curve`` is the fitted mean curve). NaN values when ``g`` or the curve is unusable.
+    """
+    a, b = (int(x) for x in fit_json["window"])
+    g = math.nan if fit_json.get("growth_factor") is None else float(fit_json["growth_factor"])
+    layers = np.arange(a, b + 1, dtype=np.float64)
+    y = np.asarray([math.nan if v is None else v for v in curve], dtype=np.float64)[a:b + 1]
+    ok = np.isfinite(y) & (y > 0)
+    if not (math.isfinite(g) and g > 0) or not ok.any():
+        return layers, np.full_like(layers, np.nan)
+    c = float(np.mean(np.log(y[ok]) - layers[ok] * math.log(g)))
+    return layers, np.exp(c + layers * math.log(g))
+
+
 def relative_slope_ci(layers: Any, curve: Any, level: float = 0.95) -> tuple[float, float]:
     """Delta-method t interval of r = q / n0 for one curve: OLS of ``n = n0 + q (l - a)`` (``a`` = first
     layer), ``Var r ~ Var q / n0^2 + q^2 Var n0 / n0^4 - 2 q Cov(n0, q) / n0^3`` with the OLS covariance
