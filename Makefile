@@ -59,6 +59,9 @@ endif
 COMPARE ?= $(word 1,$(MODELS)) $(word 2,$(MODELS))
 SWEEP ?= $(ZOO)/train
 SWEEP_REVISIONS ?=
+# every result is remade after a change to the package; the CLI then recomputes only the results whose code
+# changed (each cached result records the hash of the code that computed it) and reuses the others
+SOURCE := $(shell find normgrowth -name '*.py')
 COMMON := --data $(DATA) --n-seqs $(N_SEQS) --seq-len $(SEQ_LEN) --out $(RESULTS)/cache
 
 slug = $(subst /,__,$(1))
@@ -112,22 +115,22 @@ $(RESULTS)/zoo.json: $(ZOO)/zoo.json
 	cp $(ZOO)/zoo.json $@
 	if [ -f $(ZOO)/seeds.json ]; then cp $(ZOO)/seeds.json $(RESULTS)/seeds.json; fi
 
-$(RESULTS)/models/%/report.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/models/%/report.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) report $(call unslug,$*) $(COMMON) --json $@
 
-$(RESULTS)/models/%/weights.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/models/%/weights.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) weights $(call unslug,$*) $(COMMON) --json $@
 
-$(RESULTS)/models/%/deletion.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/models/%/deletion.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) deletion $(call unslug,$*) $(COMMON) --json $@
 
-$(RESULTS)/compare.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/compare.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) compare $(COMPARE) $(COMMON) --json $@
 
-$(RESULTS)/compare-ln.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/compare-ln.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) compare $(ZOO)/ln $(ZOO)/noln $(COMMON) --json $@
 
-$(RESULTS)/sweep.json: $(ZOO_DEP) | $(STAMP)
+$(RESULTS)/sweep.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) sweep $(SWEEP) $(if $(SWEEP_REVISIONS),--revisions $(SWEEP_REVISIONS),) $(COMMON) --json $@
 
 results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) $(EXTRA_COMPARE)

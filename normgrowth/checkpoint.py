@@ -4,9 +4,10 @@ A checkpoint is one ``.npz`` (written with :func:`normgrowth.storage.atomic_writ
 either the previous one or the new one, never torn) next to the cached result it will become:
 ``<cache entry>.ckpt.npz``, or ``<cache entry>.ckpt-r<rank>of<world>.npz`` for each rank of a data
 parallel run. It holds the accumulators' :meth:`state_dict` arrays and a JSON header with the identity
-of the run (the result's cache key, batch size, package version, the rank's block of sequences) and how
-many of the block's sequences are done. A checkpoint is resumed only when its identity is exactly this
-run's: results from other settings are never mixed. Because the batches after the checkpoint are the very
+of the run (the result's cache key, the hash of the code that computes it
+(:func:`normgrowth.codehash.code_hash`), batch size, the rank's block of sequences) and how many of the
+block's sequences are done. A checkpoint is resumed only when its identity is exactly this run's: results
+from other settings or other code are never mixed. Because the batches after the checkpoint are the very
 batches an uninterrupted run makes, and the float64 accumulators are restored bit for bit, a resumed run
 ends with exactly the numbers of an uninterrupted one.
 """
@@ -21,7 +22,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import __version__
 from .storage import atomic_write_bytes
 
 HEADER = "__checkpoint__"
@@ -49,8 +49,11 @@ class Checkpoint:
 
 
 def identity(key: str, **settings: Any) -> dict[str, Any]:
-    """The header fields that must match for a checkpoint to be resumed."""
-    return {"key": key, "version": __version__, **settings}
+    """The header fields that must match for a checkpoint to be resumed: ``key``, the code hash of the
+    checkpoint's ``kind`` (a setting: ``"collection"`` or ``"deletion"``) and the other ``settings``."""
+    from .codehash import code_hash
+
+    return {"key": key, "code": code_hash(settings["kind"]), **settings}
 
 
 def save(path: Path, ident: dict[str, Any], done: int, state: dict[str, np.ndarray]) -> None:
@@ -75,6 +78,9 @@ def load(path: Path, ident: dict[str, Any]) -> tuple[Optional[int], Optional[dic
     done = header.pop("done", None)
     if header != json.loads(json.dumps(ident, sort_keys=True)) or not isinstance(done, int):
         differ = sorted(k for k in set(header) | set(ident) if header.get(k) != ident.get(k))
+        if "code" in differ:
+            return None, None, (f"written by other code (code hash {str(header.get('code'))[:12]}, "
+                                f"this code {str(ident.get('code'))[:12]})")
         return None, None, f"from other settings ({', '.join(differ)})"
     return done, state, ""
 

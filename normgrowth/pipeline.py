@@ -19,7 +19,9 @@ Cache entries under ``out`` (``<kind>-<model slug>-<key[:12]>``):
 * ``deletion``: the deletion JSON (``DeletionResults.to_json()``); key settings ``n_seqs``, ``seq_len``,
   ``dtype``, ``ablate``.
 
-An entry that cannot be read (torn write, other layout) is recomputed, never trusted. While a collection or
+An entry that cannot be read (torn write, other layout) is recomputed, never trusted; so is an entry computed by
+other code (each entry records the code hash of its kind, :mod:`normgrowth.codehash`), with one note saying
+why. While a collection or
 deletion pass runs, its checkpoint (``<entry>.ckpt.npz``, every ``checkpoint_every`` batches) lets a rerun of
 a killed run resume (:mod:`normgrowth.checkpoint`). Under ``torchrun`` rank 0 decides every cache hit and
 alone writes entries (:mod:`normgrowth.distributed`).
@@ -278,58 +280,79 @@ class _ModelHandle:
         return self.loaded
 
 
-def _entry(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[Path]:
-    """Cache base path for this run, or None without ``out``."""
-    found = _entry_key(kind, spec, settings, extra)
-    return None if found is None else found[0]
+@dataclass(frozen=True)
+class _Entry:
+    """One cache entry: its base path (``.json`` / ``.npz``), its full key and the stamp it records
+    (:func:`normgrowth.cache.stamp`: the key and the code hash of its kind)."""
+
+    base: Path
+    key: str
+    stamp: dict[str, str]
+
+    @property
+    def json(self) -> Path:
+        return self.base.with_suffix(".json")
 
 
-def _entry_key(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[tuple[Path, str]]:
-    """(cache base path, full cache key) of this run, or None without ``out``."""
+def _entry(kind: str, spec: str, settings: RunSettings, extra: dict[str, Any]) -> Optional[_Entry]:
+    """The cache entry of this run, or None without ``out``."""
     if settings.out is None:
         return None
-    from .cache import cache_key, cache_path
+    from .cache import cache_path, entry_key, identity, stamp
 
-    key = cache_key(kind, spec, settings.revision, settings.data, {**settings.cache_settings(), **extra})
-    return cache_path(settings.out, kind, spec, key), key
+    ident = identity(kind, spec, settings.revision, settings.data, {**settings.cache_settings(), **extra})
+    st = stamp(ident)
+    return _Entry(cache_path(settings.out, kind, spec, entry_key(ident)), st["key"], st)
 
 
-def _checkpoint(found: Optional[tuple[Path, str]], settings: RunSettings, emit: "_Emitter") -> Any:
-    """The collector checkpoint next to the cache entry ``found`` (None without ``out``)."""
-    if found is None:
+def _current(entry: Optional[_Entry], recorded: Any, emit: "_Emitter") -> bool:
+    """Whether an existing entry was computed by this code (its recorded stamp is this run's); when not,
+    one note says why it is recomputed."""
+    from .cache import stale_reason
+
+    why = stale_reason(recorded, entry.stamp)
+    if why is not None:
+        emit.note(f"recomputing {entry.json}: {why}")
+    return why is None
+
+
+def _checkpoint(entry: Optional[_Entry], settings: RunSettings, emit: "_Emitter") -> Any:
+    """The collector checkpoint next to the cache entry (None without ``out``)."""
+    if entry is None:
         if settings.checkpoint_every is not None:
             emit.note("no checkpoints: --checkpoint-every needs --out (checkpoints live next to the cached result)")
         return None
     from .checkpoint import Checkpoint
 
-    return Checkpoint(found[0], found[1], settings.checkpoint_every, note=emit.note)
+    return Checkpoint(entry.base, entry.key, settings.checkpoint_every, note=emit.note)
 
 
-def _load_cached(cls: Any, base: Optional[Path], emit: _Emitter) -> Any:
-    """``cls.load(base)`` when the entry exists and reads cleanly, else None (under torchrun rank 0
-    decides, so that every rank computes, or reuses, the same things)."""
+def _load_cached(cls: Any, entry: Optional[_Entry], emit: _Emitter) -> Any:
+    """``cls.load(entry)`` when the entry exists, reads cleanly and was computed by this code, else None
+    (under torchrun rank 0 decides, so that every rank computes, or reuses, the same things)."""
     from . import distributed
+    from .protocol import saved_stamp
 
     result = None
-    if base is not None and base.with_suffix(".json").is_file():
+    if entry is not None and entry.json.is_file() and _current(entry, saved_stamp(entry.base), emit):
         try:
-            result = cls.load(base)
-        except Exception:  # a stale, torn or foreign entry is recomputed, never trusted
+            result = cls.load(entry.base)
+        except Exception:  # a torn or foreign entry is recomputed, never trusted
             result = None
     if distributed.launched() and distributed.agree(result is not None) != (result is not None):
-        result = cls.load(base) if result is None else None  # rank 0 read it: it is complete
+        result = cls.load(entry.base) if result is None else None  # rank 0 read it: it is complete
     if result is not None:
-        emit.note(f"reusing cached result {base}.json")
+        emit.note(f"reusing cached result {entry.json}")
     return result
 
 
-def _save(result: Any, base: Optional[Path], emit: "_Emitter") -> None:
-    """``result.save(base)`` (rank 0 alone under torchrun)."""
+def _save(result: Any, entry: Optional[_Entry], emit: "_Emitter") -> None:
+    """``result.save(entry)`` with the entry's stamp (rank 0 alone under torchrun)."""
     from . import distributed
 
-    if base is not None and distributed.is_main():
-        result.save(base)
-        emit.note(f"saved {base}.json")
+    if entry is not None and distributed.is_main():
+        result.save(entry.base, stamp=entry.stamp)
+        emit.note(f"saved {entry.json}")
 
 
 def _batch_size(settings: RunSettings, model: Any, n_positions: int, emit: _Emitter,
@@ -350,9 +373,9 @@ def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _Model
     from .collector import DEFAULT_SITES
     from .results import Results
 
-    found = _entry_key("report", spec, settings, {"sites": list(DEFAULT_SITES)})
-    base = None if found is None else found[0]
-    res = _load_cached(Results, base, emit)
+    entry = _entry("report", spec, settings, {"sites": list(DEFAULT_SITES)})
+    base = None if entry is None else entry.base
+    res = _load_cached(Results, entry, emit)
     if res is not None:
         return res, base, True
     from .batching import run_with_oom_guard
@@ -364,34 +387,41 @@ def _collection(spec: str, settings: RunSettings, emit: _Emitter, handle: _Model
     size = _batch_size(settings, model, batch.tokens.shape[1], emit)
     res = emit.stream("collecting norms", lambda update: run_with_oom_guard(
         lambda: collect(model, batch, batch_size=size, seq_len=settings.seq_len, progress=update,
-                        checkpoint=_checkpoint(found, settings, emit)), size), tokens=_token_counter(batch))
-    _save(res, base, emit)
+                        checkpoint=_checkpoint(entry, settings, emit)), size), tokens=_token_counter(batch))
+    _save(res, entry, emit)
     return res, base, False
 
 
-def _cached_json(base: Optional[Path], emit: _Emitter, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """A JSON document from the cache entry ``base`` when readable, else ``compute()`` (then cached and read
-    back, so that a computed document has the same JSON-safe form as a cached one)."""
+def _cached_json(entry: Optional[_Entry], emit: _Emitter, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """A JSON document from the cache entry when readable and computed by this code, else ``compute()``
+    (then cached with the entry's stamp and read back, so that a computed document has the same JSON-safe
+    form as a cached one)."""
     from . import distributed
+    from .protocol import STAMP_KEY
     from .storage import atomic_write_json, to_json_text
 
-    path = None if base is None else base.with_suffix(".json")
-    doc = None
-    if path is not None and path.is_file():
+    def read() -> Optional[dict]:
         try:
-            doc = json.loads(path.read_text())
-        except ValueError:  # unreadable entries are recomputed
-            doc = None
+            doc = json.loads(entry.json.read_text())
+        except (OSError, ValueError):  # unreadable entries are recomputed
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    doc = read() if entry is not None and entry.json.is_file() else None
+    if doc is not None and not _current(entry, doc.get(STAMP_KEY), emit):
+        doc = None
     if distributed.launched() and distributed.agree(doc is not None) != (doc is not None):
-        doc = json.loads(path.read_text()) if doc is None else None  # rank 0 read it: it is complete
+        doc = read() if doc is None else None  # rank 0 read it: it is complete and current
     if doc is not None:
-        emit.note(f"reusing cached result {path}")
+        emit.note(f"reusing cached result {entry.json}")
+        doc.pop(STAMP_KEY, None)
         return doc, True
     doc = compute()
-    if path is not None:
+    if entry is not None:
         if distributed.is_main():
-            atomic_write_json(path, doc)
-            doc = json.loads(path.read_text())
+            atomic_write_json(entry.json, {**doc, STAMP_KEY: entry.stamp})
+            doc = read()
+            doc.pop(STAMP_KEY, None)
         else:  # what rank 0 writes and reads back
             doc = json.loads(to_json_text(doc))
     return doc, False
@@ -442,8 +472,9 @@ def _weights(spec: str, settings: RunSettings, *, with_data: bool, window: Optio
     handle = handle or _ModelHandle(spec, settings)
     extra = {"with_data": with_data, "random_inputs": random_inputs, "random_seqs": random_seqs,
              "random_len": random_len, "seed": seed, "window": window or None}
-    base = _entry("weights", spec, settings, extra)
-    result = _load_cached(WeightsResult, base, emit)
+    entry = _entry("weights", spec, settings, extra)
+    base = None if entry is None else entry.base
+    result = _load_cached(WeightsResult, entry, emit)
     if result is not None:
         return WeightsRun(result=result, settings=settings, cache_path=base, cached=True, report=report)
     results = None
@@ -458,7 +489,7 @@ def _weights(spec: str, settings: RunSettings, *, with_data: bool, window: Optio
         win = parse_window(window, model.n_layers)
     result = analyse_weights(model, results=results, random_inputs=random_inputs, n_seqs=random_seqs,
                              seq_len=random_len, seed=seed, window=win)
-    _save(result, base, emit)
+    _save(result, entry, emit)
     return WeightsRun(result=result, settings=settings, cache_path=base, cached=False, report=report)
 
 
@@ -499,14 +530,14 @@ def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Em
                            extra_bytes_per_token=deletion_bytes_per_token(model))
         res = emit.stream("deletion statistics", lambda update: run_with_oom_guard(
             lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update,
-                                     checkpoint=_checkpoint(found, settings, emit)), size),
+                                     checkpoint=_checkpoint(entry, settings, emit)), size),
             tokens=_token_counter(batch))
         text.append(format_deletion_report(res))
         return res.to_json()
 
-    found = _entry_key("deletion", spec, settings, {"ablate": ablate})
-    base = None if found is None else found[0]
-    doc, cached = _cached_json(base, emit, compute)
+    entry = _entry("deletion", spec, settings, {"ablate": ablate})
+    base = None if entry is None else entry.base
+    doc, cached = _cached_json(entry, emit, compute)
     if not text:
         from .deletion import format_deletion_json
 
@@ -605,9 +636,9 @@ def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_
             doc["deletion"] = {"verdict": d.doc.get("verdict")}
         return json_safe(doc)
 
-    base = _entry("sweep_point", spec, s, {"sites": list(DEFAULT_SITES), "window": window or None,
-                                            "weights": with_weights, "deletion": with_deletion})
-    return _cached_json(base, emit, compute)
+    entry = _entry("sweep_point", spec, s, {"sites": list(DEFAULT_SITES), "window": window or None,
+                                             "weights": with_weights, "deletion": with_deletion})
+    return _cached_json(entry, emit, compute)
 
 
 def run_sweep(checkpoints: Union[str, list[str]], data: Optional[str] = "builtin", *,

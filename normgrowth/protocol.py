@@ -11,7 +11,9 @@ A result is a dataclass that implements:
 
 and inherits ``save`` / ``load`` (JSON + npz, each written atomically, the JSON recording the npz's
 SHA-256 so that a torn write is detected, never read), ``to_frame`` (a pandas DataFrame) and a short
-``__repr__``.
+``__repr__``. A cache entry's JSON also records the code that computed it under ``"cache"``
+(:func:`normgrowth.cache.stamp`): :meth:`ResultProtocol.save` writes it when given, :func:`saved_stamp` reads
+it, and :meth:`ResultProtocol.load` leaves it out of the result.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, Iterable, Optional, TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from .errors import NormgrowthError
 from .storage import atomic_write_bytes, atomic_write_json
 
 FRAME_COLUMNS = ("model", "site", "layer", "statistic", "value")
+STAMP_KEY = "cache"  # a cache entry's record of the code that computed it
 R = TypeVar("R", bound="ResultProtocol")
 
 
@@ -42,6 +45,15 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def saved_stamp(path: str | os.PathLike) -> Any:
+    """The cache stamp recorded in the saved JSON at ``path`` (None when absent or unreadable)."""
+    try:
+        doc = json.loads(result_base(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get(STAMP_KEY) if isinstance(doc, dict) else None
 
 
 class ResultProtocol:
@@ -67,11 +79,14 @@ class ResultProtocol:
         raise NotImplementedError
 
     # ---- provided -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.npz`` (when there are arrays) then ``<path>.json``; returns the JSON path."""
+    def save(self, path: str | os.PathLike, stamp: Optional[dict[str, Any]] = None) -> Path:
+        """Write ``<path>.npz`` (when there are arrays) then ``<path>.json`` (with the cache ``stamp`` when
+        given); returns the JSON path."""
         base = result_base(path)
         doc = dict(self.to_json())
         doc["result_kind"] = self.kind
+        if stamp is not None:
+            doc[STAMP_KEY] = stamp
         arrays = self.arrays()
         if arrays:
             raw = npz_bytes(arrays)
@@ -105,6 +120,7 @@ class ResultProtocol:
                                       "delete both files and compute it again.")
             with np.load(npath, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
+        doc.pop(STAMP_KEY, None)
         return cls.from_saved(doc, arrays)
 
     def to_frame(self):
