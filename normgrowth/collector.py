@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from . import checkpoint as ckpt
+from . import resume as ckpt
 from . import distributed
-from .checkpoint import Checkpoint
+from .resume import Checkpoint
 from .data import TokenBatch, as_token_batch, iter_batches
 from .errors import NonFiniteNormError, NormgrowthError
 from .models import LoadedModel
@@ -342,7 +342,7 @@ def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[
     ``progress(n_done, n_total)`` is called after each batch with this process's sequence counts.
 
     ``checkpoint``: save the accumulators every ``checkpoint.every`` batches and resume from a saved
-    checkpoint of the same run (:mod:`normgrowth.checkpoint`); it is removed once the results are built.
+    checkpoint of the same run (:mod:`normgrowth.resume`); it is removed once the results are built.
     Under ``torchrun`` each rank collects a contiguous block of whole batches and every rank returns
     the merged results of all ranks (:mod:`normgrowth.distributed`).
     """

@@ -1013,7 +1013,7 @@ class _DeletionCheckpoint:
             return
         import time
 
-        from . import checkpoint as ckpt
+        from . import resume as ckpt
         from .distributed import world
 
         self._ckpt, self._started = ckpt, time.perf_counter()

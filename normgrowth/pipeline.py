@@ -23,7 +23,7 @@ An entry that cannot be read (torn write, other layout) is recomputed, never tru
 other code (each entry records the code hash of its kind, :mod:`normgrowth.codehash`), with one note saying
 why. While a collection or
 deletion pass runs, its checkpoint (``<entry>.ckpt.npz``, every ``checkpoint_every`` batches) lets a rerun of
-a killed run resume (:mod:`normgrowth.checkpoint`). Under ``torchrun`` rank 0 decides every cache hit and
+a killed run resume (:mod:`normgrowth.resume`). Under ``torchrun`` rank 0 decides every cache hit and
 alone writes entries (:mod:`normgrowth.distributed`).
 """
 
@@ -322,7 +322,7 @@ def _checkpoint(entry: Optional[_Entry], settings: RunSettings, emit: "_Emitter"
         if settings.checkpoint_every is not None:
             emit.note("no checkpoints: --checkpoint-every needs --out (checkpoints live next to the cached result)")
         return None
-    from .checkpoint import Checkpoint
+    from .resume import Checkpoint
 
     return Checkpoint(entry.base, entry.key, settings.checkpoint_every, note=emit.note)
 

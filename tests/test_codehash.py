@@ -113,7 +113,7 @@ def test_a_cached_result_from_other_code_is_recomputed_with_one_note(small, tmp_
 
 
 def test_a_resume_checkpoint_from_other_code_is_not_used(small, tmp_path, monkeypatch):
-    from normgrowth.checkpoint import Checkpoint
+    from normgrowth.resume import Checkpoint
     from normgrowth.collector import collect
     from normgrowth.models import load_model
 

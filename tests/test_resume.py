@@ -91,7 +91,7 @@ def _collect_with(model_dir, data, ckpt, batch_size=2, stop_after=None):
 
 
 def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_not_used(setup, tmp_path):
-    from normgrowth.checkpoint import Checkpoint
+    from normgrowth.resume import Checkpoint
 
     model, data = setup
     notes: list[str] = []
@@ -121,7 +121,7 @@ def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_not_used(setup, 
 
 
 def test_in_process_interruption_resumes_bit_for_bit(setup, tmp_path):
-    from normgrowth.checkpoint import Checkpoint
+    from normgrowth.resume import Checkpoint
 
     model, data = setup
     notes: list[str] = []
@@ -147,7 +147,7 @@ def test_progress_rate_and_time_left_count_only_work_since_the_first_update():
 
 
 def test_deletion_interrupted_in_either_pass_resumes_to_the_same_document(setup, tmp_path):
-    from normgrowth.checkpoint import Checkpoint
+    from normgrowth.resume import Checkpoint
     from normgrowth.data import load_tokens
     from normgrowth.deletion import collect_deletion
     from normgrowth.models import load_model

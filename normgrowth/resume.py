@@ -1,4 +1,4 @@
-"""Collector checkpoints: streaming state written atomically every few batches, so a killed run resumes.
+"""Resume state: streaming state written atomically every few batches, so a killed run resumes.
 
 A checkpoint is one ``.npz`` (written with :func:`normgrowth.storage.atomic_write_bytes`, so it is
 either the previous one or the new one, never torn) next to the cached result it will become:
