@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from .pipeline import RANDOM_LEN, RANDOM_SEQS  # the pipeline module imports nothing heavy
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure, fit and explain residual-stream norm growth in transformers.")
 zoo_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The offline model pair (with / without LayerNorm).")
@@ -33,6 +35,7 @@ JSON = typer.Option(None, "--json", help="Write the JSON summary here.")
 CHECKPOINT = typer.Option(None, "--checkpoint-every", help="With --out: save the collection state every N batches "
                                                              "(default: about every 3 minutes); rerunning "
                                                              "after a crash resumes there.")
+REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit).")
 WINDOW = typer.Option(None, "--window", help="Fit window a:b (inclusive layer indices; default skips the first "
                                               "layers and the last).")
 
@@ -114,7 +117,7 @@ def _write_json(path: Optional[Path], doc) -> None:
 def report(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
            batch_size: str = BATCH, device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
            json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
-           revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit)."),
+           revision: Optional[str] = REVISION,
            device_map: Optional[str] = DEVICE_MAP, checkpoint_every: Optional[int] = CHECKPOINT):
     """Collect residual-stream norms per layer and print the per-layer table and growth fits."""
     from .pipeline import run_report
@@ -136,9 +139,9 @@ def weights(model: str = MODEL,
             json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
             random_inputs: bool = typer.Option(True, "--random/--no-random", help="Feed N(0,1) inputs through "
                                                                                  "every attention and MLP."),
-            random_seqs: int = typer.Option(8, "--random-seqs", help="Sequences of random inputs."),
-            random_len: int = typer.Option(64, "--random-len", help="Positions per random sequence."),
-            revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP,
+            random_seqs: int = typer.Option(RANDOM_SEQS, "--random-seqs", help="Sequences of random inputs."),
+            random_len: int = typer.Option(RANDOM_LEN, "--random-len", help="Positions per random sequence."),
+            revision: Optional[str] = REVISION, device_map: Optional[str] = DEVICE_MAP,
             checkpoint_every: Optional[int] = CHECKPOINT):
     """Weight norms per layer (W_OV per head, W_in, W_out, biases, gains) with growth fits; random-input gains."""
     from .pipeline import run_weights
@@ -158,7 +161,7 @@ def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQ
              ablate: Optional[str] = typer.Option("default", "--ablate", help="Writes to mean-ablate: block numbers "
                                                   "(0,3,6), labels (embed,mlp_out.3), 'default' (~6 spread blocks), "
                                                   "'all', or 'none'."),
-             revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP,
+             revision: Optional[str] = REVISION, device_map: Optional[str] = DEVICE_MAP,
              checkpoint_every: Optional[int] = CHECKPOINT):
     """Deletion by magnitude: retention, dilution, visibility, reading shares, locality, ablations."""
     from .pipeline import run_deletion
@@ -166,7 +169,7 @@ def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQ
     run = run_deletion(model, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                        dtype=dtype, out=out, revision=revision, device_map=device_map, ablate=ablate,
                        progress=_reporter(), checkpoint_every=checkpoint_every)
-    _echo(run.text)
+    _echo(run.text())
     _write_json(json_path, run.document())
 
 
@@ -178,14 +181,14 @@ def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNor
             json_path: Optional[Path] = JSON,
             figure: Optional[Path] = typer.Option(None, "--figure", help="Write the comparison figure here (.png + .pdf)."),
             with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include deletion summaries."),
-            window: Optional[str] = WINDOW, device_map: Optional[str] = DEVICE_MAP,
-            checkpoint_every: Optional[int] = CHECKPOINT):
+            window: Optional[str] = WINDOW, revision: Optional[str] = REVISION,
+            device_map: Optional[str] = DEVICE_MAP, checkpoint_every: Optional[int] = CHECKPOINT):
     """Compare two models side by side: growth with CIs and their difference, position 0, writes, weights, deletion."""
     from .pipeline import run_compare
 
     run = run_compare(model_a, model_b, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
-                      dtype=dtype, out=out, device_map=device_map, window=window, with_deletion=with_deletion,
-                      progress=_reporter(), checkpoint_every=checkpoint_every)
+                      dtype=dtype, out=out, revision=revision, device_map=device_map, window=window,
+                      with_deletion=with_deletion, progress=_reporter(), checkpoint_every=checkpoint_every)
     _echo(run.text())
     _write_json(json_path, run.document())
     if figure is not None and _main_process():
@@ -207,28 +210,29 @@ def sweep(checkpoints: list[str] = typer.Argument(..., help="Checkpoint folders,
           json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
           with_weights: bool = typer.Option(True, "--weights/--no-weights", help="Include weight-norm growth fits."),
           with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include the deletion verdict."),
-          device_map: Optional[str] = DEVICE_MAP):
+          device_map: Optional[str] = DEVICE_MAP, checkpoint_every: Optional[int] = CHECKPOINT):
     """Growth fits (as in report), weight-norm growth and the deletion verdict at every checkpoint, in step order."""
     from .pipeline import run_sweep
 
     run = run_sweep(checkpoints, data, revisions=revisions, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size,
                     device=device, dtype=dtype, out=out, device_map=device_map, window=window,
-                    with_weights=with_weights, with_deletion=with_deletion, progress=_reporter())
+                    with_weights=with_weights, with_deletion=with_deletion, progress=_reporter(),
+                    checkpoint_every=checkpoint_every)
     _echo(run.text())
     _write_json(json_path, run.document())
 
 
 @app.command("fit")
 def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or columns layer,value) or JSON list of per-layer norms."),
-                window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON,
-                n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (only for several curves).")):
-    """Fit a per-layer norm curve measured elsewhere (e.g. a published one)."""
+                window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON):
+    """Fit a per-layer norm curve measured elsewhere (e.g. a published one); one curve, so the CI is the
+    least-squares slope's standard error (docs/fit.md)."""
     from .fit import fit_growth, format_fit_table, parse_window, read_curve
     from .laws import format_law_table
 
     values = read_curve(curve)
     win = parse_window(window, len(values)) if window else None
-    fit = fit_growth(values, window=win, n_boot=n_boot)
+    fit = fit_growth(values, window=win)
     _echo(f"{curve}: {len(values)} layers")
     _echo(format_fit_table({curve.stem: fit}))
     a, b = fit.window
@@ -260,11 +264,25 @@ def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for
                   f"nats/token (LayerNorm kept, the twin's fine-tuning schedule)")
 
 
+def _warning_printer():
+    """A ``warnings.showwarning`` that prints each distinct warning once per run, as one line on stderr
+    (``warning: <message>``, no source line)."""
+    seen: set[str] = set()
+
+    def show(message, category, *args, **kwargs) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen and _main_process():
+            seen.add(text)
+            typer.echo(f"warning: {text}", err=True)
+
+    return show
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     from .errors import NormgrowthError
 
-    warnings.showwarning = lambda message, category, *a, **k: typer.echo(f"warning: {message}", err=True)
+    warnings.showwarning = _warning_printer()
     try:
         app()  # click's standalone mode handles usage errors (exit 2) and exits
     except NormgrowthError as err:

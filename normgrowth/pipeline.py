@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .errors import NormgrowthError
+from .protocol import ResultProtocol
 
 if TYPE_CHECKING:
     from .fit import GrowthFit
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from .weights import WeightsResult
 
 EVENT_KINDS = ("note", "start", "advance", "end")
+RANDOM_SEQS = 8  # random-input sequences of the weights analysis (normgrowth.weights.random_input_gains)
+RANDOM_LEN = 64  # positions per random-input sequence
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class RunSettings:
         return {"n_seqs": self.n_seqs, "seq_len": self.seq_len, "dtype": self.dtype}
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of run_report / run_weights / run_deletion (``run_report(m, **s.as_kwargs())``)."""
+        """Keyword arguments of every ``run_*`` function (``run_report(m, **s.as_kwargs())``)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> dict[str, Any]:
@@ -138,9 +141,50 @@ class RunSettings:
 # ----------------------------------------------------------------------------------------------
 # run objects
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class ReportRun:
-    """``normgrowth report``: the collection, its growth fits, and where it came from."""
+class RunProtocol:
+    """What every run object offers, through its ``result`` (a :class:`~normgrowth.protocol.ResultProtocol`):
+    ``document()`` / ``to_json()`` (what ``--json`` writes), ``text()`` (what the command prints),
+    ``to_frame()``, ``summary()``, ``save(path)`` and ``Run.load(path)`` (the run rebuilt from its saved
+    result, marked ``cached``)."""
+
+    result: Any
+
+    def document(self) -> dict[str, Any]:
+        return self.result.to_json()
+
+    def to_json(self) -> dict[str, Any]:
+        return self.document()
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def to_frame(self):
+        """The result's long-format pandas DataFrame (:meth:`~normgrowth.protocol.ResultProtocol.to_frame`)."""
+        return self.result.to_frame()
+
+    def summary(self) -> str:
+        return self.result.summary()
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Save the result (``path.json`` and, when it has arrays, ``path.npz``); returns the JSON path."""
+        return self.result.save(path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> Any:
+        raise NotImplementedError
+
+
+def _fits(results: "Results", window: Optional[str]) -> dict[str, "GrowthFit"]:
+    """The growth fit of every site present over ``window`` (none with fewer than two layers)."""
+    if results.meta.n_layers < 2:
+        return {}
+    return {site: results.fit(site, window) for site, st in results.sites.items() if st is not None}
+
+
+@dataclass(repr=False)
+class ReportRun(RunProtocol):
+    """``normgrowth report``: the collection, its growth fits, and where it came from. ``document()`` is the
+    report JSON; ``to_frame()``, ``save`` and ``summary()`` are the collection's."""
 
     results: "Results"
     fits: dict[str, "GrowthFit"]
@@ -150,6 +194,10 @@ class ReportRun:
     cached: bool  # True when the collection was read from the cache
     model: Any = None  # the LoadedModel when this run loaded one
     _document: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def result(self) -> "Results":
+        return self.results
 
     def document(self) -> dict[str, Any]:
         """The report JSON (:func:`normgrowth.report.report_document` with these fits)."""
@@ -170,9 +218,19 @@ class ReportRun:
                      + format_fit_table(self.fits))
         return text
 
+    @classmethod
+    def load(cls, path: Union[str, Path], window: Optional[str] = None) -> "ReportRun":
+        """The run of a saved collection, its fits made over ``window``."""
+        from .protocol import result_base
+        from .results import Results
 
-@dataclass
-class WeightsRun:
+        results = Results.load(path)
+        return cls(results=results, fits=_fits(results, window), window=window or None, settings=RunSettings(),
+                   cache_path=result_base(path), cached=True)
+
+
+@dataclass(repr=False)
+class WeightsRun(RunProtocol):
     """``normgrowth weights``: the weights result (the weights.json document) and its collection, if any."""
 
     result: "WeightsResult"
@@ -181,45 +239,120 @@ class WeightsRun:
     cached: bool
     report: Optional[ReportRun] = None  # the collection compared with, when data was given and computed here
 
-    def document(self) -> dict[str, Any]:
-        return self.result.to_json()
-
     def text(self) -> str:
         from .weights import format_weights
 
         return format_weights(self.result)
 
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "WeightsRun":
+        from .protocol import result_base
+        from .weights import WeightsResult
 
-@dataclass
-class DeletionRun:
-    """``normgrowth deletion``: the deletion JSON and its printable report."""
+        return cls(result=WeightsResult.load(path), settings=RunSettings(), cache_path=result_base(path), cached=True)
 
-    doc: dict[str, Any]
-    text: str
+
+class DeletionDocument(ResultProtocol):
+    """A deletion JSON (``DeletionResults.to_json()``) with the result protocol: what the deletion cache
+    holds and ``run_deletion`` returns. Frame rows: every ratio-of-sums matrix entry (``site`` the write,
+    ``layer`` the reader's layer, extra columns ``reader`` and ``distance``) and the pooled by-distance
+    statistics with their CIs."""
+
+    kind = "deletion"
+    POOLED = ("retention_far", "dilution_decay_per_layer", "visibility_decay_per_layer",
+              "excess_dilution_decay_per_layer")
+
+    def __init__(self, doc: dict[str, Any]):
+        self.doc = doc
+
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
+    @classmethod
+    def from_saved(cls, doc: dict[str, Any], arrays: dict[str, Any]) -> "DeletionDocument":
+        if "verdict" not in doc or "writes" not in doc:
+            raise NormgrowthError("saved deletion result has no verdict or writes (another layout): run "
+                                  "normgrowth deletion again.")
+        return cls({k: v for k, v in doc.items() if k not in ("result_kind", "arrays")})
+
+    def frame_rows(self):
+        from .deletion import MATRICES
+
+        doc = self.doc
+        model = doc.get("model")
+        wl, rl = doc["write_layer"], doc["reader_layer"]
+        for q in MATRICES:
+            for r, reader in enumerate(doc["readers"]):
+                for c, write in enumerate(doc["writes"]):
+                    v = (doc.get(q) or [[None]])[r][c] if q in doc else None
+                    if v is not None:
+                        yield {"model": model, "site": write, "layer": rl[r], "statistic": q, "value": float(v),
+                               "reader": reader, "distance": float(rl[r] - wl[c])}
+        by = doc.get("by_distance") or {}
+        for key in self.POOLED:
+            if key in by:
+                lo, hi = by.get(key + "_ci95") or [None, None]
+                yield {"model": model, "site": "all writes", "layer": None, "statistic": key, "value": by[key],
+                       "ci_lo": lo, "ci_hi": hi}
+
+    def summary(self) -> str:
+        return self.text().splitlines()[0]
+
+    def text(self) -> str:
+        from .deletion import format_deletion_json
+
+        return format_deletion_json(self.doc)
+
+
+@dataclass(repr=False)
+class DeletionRun(RunProtocol):
+    """``normgrowth deletion``: the deletion document (:class:`DeletionDocument`) and its printable report."""
+
+    result: DeletionDocument
     settings: RunSettings
     cache_path: Optional[Path]
     cached: bool
 
-    def document(self) -> dict[str, Any]:
-        return self.doc
+    @property
+    def doc(self) -> dict[str, Any]:
+        return self.result.doc
+
+    def text(self) -> str:
+        return self.result.text()
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "DeletionRun":
+        from .protocol import result_base
+
+        return cls(result=DeletionDocument.load(path), settings=RunSettings(), cache_path=result_base(path),
+                   cached=True)
 
 
-@dataclass
-class CompareRun:
-    """``normgrowth compare``: the comparison JSON of two models and its printable table."""
+@dataclass(repr=False)
+class CompareRun(RunProtocol):
+    """``normgrowth compare``: the comparison of two models (:class:`~normgrowth.compare.ComparisonResult`) and
+    the runs it was made from (absent when loaded)."""
 
-    doc: dict[str, Any]
-    reports: tuple[ReportRun, ReportRun]
-    weights: tuple[Optional[dict], Optional[dict]]  # WeightNorms JSON of each side
-    deletions: tuple[Optional[dict], Optional[dict]]
+    result: Any  # ComparisonResult
+    reports: tuple[Optional[ReportRun], Optional[ReportRun]] = (None, None)
+    weights: tuple[Optional[dict], Optional[dict]] = (None, None)  # WeightNorms JSON of each side
+    deletions: tuple[Optional[dict], Optional[dict]] = (None, None)
+    settings: RunSettings = field(default_factory=lambda: RunSettings())
 
-    def document(self) -> dict[str, Any]:
-        return self.doc
+    @property
+    def doc(self) -> dict[str, Any]:
+        return self.result.doc
 
     def text(self) -> str:
         from .compare import format_comparison
 
         return format_comparison(self.doc)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "CompareRun":
+        from .compare import ComparisonResult
+
+        return cls(result=ComparisonResult.load(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,10 +575,7 @@ def _report(spec: str, settings: RunSettings, window: Optional[str], emit: _Emit
             handle: Optional[_ModelHandle] = None) -> ReportRun:
     handle = handle or _ModelHandle(spec, settings)
     res, base, cached = _collection(spec, settings, emit, handle)
-    fits = {}
-    if res.meta.n_layers >= 2:  # a growth fit needs two layers
-        fits = {site: res.fit(site, window) for site, st in res.sites.items() if st is not None}
-    return ReportRun(results=res, fits=fits, window=window or None, settings=settings, cache_path=base,
+    return ReportRun(results=res, fits=_fits(res, window), window=window or None, settings=settings, cache_path=base,
                      cached=cached, model=handle.loaded)
 
 
@@ -497,7 +627,7 @@ def run_weights(model: str, data: Optional[str] = None, *, n_seqs: Optional[int]
                 seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
                 dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
                 device_map: Optional[str] = None, window: Optional[str] = None, random_inputs: bool = True,
-                random_seqs: int = 8, random_len: int = 64, seed: int = 0,
+                random_seqs: int = RANDOM_SEQS, random_len: int = RANDOM_LEN, seed: int = 0,
                 progress: Optional[ProgressCallback] = None,
                 checkpoint_every: Optional[int] = None) -> WeightsRun:
     """Weight norms of ``model`` with their growth fits over ``window``; with ``random_inputs``, output norms on
@@ -516,12 +646,11 @@ def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Em
               handle: Optional[_ModelHandle] = None) -> DeletionRun:
     handle = handle or _ModelHandle(spec, settings)
     ablate = None if ablate in (None, "", "none") else ablate
-    text: list[str] = []
 
     def compute() -> dict:
         from .batching import run_with_oom_guard
         from .data import load_tokens
-        from .deletion import collect_deletion, deletion_bytes_per_token, format_deletion_report, parse_ablate
+        from .deletion import collect_deletion, deletion_bytes_per_token, parse_ablate
 
         model = handle.get()
         batch = load_tokens(settings.data, model, n_seqs=settings.n_seqs, seq_len=settings.seq_len)
@@ -532,17 +661,12 @@ def _deletion(spec: str, settings: RunSettings, ablate: Optional[str], emit: _Em
             lambda: collect_deletion(model, batch, batch_size=size, ablate=writes, progress=update,
                                      checkpoint=_checkpoint(entry, settings, emit)), size),
             tokens=_token_counter(batch))
-        text.append(format_deletion_report(res))
         return res.to_json()
 
     entry = _entry("deletion", spec, settings, {"ablate": ablate})
     base = None if entry is None else entry.base
     doc, cached = _cached_json(entry, emit, compute)
-    if not text:
-        from .deletion import format_deletion_json
-
-        text.append(format_deletion_json(doc))
-    return DeletionRun(doc=doc, text=text[0], settings=settings, cache_path=base, cached=cached)
+    return DeletionRun(result=DeletionDocument(doc), settings=settings, cache_path=base, cached=cached)
 
 
 def run_deletion(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
@@ -560,48 +684,54 @@ def run_deletion(model: str, data: Optional[str] = "builtin", *, n_seqs: Optiona
 
 def run_compare(model_a: str, model_b: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
                 seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
-                dtype: str = "float32", out: Union[str, Path, None] = None, device_map: Optional[str] = None,
-                window: Optional[str] = None, with_deletion: bool = True,
+                dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+                device_map: Optional[str] = None, window: Optional[str] = None, with_deletion: bool = True,
                 progress: Optional[ProgressCallback] = None,
                 checkpoint_every: Optional[int] = None) -> CompareRun:
     """Two models side by side (:func:`normgrowth.compare.compare_documents`): each side's report (fits over
-    ``window``), weight norms (default window; random inputs compared with the side's data) and, with
-    ``with_deletion``, deletion statistics without ablations - each reused from, or saved to, ``out``."""
-    from .compare import compare_documents
+    ``window``), weight norms (default window; :data:`RANDOM_SEQS` x :data:`RANDOM_LEN` random inputs
+    compared with the side's data) and, with ``with_deletion``, deletion statistics without ablations - each
+    reused from, or saved to, ``out``. ``revision`` (a hub revision) applies to both models."""
+    from .compare import ComparisonResult, compare_documents
 
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map,
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
                          checkpoint_every)
     emit = _Emitter(progress)
     reports, weights, deletions = [], [], []
     for spec in (model_a, model_b):
         handle = _ModelHandle(spec, settings)
         rep = _report(spec, settings, window, emit, handle)
-        w = _weights(spec, settings, with_data=True, window=None, random_inputs=True, random_seqs=8, random_len=64,
-                     seed=0, emit=emit, handle=handle, report=rep)
+        w = _weights(spec, settings, with_data=True, window=None, random_inputs=True, random_seqs=RANDOM_SEQS,
+                     random_len=RANDOM_LEN, seed=0, emit=emit, handle=handle, report=rep)
         d = _deletion(spec, settings, None, emit, handle).doc if with_deletion else None
         reports.append(rep)
         weights.append(w.result.norms.to_json())
         deletions.append(d)
     (ra, rb), (wa, wb), (da, db) = reports, weights, deletions
     doc = compare_documents(ra.results, rb.results, ra.document(), rb.document(), wa, wb, da, db)
-    return CompareRun(doc=doc, reports=(ra, rb), weights=(wa, wb), deletions=(da, db))
+    return CompareRun(result=ComparisonResult(doc), reports=(ra, rb), weights=(wa, wb), deletions=(da, db),
+                      settings=settings)
 
 
 # ----------------------------------------------------------------------------------------------
 # sweeps over checkpoints
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class SweepRun:
+@dataclass(repr=False)
+class SweepRun(RunProtocol):
     """``normgrowth sweep``: the :class:`~normgrowth.sweep.SweepResult` and which points came from the cache."""
 
     result: Any  # SweepResult
     cached: list[bool]
 
-    def document(self) -> dict[str, Any]:
-        return self.result.to_json()
-
     def text(self) -> str:
         return self.result.text()
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "SweepRun":
+        from .sweep import SweepResult
+
+        result = SweepResult.load(path)
+        return cls(result=result, cached=[True] * len(result.points))
 
 
 def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_weights: bool,
@@ -628,8 +758,8 @@ def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_
             "n_tokens": meta.n_tokens,
             "fit": rep.document()["fit"], "weight_fit": None, "deletion": None}
         if with_weights:
-            w = _weights(spec, s, with_data=False, window=window, random_inputs=False, random_seqs=8,
-                         random_len=64, seed=0, emit=emit, handle=handle)
+            w = _weights(spec, s, with_data=False, window=window, random_inputs=False, random_seqs=RANDOM_SEQS,
+                         random_len=RANDOM_LEN, seed=0, emit=emit, handle=handle)
             doc["weight_fit"] = w.result.norms.to_json().get("fit")
         if with_deletion:
             d = _deletion(spec, s, None, emit, handle)
@@ -644,20 +774,27 @@ def _sweep_point(point: Any, settings: RunSettings, window: Optional[str], with_
 def run_sweep(checkpoints: Union[str, list[str]], data: Optional[str] = "builtin", *,
               revisions: Union[str, list[str], None] = None, n_seqs: Optional[int] = None,
               seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 8, device: Optional[str] = None,
-              dtype: str = "float32", out: Union[str, Path, None] = None, device_map: Optional[str] = None,
-              window: Optional[str] = None, with_weights: bool = True, with_deletion: bool = True,
-              progress: Optional[ProgressCallback] = None) -> SweepRun:
+              dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+              device_map: Optional[str] = None, window: Optional[str] = None, with_weights: bool = True,
+              with_deletion: bool = True, progress: Optional[ProgressCallback] = None,
+              checkpoint_every: Optional[int] = None) -> SweepRun:
     """The report's fits (plus weight-norm fits and the deletion verdict) at every checkpoint of
     :func:`normgrowth.sweep.expand_checkpoints` ``(checkpoints, revisions)``, in that order.
 
     With ``out`` every point is cached (kind ``sweep_point``, on top of the ``report``, ``weights`` and
-    ``deletion`` entries it is made from), so an interrupted sweep resumes where it stopped."""
+    ``deletion`` entries it is made from), so an interrupted sweep resumes where it stopped. ``revision``: one
+    hub revision for every checkpoint (the same as ``revisions=[revision]``)."""
     from .sweep import SweepResult, expand_checkpoints, parse_revisions
 
     specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else [str(c) for c in checkpoints]
     revs = parse_revisions(revisions) if isinstance(revisions, str) else list(revisions or [])
+    if revision is not None:
+        if revs:
+            raise NormgrowthError("give either revision (one for every checkpoint) or revisions, not both.")
+        revs = [revision]
     points = expand_checkpoints([str(c) for c in specs], revs)
-    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map)
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, None, device_map,
+                         checkpoint_every)
     emit = _Emitter(progress)
     docs, cached = [], []
     for k, point in enumerate(points):

@@ -23,12 +23,13 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Optional, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Optional, TypeVar
 
 from .errors import NormgrowthError
 from .storage import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:  # numpy is imported where arrays are written or read, so that importing this stays light
+    import numpy as np
 
 FRAME_COLUMNS = ("model", "site", "layer", "statistic", "value")
 STAMP_KEY = "cache"  # a cache entry's record of the code that computed it
@@ -42,6 +43,8 @@ def result_base(path: str | os.PathLike) -> Path:
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import numpy as np
+
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -118,6 +121,8 @@ class ResultProtocol:
             if doc["arrays"].get("sha256") != hashlib.sha256(raw).hexdigest():
                 raise NormgrowthError(f"saved result {str(jpath)!r} does not match its .npz (interrupted write?): "
                                       "delete both files and compute it again.")
+            import numpy as np
+
             with np.load(npath, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         doc.pop(STAMP_KEY, None)

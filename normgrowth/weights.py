@@ -442,7 +442,7 @@ def random_token_ids(model: Any, n_seqs: int, seq_len: int, seed: int) -> torch.
     return tokens
 
 
-def random_input_gains(model: Any, n_seqs: int = 8, seq_len: int = 64, seed: int = 0,
+def random_input_gains(model: Any, *, n_seqs: int, seq_len: int, seed: int = 0,
                        input_std: StdSpec = None) -> dict:
     """Attention/MLP output norms per layer when every block's norms see random vectors (one forward).
 
@@ -697,7 +697,7 @@ _SERIES_SITE = {**{k: "attn" for k in ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O",
                                       "gain_mlp_out")}}
 
 
-def analyse_weights(model: Any, results: Any = None, random_inputs: bool = True, n_seqs: int = 8, seq_len: int = 64,
+def analyse_weights(model: Any, results: Any = None, random_inputs: bool = True, *, n_seqs: int, seq_len: int,
                     seed: int = 0, window: Any = None) -> WeightsResult:
     """Everything ``normgrowth weights MODEL`` reports: :func:`weight_norms`, and with ``random_inputs``
     :func:`random_input_gains` (``n_seqs`` x ``seq_len`` random tokens), compared with ``results`` (a

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import VOCAB, build_tiny
 from normgrowth.errors import NormgrowthError
+from normgrowth.storage import json_safe
 from normgrowth.pipeline import Event, RunSettings, run_deletion, run_report, run_weights
 
 CLI = Path(__file__).resolve().parents[1] / "normgrowth" / "cli.py"
@@ -130,7 +131,7 @@ def test_weights_and_deletion_cache(four_layer, tokens, tmp_path):
     d1 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate="none")
     d2 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate=None)
     assert not d1.cached and d2.cached and d2.doc == d1.doc
-    assert not (d1.doc.get("ablation") or {}).get("writes") and d2.text  # a cached document prints from its JSON
+    assert not (d1.doc.get("ablation") or {}).get("writes") and d2.text() == d1.text()  # printed from the JSON
     d3 = run_deletion(str(four_layer), str(tokens), batch_size=4, out=out, ablate="0")
     assert not d3.cached and d3.cache_path != d1.cache_path and d3.doc["ablation"]["writes"]
 
@@ -266,3 +267,63 @@ def test_weights_frame_matches_saved_json(weights_run, tmp_path):
     assert frame[frame.site == "final_norm"]["value"].tolist() == pytest.approx([doc["weights"]["gain_final"]])
     assert "W_gate" not in set(frame.statistic)  # absent from GPT-2: no rows rather than NaN rows
     assert wr.summary().startswith(f"weight norms of {doc['model']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# one shape for every run
+# ----------------------------------------------------------------------------------------------
+def test_every_run_takes_the_settings_and_has_the_protocol(four_layer, tokens, tmp_path):
+    """Every run_* accepts RunSettings.as_kwargs(); every run has text(), to_json(), to_frame(), summary() and
+    save / load, the loaded run giving the same document and frame."""
+    from normgrowth.pipeline import RunProtocol, run_compare, run_sweep
+
+    settings = RunSettings(data=str(tokens), batch_size=4, out=str(tmp_path / "cache"), checkpoint_every=2)
+    model = str(four_layer)
+    runs = {"report": run_report(model, **settings.as_kwargs()),
+            "weights": run_weights(model, **settings.as_kwargs(), random_seqs=2, random_len=8),
+            "deletion": run_deletion(model, **settings.as_kwargs(), ablate=None),
+            "compare": run_compare(model, model, **settings.as_kwargs()),
+            "sweep": run_sweep(model, **settings.as_kwargs())}
+    for name, run in runs.items():
+        assert isinstance(run, RunProtocol), name
+        assert run.to_json() == run.document() and run.text() and run.summary()
+        frame = run.to_frame()
+        assert len(frame) > 0 and list(frame.columns[:5]) == ["model", "site", "layer", "statistic", "value"], name
+        saved = run.save(tmp_path / name)
+        back = type(run).load(saved)
+        assert json_safe(back.document()) == json_safe(run.document()), name
+        assert back.to_frame().equals(frame), name
+    # the deletion frame holds the JSON's matrices entry by entry
+    doc, frame = runs["deletion"].doc, runs["deletion"].to_frame()
+    rows = frame[(frame.statistic == "retention") & (frame.site == doc["writes"][0])]
+    expected = [v[0] for v in doc["retention"] if v[0] is not None]
+    assert rows.sort_values("layer")["value"].tolist() == pytest.approx(expected)
+    assert all(rows["distance"] == rows["layer"] - doc["write_layer"][0])
+
+
+def test_sweep_revision_is_one_revision_for_every_checkpoint(four_layer, tokens):
+    from normgrowth.pipeline import run_sweep
+
+    with pytest.raises(NormgrowthError, match="either revision"):
+        run_sweep("gpt2", str(tokens), revision="step1", revisions="step2")
+    with pytest.raises(NormgrowthError, match="--revisions applies to hub models"):
+        run_sweep(str(four_layer), str(tokens), revision="step1")  # a local folder has no revisions
+
+
+def test_cli_prints_each_warning_once_on_one_line(capsys, monkeypatch):
+    import warnings
+
+    from normgrowth import cli
+
+    monkeypatch.setattr(cli, "_main_process", lambda: True)
+    show = cli._warning_printer()
+    for _ in range(3):
+        show(UserWarning("only 4 sequences feed\n  the bootstrap"), UserWarning, "x.py", 1)
+    show(UserWarning("another"), UserWarning, "y.py", 2)
+    assert capsys.readouterr().err == "warning: only 4 sequences feed the bootstrap\nwarning: another\n"
+    monkeypatch.setattr(warnings, "showwarning", show)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for line in (1, 2):  # two places, one text: one line
+            warnings.warn_explicit("same text", UserWarning, "z.py", line)
+    assert capsys.readouterr().err == "warning: same text\n"
