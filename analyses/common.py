@@ -1,4 +1,4 @@
-"""Shared helpers of the figure scripts: finding saved results, names, colours, fit lines, saving.
+"""Shared helpers of the figure scripts: finding saved results, names, colours, rates, saving.
 
 Every figure script reads saved results only (never a model):
 
@@ -28,8 +28,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 
-from normgrowth.laws import anchored_exponential
 from normgrowth.results import SITES, display_name  # noqa: F401  (the figures' site order and model names)
+from normgrowth.storage import as_float as fnum  # noqa: F401  (a JSON number or null as a float)
+from normgrowth.storage import none_to_nan
 
 DPI = 150
 PAGE_WIDTH = 9.0  # inches: readable at page width (fonts >= 8 pt at this size)
@@ -179,22 +180,7 @@ def arr(values: Any) -> np.ndarray:
     """A float array from JSON lists (None -> NaN)."""
     if values is None:
         return np.array([], dtype=float)
-    return np.array(_none_to_nan(values), dtype=float)
-
-
-def _none_to_nan(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_none_to_nan(x) for x in v]
-    return np.nan if v is None else v
-
-
-def fnum(x: Any) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def fit_line(curve: Sequence[float], fit: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The fit's exponential over its window, anchored to ``curve`` (:func:`normgrowth.laws.anchored_exponential`)."""
-    return anchored_exponential(curve, fit)
+    return np.array(none_to_nan(values), dtype=float)
 
 
 def rate_text(fit: dict) -> str:

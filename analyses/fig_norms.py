@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from normgrowth.laws import law_curve, preferred_law, rate_text as law_rate_text
+from normgrowth.laws import anchored_exponential, law_curve, preferred_law, rate_text as law_rate_text
 
-from common import (NORM_LABEL, PAGE_WIDTH, SITES, arr, cli, discover, fit_line, grid_axes, log_axis, model_legend_handles,
+from common import (NORM_LABEL, PAGE_WIDTH, SITES, arr, cli, discover, grid_axes, log_axis, model_legend_handles,
                     new_figure, note, positive, rate_text, require, run_figure, save, with_report)
 
 STEM = "fig_norms"
@@ -46,12 +46,12 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
                     fy = law_curve(law, fit["law"]["laws"][law]["params"], fx)
                     text = f"{law}{'' if decided else '?'} {law_rate_text(fit, law)}"
                 else:
-                    fx, fy = fit_line(mean, fit)
+                    fx, fy = anchored_exponential(mean, fit)
                     text = f"exponential {rate_text(fit)}"
                 ax.plot(fx, positive(fy), color=m.color, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1,
                         label=f"{m.name}: {text}")
                 if law != "exponential":
-                    ex, ey = fit_line(mean, fit)
+                    ex, ey = anchored_exponential(mean, fit)
                     ax.plot(ex, ey, color=m.color, linewidth=0.9, linestyle=":", zorder=1)
             drawn = True
         ax.set_title(site)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PAGE_WIDTH, MissingInput, cli, new_figure, read_json, run_figure, save
+from common import PAGE_WIDTH, SITES, MissingInput, cli, new_figure, read_json, run_figure, save
 from normgrowth.sweep import fit_series
 
 STEM = "fig_training"
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 WEIGHT_SERIES = ("W_OV_mean", "W_in", "W_out")
 COLORS = ("#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd")
 

@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from common import (PAGE_WIDTH, arr, cli, discover, fit_line, grid_axes, legend_below, log_axis, new_figure, note, positive,
+from normgrowth.laws import anchored_exponential
+
+from common import (PAGE_WIDTH, arr, cli, discover, grid_axes, legend_below, log_axis, new_figure, note, positive,
                     rate_text, require, run_figure, save, weight_norms_doc, with_weights)
 
 STEM = "fig_weights"
@@ -51,7 +53,7 @@ def draw_series(ax: Any, m: Any, wn: dict, key: str, marker: str, ls: str, label
     ax.plot(layers, positive(y), color=m.color, marker=marker, linestyle=ls if not m.ln_free else "--",
             markersize=3.5, label=text)
     if fit is not None:
-        fx, fy = fit_line(y, fit)
+        fx, fy = anchored_exponential(y, fit)
         ax.plot(fx, fy, color=m.color, linewidth=6, alpha=0.22, solid_capstyle="round", zorder=1)
     return True
 

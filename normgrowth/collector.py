@@ -390,9 +390,8 @@ def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[
                 done += tokens.shape[0]
                 n_batches += 1
                 if checkpoint is not None:
-                    if every is None:  # about DEFAULT_EVERY_SECONDS of work per checkpoint
-                        per_batch = (time.perf_counter() - started) / n_batches
-                        every = max(1, int(ckpt.DEFAULT_EVERY_SECONDS / max(per_batch, 1e-9)))
+                    if every is None:
+                        every = ckpt.batches_between((time.perf_counter() - started) / n_batches)
                     if n_batches % every == 0 and lo + done < hi:
                         ckpt.save(path, ident, done, collector.stats.state_dict())
                 if progress is not None:

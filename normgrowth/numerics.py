@@ -19,7 +19,8 @@ import numpy as np
 from scipy import stats
 
 Z95 = float(stats.norm.ppf(0.975))
-DEFAULT_N_BOOT = 1000
+DEFAULT_N_BOOT = 1000  # bootstrap resamples of every CI over sequences
+MIN_BOOT_SEQS = 30  # fewer sequences than this feeding a bootstrap: percentile CIs come out too narrow (a warning)
 _BOOT_CHUNK_CELLS = 2_000_000  # resample-count matrix cells per chunk (replicates * sequences)
 
 Seed = Union[int, np.random.Generator, None]

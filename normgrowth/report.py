@@ -9,8 +9,7 @@ figure scripts read. On top of :meth:`Results.to_json` it adds:
 * ``appendix1``: the study's bound g_l - 1 <= (||attn_out_l|| + ||mlp_out_l||) / ||resid_pre_l|| (means);
   None unless resid_pre, attn_out, mlp_out and resid_post were all collected;
 * ``position``: mean ||x|| per position for resid_pre and resid_post (position 0 included; None for a
-  site not collected), and the number of sequences reaching each position;
-* ``head_seq_count``: the number of per-sequence curves behind each fit.
+  site not collected), and the number of sequences reaching each position.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ HEADER = "__checkpoint__"
 DEFAULT_EVERY_SECONDS = 180.0  # --checkpoint-every default: about this much work between checkpoints
 
 
+def batches_between(seconds_per_batch: float) -> int:
+    """The default cadence: batches between checkpoints, about DEFAULT_EVERY_SECONDS of work (at least 1)."""
+    return max(1, int(DEFAULT_EVERY_SECONDS / max(seconds_per_batch, 1e-9)))
+
+
 @dataclass
 class Checkpoint:
     """Where and how often one collection checkpoints. ``every``: batches between checkpoints (None: a

@@ -1,4 +1,4 @@
-"""Files: the one atomic write (temporary file, fsync, rename) and NaN-safe JSON.
+"""Files: the one atomic write (temporary file, fsync, rename), NaN-safe JSON and JSON numbers back to floats.
 
 A reader never sees a half-written file: data goes to a temporary file in the target's directory,
 is flushed and fsynced, then renamed over the target (``os.replace`` is atomic on POSIX), and the
@@ -32,6 +32,18 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     return obj
+
+
+def as_float(x: Any) -> float:
+    """``float(x)``, NaN for None (a JSON null: a number that was missing or not finite)."""
+    return math.nan if x is None else float(x)
+
+
+def none_to_nan(values: Any) -> Any:
+    """Nested lists with every None (JSON null) replaced by NaN, ready for ``np.asarray(..., dtype=float)``."""
+    if isinstance(values, (list, tuple)):
+        return [none_to_nan(v) for v in values]
+    return math.nan if values is None else values
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

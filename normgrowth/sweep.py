@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ import numpy as np
 
 from .errors import NormgrowthError
 from .protocol import ResultProtocol
-from .tables import text_table
+from .storage import as_float
+from .tables import fmt_with_ci, text_table
 
 STEP_NAME = re.compile(r"^(?:step-?|checkpoint-)(\d+)$")
 ARCH_KEYS = (("model_type",), ("n_layer", "num_hidden_layers", "num_layers"), ("n_embd", "hidden_size", "d_model"))
@@ -139,18 +139,15 @@ def fit_series(points: Iterable[dict], site: str, key: str = "fit") -> dict[str,
             continue
         ci = f.get("ci95") or [None, None]
         rows.append((p["step"], f.get("growth_factor"), ci[0], ci[1]))
-    as_float = lambda v: float("nan") if v is None else float(v)  # noqa: E731
     return {"step": np.array([r[0] for r in rows], dtype=np.int64),
             "g": np.array([as_float(r[1]) for r in rows]), "lo": np.array([as_float(r[2]) for r in rows]),
             "hi": np.array([as_float(r[3]) for r in rows])}
 
 
 def _fmt_g(f: Optional[dict]) -> str:
-    if not f or f.get("growth_factor") is None:
+    if not f:
         return "-"
-    lo, hi = (f.get("ci95") or [None, None])[:2]
-    ci = "" if lo is None or hi is None else f" [{lo:.4f}, {hi:.4f}]"
-    return f"{f['growth_factor']:.4f}{ci}"
+    return fmt_with_ci(f.get("growth_factor"), f.get("ci95"), ".4f")
 
 
 def verdict_label(point: dict) -> str:
@@ -191,7 +188,7 @@ class SweepResult(ResultProtocol):
                     for stat, value in (("growth_factor", f.get("growth_factor")), ("ci95_lo", ci[0]),
                                         ("ci95_hi", ci[1]), ("percent_per_layer", f.get("percent_per_layer"))):
                         yield {"model": p.get("model", p["checkpoint"]), "site": site, "layer": None,
-                               "statistic": stat, "value": math.nan if value is None else value, "source": source,
+                               "statistic": stat, "value": as_float(value), "source": source,
                                **extra}
 
     def summary(self) -> str:

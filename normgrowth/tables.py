@@ -1,4 +1,5 @@
-"""Plain-text tables for the commands' output: one layout, one way to print a number that may be missing."""
+"""Plain-text tables for the commands' output: one layout, one way to print a number that may be missing, one
+way to print a value with its confidence interval."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ def fmt_number(x: Any, spec: str, missing: str = "nan") -> str:
     except (TypeError, ValueError):
         return missing
     return format(value, spec) if math.isfinite(value) else missing
+
+
+def fmt_with_ci(x: Any, ci: Any, spec: str = ".3f", missing: str = "-") -> str:
+    """``value [lo, hi]`` (each with ``spec``) when both CI ends are finite numbers, else the value alone."""
+    lo, hi = (list(ci) + [None, None])[:2] if isinstance(ci, (list, tuple)) else (None, None)
+    ends = [fmt_number(v, spec, missing="") for v in (lo, hi)]
+    value = fmt_number(x, spec, missing)
+    return f"{value} [{ends[0]}, {ends[1]}]" if all(ends) else value
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -30,6 +30,8 @@ from .collector import mlp_active_fraction
 from .errors import NormgrowthError
 from .models import norm_eps_of
 from .protocol import ResultProtocol
+from .storage import as_float
+from .tables import fmt_number, text_table
 
 # Per-layer scalar series of WeightNorms, in table order (W_OV_heads is the per-head list).
 LAYER_KEYS: tuple[str, ...] = ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out",
@@ -191,7 +193,7 @@ class WeightNorms:
             layers = {k: [None if r.get(k) is None else float(r[k]) for r in rows] for k in LAYER_KEYS}
             return cls(model=str(doc["model"]), ln_free=bool(doc["ln_free"]),
                        normalization=str(doc.get("normalization", "")), W_OV_heads=ov, layers=layers,
-                       gain_final=float("nan") if doc.get("gain_final") is None else float(doc["gain_final"]),
+                       gain_final=as_float(doc.get("gain_final")),
                        fit={k: GrowthFit.from_json(v) for k, v in doc.get("fit", {}).items()},
                        fit_skipped=dict(doc.get("fit_skipped", {})), experts=doc.get("experts"),
                        norm_placement=str(doc.get("norm_placement", "pre")),
@@ -337,18 +339,13 @@ def fit_series(series: Mapping[str, Optional[np.ndarray]], window: Any = None
 
 
 def _fmt(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    if v == 0 or 1e-3 <= abs(v) < 1e5:
-        return f"{v:.4g}"
-    return f"{v:.3e}"
+    """4 significant digits, scientific outside [1e-3, 1e5); "-" when missing."""
+    x = as_float(v)
+    return fmt_number(x, ".4g" if x == 0 or 1e-3 <= abs(x) < 1e5 else ".3e", missing="-")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(text_table(header, rows))
 
 
 def _fit_table(fits: Mapping[str, Any], skipped: Mapping[str, str]) -> str:
@@ -640,7 +637,7 @@ class WeightsResult(ResultProtocol):
                 return
             for layer, v in enumerate(values):
                 yield {"model": model, "site": site, "layer": layer, "statistic": stat,
-                       "value": float("nan") if v is None else float(v), **extra}
+                       "value": as_float(v), **extra}
 
         for (layer, head), v in np.ndenumerate(wn.W_OV_heads):
             yield {"model": model, "site": "attn", "layer": int(layer), "statistic": "W_OV", "value": float(v),
@@ -655,10 +652,10 @@ class WeightsResult(ResultProtocol):
                 if isinstance(values, list):
                     for e, v in enumerate(values):
                         yield {"model": model, "site": "mlp", "layer": layer, "statistic": f"expert_{key}",
-                               "value": float("nan") if v is None else float(v), "expert": e}
+                               "value": as_float(v), "expert": e}
                 else:
                     yield {"model": model, "site": "mlp", "layer": layer, "statistic": key,
-                           "value": float("nan") if values is None else float(values)}
+                           "value": as_float(values)}
         if self.random_inputs is not None:
             r = self.random_inputs
             yield from rows("attn_out", "random_input_norm", r["attn_out"])
