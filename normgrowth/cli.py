@@ -210,12 +210,14 @@ def sweep(checkpoints: list[str] = typer.Argument(..., help="Checkpoint folders,
           json_path: Optional[Path] = JSON, window: Optional[str] = WINDOW,
           with_weights: bool = typer.Option(True, "--weights/--no-weights", help="Include weight-norm growth fits."),
           with_deletion: bool = typer.Option(True, "--deletion/--no-deletion", help="Include the deletion verdict."),
+          revision: Optional[str] = typer.Option(None, "--revision", help="One hub revision for every "
+                                                 "checkpoint (the same as --revisions with one name)."),
           device_map: Optional[str] = DEVICE_MAP, checkpoint_every: Optional[int] = CHECKPOINT):
     """Growth fits (as in report), weight-norm growth and the deletion verdict at every checkpoint, in step order."""
     from .pipeline import run_sweep
 
     run = run_sweep(checkpoints, data, revisions=revisions, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size,
-                    device=device, dtype=dtype, out=out, device_map=device_map, window=window,
+                    device=device, dtype=dtype, out=out, revision=revision, device_map=device_map, window=window,
                     with_weights=with_weights, with_deletion=with_deletion, progress=_reporter(),
                     checkpoint_every=checkpoint_every)
     _echo(run.text())

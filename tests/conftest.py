@@ -203,3 +203,42 @@ def hf_model(path: Path, dtype=torch.float32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The one tiny offline zoo of a test run (``ZooSettings.tiny()``, built once per session): ``(folder,
+    build_pair's result, its progress messages, fine_tunings)``. ``fine_tunings`` records every optimiser
+    step of the LN-removal schedules, per model in the order they were fine-tuned (the twin, then the
+    control): ``[(learning rate, sha256 of the batch), ...]``, as taken by ``train_steps``."""
+    import hashlib
+
+    from normgrowth.zoo import ZooSettings, build_pair, ln_removal
+
+    original = ln_removal.train_steps
+    steps: dict[int, list[tuple[float, str]]] = {}
+    models: list = []  # kept alive, so that no two models share an id
+
+    def recording(model, opt, batches, n_steps, lr_at, *args, **kwargs):
+        if id(model) not in steps:
+            models.append(model)
+        record = steps.setdefault(id(model), [])
+        pending: list[float] = []
+
+        def lr(step: int) -> float:
+            pending.append(lr_at(step))
+            return pending[-1]
+
+        def taken():
+            for batch in batches:
+                record.append((pending[-1], hashlib.sha256(batch.numpy().tobytes()).hexdigest()))
+                yield batch
+
+        return original(model, opt, taken(), n_steps, lr, *args, **kwargs)
+
+    out = tmp_path_factory.mktemp("tiny_zoo")
+    messages: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ln_removal, "train_steps", recording)
+        result = build_pair(out, ZooSettings.tiny(), progress=messages.append)
+    return out, result, messages, list(steps.values())

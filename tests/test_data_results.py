@@ -169,11 +169,25 @@ def test_results_round_trip_exact(loaded, token_file, tmp_path):
 
 
 def run_cli(*args, env_extra=None):
+    """``python -m normgrowth.cli ARGS`` in a fresh process (the one smoke test of the entry point)."""
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "normgrowth.cli", *args], capture_output=True, text=True, env=env,
                           timeout=300)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``normgrowth ARGS`` in this process through ``cli.main`` (exit code, stderr)."""
+    import warnings
+
+    from normgrowth import cli
+
+    monkeypatch.setattr(sys, "argv", ["normgrowth", *map(str, args)])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own printer
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    return stop.value.code, capsys.readouterr().err
 
 
 def test_cli_report_writes_schema(tiny_dirs, token_file, tmp_path):
@@ -201,23 +215,30 @@ def test_cli_report_writes_schema(tiny_dirs, token_file, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
 
+def test_cli_entry_point_error_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "x.json"
+    proc = run_cli("report", "/no/such/dir", "--json", str(out))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("report", "/no/such/dir"), "does not exist"),
     (("report", "someone/unknown-model"), "hub cannot be reached"),
 ])
-def test_cli_errors_are_one_line_exit_2(args, message, tmp_path):
+def test_cli_errors_are_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.json"
-    proc = run_cli(*args, "--json", str(out))
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, err = run_main(monkeypatch, capsys, *args, "--json", out)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_cli_bad_data_exit_2(tiny_dirs, tmp_path):
+def test_cli_bad_data_exit_2(tiny_dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.json"
-    proc = run_cli("report", str(tiny_dirs["gpt2"]), "--data", "builtin", "--json", str(out))
-    assert proc.returncode == 2 and "token ids" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = run_main(monkeypatch, capsys, "report", tiny_dirs["gpt2"], "--data", "builtin", "--json", out)
+    assert code == 2 and "token ids" in err and "Traceback" not in err
     assert not out.exists()
 
 
@@ -249,13 +270,13 @@ def test_cli_batch_size_auto_and_device_map(tiny_dirs, token_file, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "eight"])
-def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path):
+def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path, monkeypatch, capsys):
     """A malformed --batch-size is refused in one line before any model is loaded (the model does
     not even exist here)."""
     out = tmp_path / "x.json"
-    proc = run_cli("report", str(tmp_path / "no-model"), "--batch-size", value, "--json", str(out))
-    assert proc.returncode == 2 and "--batch-size must be a positive integer or 'auto'" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    code, err = run_main(monkeypatch, capsys, "report", tmp_path / "no-model", "--batch-size", value, "--json", out)
+    assert code == 2 and "--batch-size must be a positive integer or 'auto'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_cli_out_of_memory_names_smaller_batch(tiny_dirs, token_file, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """The offline model pair: corpus, tokenizer, LN removal, LN-free storage format, cache.
 
-One tiny pair (ZooSettings.tiny(), a few seconds) is built per module and checked against plain
-Hugging Face, torch's own LayerNorm, numpy and normgrowth.models.load_model.
+The session's tiny zoo (ZooSettings.tiny(), conftest.tiny_zoo) is checked against plain Hugging Face,
+torch's own LayerNorm, numpy and normgrowth.models.load_model.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ TEXT = "Return the number of items in the collection, counting duplicates."
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo")
-    messages: list[str] = []
-    result = build_pair(out, TINY, progress=messages.append)
-    return out, result, messages
+def pair(tiny_zoo):
+    """The session's tiny zoo (conftest.tiny_zoo): folder, build result, progress messages."""
+    return tiny_zoo[:3]
 
 
 def _hf(path):
@@ -364,40 +362,26 @@ def test_training_checkpoints_are_the_model_at_those_steps(pair):
     assert not torch.equal(first["transformer.h.0.mlp.c_fc.weight"], final["transformer.h.0.mlp.c_fc.weight"])
 
 
-def test_control_is_the_ln_model_trained_on_the_twins_schedule(pair):
-    """Rebuild the control by hand: the LN checkpoint, the training stream after the LN model's steps and
-    the sigma batches, (2L+1) x steps_per_site steps at the constant removal lr, then the cosine recovery."""
+def test_control_is_the_ln_model_trained_on_the_twins_schedule(tiny_zoo):
+    """What the build's optimisers were fed (recorded by conftest.tiny_zoo): the control took exactly the
+    twin's batches at the twin's learning rates, (2L+1) x steps_per_site steps at the constant removal lr
+    then the recovery steps; it keeps ordinary LayerNorms and was trained away from the LN model."""
     from safetensors.torch import load_file
     from transformers import GPT2LMHeadModel
 
-    out, result, _ = pair
-    model, tokenizer = _hf(out / "ln")
-    assert not any(isinstance(m, FrozenLayerNorm) for m in model.modules())
-    docs, _ = zoo.stdlib_docstrings(TINY.max_chars, TINY.min_doc_chars)
-    train_docs, _ = zoo.split_docs(docs, TINY.heldout_fraction)
-    ids = tokenizer(train_docs, add_special_tokens=False)["input_ids"]
-    stream = zoo.batch_stream(pack_sequences(ids, tokenizer.bos_token_id, TINY.n_ctx), TINY.batch_size, TINY.seed)
-    for _ in range(TINY.train_steps + TINY.sigma_batches):
-        next(stream)
-    opt = zoo.make_optimizer(model, TINY.ln_removal_lr, TINY.weight_decay)
+    out, result, _, fine_tunings = tiny_zoo
+    twin, control = fine_tunings
     n_site_steps = (2 * TINY.n_layer + 1) * TINY.ln_removal_steps_per_site
-    model.train()
-    for step in range(n_site_steps + TINY.recovery_steps):
-        lr = TINY.ln_removal_lr if step < n_site_steps else zoo.cosine_lr(step - n_site_steps, TINY.recovery_steps,
-                                                                          TINY.ln_removal_lr, 0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = next(stream)
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    control = load_file(out / "control" / "model.safetensors")
-    mine = model.state_dict()
-    assert max(float((control[k] - mine[k]).abs().max()) for k in control) <= 1e-5
-    assert GPT2LMHeadModel.from_pretrained(out / "control").config.layer_norm_epsilon == 1e-5
+    assert control == twin and len(twin) == n_site_steps + TINY.recovery_steps
+    lrs = [lr for lr, _ in twin]
+    assert lrs[:n_site_steps] == [TINY.ln_removal_lr] * n_site_steps
+    assert lrs[n_site_steps] == TINY.ln_removal_lr and lrs[-1] < lrs[n_site_steps]  # the cosine decays
+    assert len({sha for _, sha in twin}) > 1  # a stream of batches, not one repeated
+    hf = GPT2LMHeadModel.from_pretrained(out / "control")
+    assert hf.config.layer_norm_epsilon == 1e-5 and not any(isinstance(m, FrozenLayerNorm) for m in hf.modules())
     assert load_model(str(out / "control")).ln_free is False
+    control_w, ln_w = load_file(out / "control" / "model.safetensors"), load_file(out / "ln" / "model.safetensors")
+    assert any(not torch.equal(control_w[k], ln_w[k]) for k in ln_w)
     meta = result["meta"]
     assert meta["recipe"]["fine_tuning_steps"] == n_site_steps + TINY.recovery_steps
     assert result["control_heldout_loss"] == pytest.approx(meta["ln_removal_trace"]["control"][-1]["heldout_loss"])
@@ -451,10 +435,14 @@ def test_removal_trace_and_recipe_recorded(pair):
     assert "before any removal" in meta["recipe"]["sigma"] and meta["recipe"]["special_sigma"]
 
 
-def test_two_seeds_and_their_spread(tmp_path):
+def test_two_seeds_and_their_spread(pair, tmp_path):
     from normgrowth.zoo import build_seeds, seed_summary
 
+    out, _, _ = pair
+    for name in BUILT:  # seed 0 is the session's pair: reused, only seed 1 is trained
+        (shutil.copytree if name != "zoo.json" else shutil.copy)(out / name, tmp_path / name)
     results = build_seeds(tmp_path, TINY, n_seeds=2, progress=None)
+    assert results[0]["cached"] is True and results[1]["cached"] is False
     assert [r["meta"]["settings"]["seed"] for r in results] == [0, 1]
     assert Path(results[1]["noln"]) == tmp_path / "seeds" / "seed-1" / "noln"
     summary = json.loads((tmp_path / "seeds.json").read_text())
