@@ -9,7 +9,8 @@ are computed once, at import, from the files on disk (:data:`CODE_HASHES`); the 
 (:mod:`normgrowth.cache`) and the resume checkpoints (:mod:`normgrowth.resume`) carry them, so that a result
 computed by other code is recomputed, never reused.
 
-A new result kind needs its entry in :data:`KIND_ROOTS`.
+A new result kind gets its entry in :data:`KIND_ROOTS`; until it has one, its hash is that of the whole
+package (:data:`WHOLE_PACKAGE`), which is sound but recomputes it after any change.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ KIND_ROOTS: dict[str, tuple[str, ...]] = {
     "weights": ("weights",),
     "deletion": ("deletion",),
     "sweep_point": ("pipeline", "sweep"),  # a point's document is built from report, weights and deletion
+    "horizon": ("horizon",),
 }
+WHOLE_PACKAGE = "*"  # the kind whose code is every module of the package
 
 
 def _module_name(path: Path, root: Path, package: str) -> str:
@@ -112,8 +115,10 @@ def closure(roots: Iterable[str], imports: Mapping[str, set[str]]) -> set[str]:
 
 def kind_hashes(root: Path = PACKAGE_DIR, package: str = PACKAGE,
                 kinds: Mapping[str, tuple[str, ...]] = KIND_ROOTS) -> dict[str, str]:
-    """kind -> SHA-256 over (name, digest) of every module in the closure of the kind's roots."""
+    """kind -> SHA-256 over (name, digest) of every module in the closure of the kind's roots; also
+    :data:`WHOLE_PACKAGE` -> the same over every module."""
     rooted = {kind: [f"{package}.{r}" for r in roots] for kind, roots in kinds.items()}
+    rooted[WHOLE_PACKAGE] = sorted(_module_files(root, package))
     digests, imports = scan_modules({r for roots in rooted.values() for r in roots}, root, package)
     out = {}
     for kind, roots in rooted.items():
@@ -128,9 +133,6 @@ CODE_HASHES: dict[str, str] = kind_hashes()
 
 
 def code_hash(kind: str) -> str:
-    """The hash of the code that computes results of ``kind`` (a key of :data:`KIND_ROOTS`)."""
-    try:
-        return CODE_HASHES[kind]
-    except KeyError:
-        raise KeyError(f"result kind {kind!r} has no code hash: add its root modules to "
-                       "normgrowth.codehash.KIND_ROOTS") from None
+    """The hash of the code that computes results of ``kind`` (a key of :data:`KIND_ROOTS`; any other kind:
+    the whole package's)."""
+    return CODE_HASHES.get(kind, CODE_HASHES[WHOLE_PACKAGE])

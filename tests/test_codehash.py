@@ -71,12 +71,17 @@ def test_an_estimator_constant_changed_in_a_copy_of_the_package(tmp_path):
     weights.write_text(text.replace('("ln1_in", "attn", 0)', '("ln1_in", "attn", 1)'))
     after = codehash.kind_hashes(copy)
     differ = {k for k in after if after[k] != codehash.CODE_HASHES[k]}
-    assert differ == {"weights", "sweep_point"}  # the collection and deletion do not run weights.py
+    assert differ == {"weights", "sweep_point", "*"}  # the collection and deletion do not run weights.py
 
 
-def test_unknown_kind_names_the_table():
-    with pytest.raises(KeyError, match="KIND_ROOTS"):
-        codehash.code_hash("no_such_kind")
+def test_a_kind_without_roots_is_keyed_by_the_whole_package(tmp_path):
+    root = tmp_path / "pkg"
+    _write(root, PLANTED)
+    before = codehash.kind_hashes(root, "pkg", {"via_a": ("a",)})
+    (root / "lonely.py").write_text("L = 6\n")  # reached by no kind's roots
+    after = codehash.kind_hashes(root, "pkg", {"via_a": ("a",)})
+    assert after["via_a"] == before["via_a"] and after["*"] != before["*"]
+    assert codehash.code_hash("no_such_kind") == codehash.CODE_HASHES["*"]
 
 
 @pytest.fixture(scope="module")
