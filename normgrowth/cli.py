@@ -52,7 +52,7 @@ def _echo(text: str) -> None:
         typer.echo(text)
 
 
-def rate_text(done: int, total: Optional[int], tokens: Optional[int], start: tuple[float, int, int],
+def progress_text(done: int, total: Optional[int], tokens: Optional[int], start: tuple[float, int, int],
               now: float) -> str:
     """'<tokens/s> tok/s, <m:ss> left' from the progress since ``start = (time, done, tokens)``: rate =
     tokens since start / seconds since start; time left = (total - done) x seconds per sequence since start."""
@@ -98,7 +98,7 @@ def _reporter():
             if start is None:
                 entry[2] = start = (now, event.done, event.tokens or 0)
             bar.update(task, completed=event.done, total=event.total,
-                       rate=rate_text(event.done, event.total, event.tokens, start, now))
+                       rate=progress_text(event.done, event.total, event.tokens, start, now))
         elif event.kind == "end" and event.text in bars:
             bars.pop(event.text)[0].stop()
 

@@ -137,13 +137,13 @@ def test_in_process_interruption_resumes_bit_for_bit(setup, tmp_path):
 
 
 def test_progress_rate_and_time_left_count_only_work_since_the_first_update():
-    from normgrowth.cli import rate_text
+    from normgrowth.cli import progress_text
 
     # resumed at 400 of 1000 sequences with 40,000 tokens done; 10 s later 500 sequences, 50,000 tokens
-    assert rate_text(500, 1000, 50_000, (100.0, 400, 40_000), 110.0) == "1,000 tok/s, 0:50 left"
-    assert rate_text(400, 1000, 40_000, (100.0, 400, 40_000), 110.0) == ""  # nothing done yet: no estimate
-    assert rate_text(100, 1000, None, (0.0, 0, 0), 3.0) == "0:27 left"  # 900 sequences at 0.03 s each
-    assert rate_text(1, 100_000, 10, (0.0, 0, 0), 1.0) == "10 tok/s, 27:46:39 left"
+    assert progress_text(500, 1000, 50_000, (100.0, 400, 40_000), 110.0) == "1,000 tok/s, 0:50 left"
+    assert progress_text(400, 1000, 40_000, (100.0, 400, 40_000), 110.0) == ""  # nothing done yet: no estimate
+    assert progress_text(100, 1000, None, (0.0, 0, 0), 3.0) == "0:27 left"  # 900 sequences at 0.03 s each
+    assert progress_text(1, 100_000, 10, (0.0, 0, 0), 1.0) == "10 tok/s, 27:46:39 left"
 
 
 def test_deletion_interrupted_in_either_pass_resumes_to_the_same_document(setup, tmp_path):
