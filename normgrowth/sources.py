@@ -217,6 +217,8 @@ def dequantised_folder(gguf: Path) -> tuple[Path, GGUFHeader]:
                               f"({first_line(err)}): set {CACHE_ENV} to a writable folder.") from None
     try:
         _write_dequantised(gguf, tmp, header)
+        if folder.exists() and not (folder / SOURCE_JSON).is_file():  # not one this code wrote whole
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process made it first: keep theirs
