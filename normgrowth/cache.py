@@ -2,7 +2,8 @@
 
 An entry's identity is a canonical JSON of: the analysis kind, the model (hub name + revision, or for a local
 directory its absolute path plus the hash of config.json and the size and mtime of every weight file), the
-data source (for a file: its path plus a content hash), and every setting that changes numbers (n_seqs,
+data source (for a file: its path plus a content hash; for a GGUF model file its path, size, mtime and
+the hash of its first MiB), and every setting that changes numbers (n_seqs,
 seq_len, dtype, sites, the kind's options). Its SHA-256 (:func:`entry_key`) names the entry's files, so one
 run has one place. The full key (:func:`cache_key`) adds the hash of the code that computes the kind
 (:func:`normgrowth.codehash.code_hash`); each entry records it (:func:`stamp`), and an entry whose recorded key
@@ -31,6 +32,13 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def model_identity(spec: str, revision: Optional[str] = None) -> dict[str, Any]:
+    """A GGUF file (or a name resolving to one) by :func:`normgrowth.sources.gguf_identity` (size, mtime, hash
+    of its first MiB); a local directory by its config hash and weight files; a hub name by name + revision."""
+    from .sources import gguf_file_of, gguf_identity
+
+    gguf = gguf_file_of(spec)
+    if gguf is not None:
+        return gguf_identity(gguf)
     path = Path(spec).expanduser()
     if path.is_dir():
         weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for pat in WEIGHT_PATTERNS
@@ -42,10 +50,10 @@ def model_identity(spec: str, revision: Optional[str] = None) -> dict[str, Any]:
 
 
 def data_identity(source: Optional[str]) -> dict[str, Any]:
-    if source in (None, "", "builtin"):
-        from .data import builtin_prompts
+    if source in (None, "", "builtin", "prompts"):
+        from .data import builtin_identity
 
-        return {"builtin": hashlib.sha256("\n\n".join(builtin_prompts()).encode()).hexdigest()}
+        return builtin_identity(source or "builtin")
     path = Path(str(source)).expanduser()
     if path.is_file():
         return {"file": str(path.resolve()), "sha256": file_digest(path)}

@@ -21,8 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 zoo_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The offline model pair (with / without LayerNorm).")
 app.add_typer(zoo_app, name="zoo")
 
-MODEL = typer.Argument(..., help="Hugging Face hub name or local checkpoint directory.")
-DATA = typer.Option("builtin", "--data", help="builtin | file.txt | file.jsonl | tokens.npy/.pt | HF dataset name.")
+MODEL = typer.Argument(..., help="Hugging Face hub name, local checkpoint directory, .gguf file, or smollm2-135m.")
+DATA = typer.Option("builtin", "--data", help="builtin (prose windows, --n-seqs x --seq-len) | prompts (59 short prompts) | file.txt | file.jsonl | tokens.npy/.pt | HF dataset name.")
 N_SEQS = typer.Option(None, "--n-seqs", help="Use at most this many sequences.")
 SEQ_LEN = typer.Option(None, "--seq-len", help="Truncate sequences to this many tokens.")
 BATCH = typer.Option("8", "--batch-size", help="Sequences per forward pass, or 'auto' (sized from free memory).")

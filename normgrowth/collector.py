@@ -321,7 +321,7 @@ class NormCollector:
             normalization=m.normalization, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
             d_head=m.d_head, parallel_blocks=m.parallel_blocks, n_seqs=len(batch), n_tokens=st.count,
             n_bos_tokens=st.bos_count, data_source=batch.source, seq_len=seq_len, batch_size=batch_size,
-            sites=list(self.sites), version=__version__, norm_placement=m.norm_placement,
+            sites=list(self.sites), version=__version__, norm_placement=m.norm_placement, source=m.source,
         )
         return Results(meta=meta, sites=sites, embed=embed, heads=heads, mlp_act_rate=act,
                        seq_n_tokens=st.seq_counts(), position_count=st.pos_count.cpu().numpy())

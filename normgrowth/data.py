@@ -1,4 +1,14 @@
-"""Token data for collection: built-in prompts, text files, lists of strings, token-id arrays, HF datasets.
+"""Token data for collection: built-in prose and prompts, text files, lists of strings, token-id arrays, HF datasets.
+
+Two built-in sources need no download:
+
+* ``builtin``: real English prose, the Python Language Reference topics that CPython ships as
+  ``pydoc_data.topics`` (79 topics, about 465 KB, PSF licence), joined in topic-name order, tokenised
+  with the model's tokenizer and cut into consecutive windows: ``n_seqs`` sequences (default 64) of
+  ``seq_len`` tokens (default 128; at most the model's context), each BOS + ``seq_len - 1`` tokens of
+  running text. Every sequence is full length, so every position has ``n_seqs`` tokens.
+* ``prompts``: 59 short English prompts written for this project (news, code, dialogue, fiction,
+  lists, math ...), one sequence each, for small models and quick checks.
 
 Every source ends as a :class:`TokenBatch`: right-padded token ids plus an attention mask. Padding is
 marked by the mask only, never by token id (GPT-2's pad id equals its BOS id); a left-padded input is
@@ -24,7 +34,10 @@ import torch
 
 from .errors import NormgrowthError
 
-BUILTIN = "builtin"
+BUILTIN = "builtin"  # the prose windows (see the module docstring)
+PROMPTS = "prompts"  # the 59 built-in prompts
+BUILTIN_SEQS = 64  # default number of prose windows
+BUILTIN_SEQ_LEN = 128  # default prose window length, BOS included
 TOKEN_SUFFIXES = (".npy", ".pt")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -152,6 +165,22 @@ def _check_lengths(n_seqs: Optional[int], seq_len: Optional[int]) -> None:
         raise NormgrowthError(f"--seq-len must be at least 2 (position 0 is kept apart), got {seq_len}.")
 
 
+def builtin_prose() -> list[str]:
+    """The Python Language Reference topics shipped with CPython (``pydoc_data.topics``, PSF licence), in
+    topic-name order: real English prose about a programming language, with code examples."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def builtin_identity(source: str) -> dict[str, str]:
+    """What a built-in source is, for cache keys: its name and the SHA-256 of its text."""
+    import hashlib
+
+    docs = builtin_prose() if source == BUILTIN else builtin_prompts()
+    return {source: hashlib.sha256("\n\n".join(docs).encode()).hexdigest()}
+
+
 def builtin_prompts() -> list[str]:
     """The 59 English prompts written for this project (news, code, dialogue, fiction, lists, math ...)."""
     text = (Path(__file__).parent / "resources" / "prompts.txt").read_text(encoding="utf-8")
@@ -163,7 +192,8 @@ def load_tokens(source: Source, model: Any = None, n_seqs: Optional[int] = None,
                 n_ctx: Optional[int] = None, vocab_size: Optional[int] = None) -> TokenBatch:
     """Load ``source`` for ``model`` (or for an explicit tokenizer / bos id / context / vocabulary).
 
-    source: None or "builtin" (built-in prompts), a list of strings (one document each), a ``.txt``
+    source: None or "builtin" (built-in prose windows: ``n_seqs`` x ``seq_len`` tokens, defaults 64 x 128),
+    "prompts" (the 59 built-in prompts), a list of strings (one document each), a ``.txt``
     file (documents separated by blank lines), a ``.jsonl`` file (``text`` field), a ``.npy``/``.pt``
     integer array ``[n_seqs, seq_len]`` (used as given: no BOS added), or a Hugging Face dataset name
     (``text`` column, where the hub is reachable). ``n_seqs`` keeps the first n sequences; ``seq_len``
@@ -184,10 +214,12 @@ def load_tokens(source: Source, model: Any = None, n_seqs: Optional[int] = None,
         return _nonempty(batch, label)
     src = BUILTIN if source in (None, "", BUILTIN) else os.fspath(source)
     path = Path(src).expanduser()
-    if src != BUILTIN and path.suffix.lower() in TOKEN_SUFFIXES:
+    if src == BUILTIN:
+        batch = _prose_windows(tokenizer, bos_token_id, n_seqs or BUILTIN_SEQS, seq_len, n_ctx)
+    elif path.suffix.lower() in TOKEN_SUFFIXES:
         batch = _token_file(path, n_seqs, seq_len, n_ctx, vocab_size)
     else:
-        if src == BUILTIN:
+        if src == PROMPTS:
             docs = builtin_prompts()
         elif path.suffix.lower() in TEXT_SUFFIXES or path.exists():
             docs = _text_file(path)
@@ -235,7 +267,7 @@ def _hf_dataset(name: str, n_seqs: Optional[int]) -> list[str]:
     except ImportError:
         raise NormgrowthError(f"data source {name!r} is neither a file nor 'builtin', and reading Hugging Face "
                               "datasets needs the 'datasets' package: pip install datasets, or pass a local file.") from None
-    from .models import _hub_reachable
+    from .sources import _hub_reachable
 
     if not _hub_reachable():
         raise NormgrowthError(f"dataset {name!r} is not a local file and the Hugging Face hub cannot be reached: "
@@ -254,14 +286,42 @@ def _hf_dataset(name: str, n_seqs: Optional[int]) -> list[str]:
     return docs
 
 
-def _tokenize(docs: Sequence[str], source: str, tokenizer: Any, bos_token_id: Optional[int],
-              seq_len: Optional[int], n_ctx: Optional[int]) -> TokenBatch:
+def _check_text_model(source: str, tokenizer: Any, bos_token_id: Optional[int]) -> None:
     if tokenizer is None:
         raise NormgrowthError(f"this model has no tokenizer, so text data ({source!r}) cannot be used: "
                               "pass token ids [n_seqs, seq_len] (a .npy or .pt file, or a tensor or array).")
     if bos_token_id is None:
         raise NormgrowthError("this model's tokenizer defines no BOS token, which text data needs at position 0: "
                               "pass token ids as a .npy or .pt array instead.")
+
+
+def _prose_windows(tokenizer: Any, bos_token_id: Optional[int], n_seqs: int, seq_len: Optional[int],
+                   n_ctx: Optional[int]) -> TokenBatch:
+    """``n_seqs`` rows of BOS + the next ``length - 1`` tokens of :func:`builtin_prose`, consecutive and
+    non-overlapping; ``length`` is ``seq_len`` (default :data:`BUILTIN_SEQ_LEN`) capped by ``n_ctx``."""
+    _check_text_model(BUILTIN, tokenizer, bos_token_id)
+    length = seq_len or BUILTIN_SEQ_LEN
+    if n_ctx is not None and length > n_ctx:
+        if seq_len is not None:
+            warnings.warn(f"--seq-len {seq_len} is longer than the model's context ({n_ctx}): using {n_ctx}.")
+        length = n_ctx
+    body, ids = length - 1, []
+    for doc in builtin_prose():  # tokenised only as far as needed
+        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= n_seqs * body:
+            break
+    if len(ids) < n_seqs * body:
+        raise NormgrowthError(f"the built-in prose holds {len(ids)} tokens for this tokenizer, fewer than {n_seqs} "
+                              f"sequences x {body}: ask for at most {len(ids) // body} sequences of this length, "
+                              "or pass a text file.")
+    rows = [[bos_token_id] + ids[i * body:(i + 1) * body] for i in range(n_seqs)]
+    tokens = torch.tensor(rows, dtype=torch.long)
+    return TokenBatch(tokens, torch.ones_like(tokens, dtype=torch.bool), BUILTIN)
+
+
+def _tokenize(docs: Sequence[str], source: str, tokenizer: Any, bos_token_id: Optional[int],
+              seq_len: Optional[int], n_ctx: Optional[int]) -> TokenBatch:
+    _check_text_model(source, tokenizer, bos_token_id)
     limit = min(x for x in (seq_len, n_ctx) if x is not None) if (seq_len or n_ctx) else None
     rows, over_ctx = [], 0
     for doc in docs:

@@ -1,17 +1,16 @@
 """Model loading and hook plumbing: the only module that touches TransformerLens.
 
-A model is loaded with Hugging Face ``transformers`` (hub name or local directory), then wrapped in a
-TransformerLens 4.x ``TransformerBridge`` built with ``build_bridge_from_module``. That route keeps
+A model is loaded with Hugging Face ``transformers`` (hub name, local directory, or a GGUF file dequantised
+through :mod:`normgrowth.sources`), then wrapped in a TransformerLens 4.x ``TransformerBridge`` built with
+``build_bridge_from_module``. That route keeps
 the HF model's own attention implementation (SDPA, not the eager attention ``boot_transformers``
 forces), needs no tokenizer, and leaves every LayerNorm ``eps`` untouched, so LN-free checkpoints
 (eps = 1e12) give the same logits as plain HF.
 
-Performance: for GPT-2, GPT-NeoX and Llama the bridge replaces the HF attention by its own eager
-re-implementation (it materialises the ``[batch, head, pos, pos]`` scores for ``hook_attn_scores`` /
-``hook_pattern``). None of our sites needs those hooks, so :func:`_use_native_attention` makes each
-such attention bridge run the wrapped HF attention module itself (SDPA as configured) with its
-output projection routed through the bridge's ``o`` so ``hook_z`` still fires; see
-:meth:`LoadedModel.reconstructed_attention` to get the bridge's own attention back.
+Performance: for GPT-2, GPT-NeoX and Llama the bridge's attention is switched to the HF module's own
+kernel (:mod:`normgrowth.native_attention`, the one patch of TransformerLens internals); see
+:meth:`LoadedModel.reconstructed_attention` to get the bridge's own attention back. Checkpoint files
+are checked by :mod:`normgrowth.checkpoint_files`.
 
 Model facts live in one frozen :class:`ModelConfig`, read at load time from the bridge's config, the
 bridge's block layout, HF's config and the live normalisation modules. Architecture differences live
@@ -19,17 +18,15 @@ in declarative tables:
 
 * :data:`SITE_HOOKS` maps an abstract site (``resid_pre``, ``attn_out``, ``z`` ...) to the bridge's
   hook name, the same for every family; :data:`SITE_REQUIRES` names the config fact a site needs;
-* :data:`FAMILIES` maps an HF architecture to what no config says (the family's name, and checkpoints
-  to refuse). Supporting a family the bridge wraps is one row there.
+* :data:`FAMILIES` (:mod:`normgrowth.families`) maps an HF architecture to what no config says (the
+  family's name, and checkpoints to refuse). Supporting a family the bridge wraps is one row there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +34,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .checkpoint_files import (  # noqa: F401  (public names also importable from normgrowth.models)
+    GGUFHeader, check_checkpoint_files, config_field_of, first_line, read_gguf_header, safetensors_errors,
+    safetensors_shapes, unmappable_config, weights_error)
 from .errors import NormgrowthError
+from .families import FAMILIES, NON_CAUSAL_SUFFIXES, Family, Refusal, supported_architecture  # noqa: F401
+from .native_attention import use_native_attention
+from .sources import (  # noqa: F401
+    NAMED_MODELS, _hub_reachable, _looks_like_path, dequantised_folder, load_config, resolve_source)
 
 # Abstract site -> bridge hook name; "{layer}" is filled in for per-block sites.
 SITE_HOOKS: dict[str, str] = {
@@ -67,67 +71,6 @@ SITE_REQUIRES: dict[str, str] = {
     "mlp_pre": "dense_mlp",  # a mixture of experts has no single pre-activation
 }
 
-
-@dataclass(frozen=True)
-class Refusal:
-    """A checkpoint of a supported architecture that is refused when ``hf_field`` of its config is ``value``."""
-
-    hf_field: str
-    value: Any
-    reason: str  # completes "model 'X' ...", one sentence with what to do
-
-
-@dataclass(frozen=True)
-class Family:
-    """What neither the bridge's config nor HF's says about an architecture.
-
-    ``gain_offset``: the norm multiplies by ``gain_offset + weight`` (Gemma's RMSNorm stores ``w`` and
-    scales by ``1 + w``); 0 for every other family.
-    """
-
-    name: str  # short family name used in reports, e.g. "gpt-neox"
-    label: str  # how users call it, for error messages, e.g. "GPT-NeoX/Pythia"
-    refuse: Optional[Refusal] = None
-    gain_offset: float = 0.0
-
-
-# HF architecture -> family. Every other fact (normalisation kind, norm placement, parallel blocks, gated
-# MLP, experts, grouped-query heads ...) is read from the bridge's and HF's configs (model_config).
-FAMILIES: dict[str, Family] = {
-    "GPT2LMHeadModel": Family("gpt2", "GPT-2"),
-    "GPTNeoForCausalLM": Family("gpt-neo", "GPT-Neo"),
-    "GPTJForCausalLM": Family("gpt-j", "GPT-J"),
-    "OPTForCausalLM": Family("opt", "OPT", Refusal(
-        "do_layer_norm_before", False, "is a post-LayerNorm OPT model (like opt-350m), whose residual stream is "
-        "re-normalised after every layer: use a pre-LN OPT model")),
-    "BloomForCausalLM": Family("bloom", "Bloom"),
-    "FalconForCausalLM": Family("falcon", "Falcon"),
-    "GPTNeoXForCausalLM": Family("gpt-neox", "GPT-NeoX/Pythia"),
-    "StableLmForCausalLM": Family("stablelm", "StableLM"),
-    "LlamaForCausalLM": Family("llama", "Llama"),
-    "MistralForCausalLM": Family("mistral", "Mistral"),
-    "MixtralForCausalLM": Family("mixtral", "Mixtral"),
-    "Qwen2ForCausalLM": Family("qwen2", "Qwen2"),
-    "Qwen2MoeForCausalLM": Family("qwen2-moe", "Qwen2-MoE"),
-    "Qwen3ForCausalLM": Family("qwen3", "Qwen3"),
-    "Qwen3MoeForCausalLM": Family("qwen3-moe", "Qwen3-MoE"),
-    "GemmaForCausalLM": Family("gemma", "Gemma", gain_offset=1.0),
-    "Gemma2ForCausalLM": Family("gemma2", "Gemma 2", gain_offset=1.0),
-    "Gemma3ForCausalLM": Family("gemma3", "Gemma 3 (text)", gain_offset=1.0),
-    "OlmoForCausalLM": Family("olmo", "OLMo"),
-    "Olmo2ForCausalLM": Family("olmo2", "OLMo 2"),
-    "OlmoeForCausalLM": Family("olmoe", "OLMoE"),
-    "PhiForCausalLM": Family("phi", "Phi"),
-    "Phi3ForCausalLM": Family("phi3", "Phi-3"),
-    "CohereForCausalLM": Family("cohere", "Cohere"),
-    "GraniteForCausalLM": Family("granite", "Granite"),
-    "Starcoder2ForCausalLM": Family("starcoder2", "Starcoder2"),
-    "GPTBigCodeForCausalLM": Family("gpt-bigcode", "GPT-BigCode/StarCoder"),
-}
-# Architecture name endings of encoder models (encoder-decoders are recognised by HF's is_encoder_decoder;
-# "ForConditionalGeneration" alone also names multimodal decoders such as Gemma 3 4B, which are unsupported).
-NON_CAUSAL_SUFFIXES = ("ForMaskedLM", "ForPreTraining", "ForSequenceClassification", "ForTokenClassification",
-                       "ForQuestionAnswering", "ForMultipleChoice")
 
 # HF config fields holding the MLP's hidden width, first one set wins (the bridge's d_mlp misses ffn_dim).
 HF_D_MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
@@ -191,6 +134,10 @@ class ModelConfig:
         eager_attention: HF runs the attention eagerly and materialises ``[batch, head, pos, pos]`` scores
             (no SDPA path for this architecture).
         bos_token_id: id prepended to text (from the tokenizer, else HF's config), or None.
+        source_format: ``"hf"`` (a Hugging Face checkpoint) or ``"gguf"`` (a GGUF file, dequantised by
+            transformers: every statistic describes the dequantised weights).
+        quantization: the GGUF file's quantisation (``general.file_type``, e.g. ``"Q4_1"``); None for "hf".
+        quantized_tensors: ``(ggml type, count)`` of the GGUF file's stored tensors; empty for "hf".
     """
 
     spec: str
@@ -223,6 +170,9 @@ class ModelConfig:
     act_fn: str
     eager_attention: bool
     bos_token_id: Optional[int]
+    source_format: str = "hf"
+    quantization: Optional[str] = None
+    quantized_tensors: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.normalization not in ("LN", "RMS", "none"):
@@ -267,8 +217,18 @@ class LoadedModel:
     tokenizer: Any = field(repr=False)  # HF tokenizer, or None when the checkpoint ships none
     device: torch.device  # device of the embedding (where inputs go)
     dtype: torch.dtype  # dtype the weights were loaded in
-    # attention bridges switched to the HF module's own attention (see _use_native_attention)
+    # attention bridges switched to the HF module's own attention (see native_attention.py)
     native_attention: tuple = field(default=(), repr=False)
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the weights came from, for result metadata: ``{"format": "hf"}``, or for a GGUF file
+        ``{"format": "gguf", "quantization", "tensor_types", "weights": "dequantised to <dtype>"}``."""
+        if self.config.source_format != "gguf":
+            return {"format": self.config.source_format}
+        return {"format": "gguf", "quantization": self.config.quantization,
+                "tensor_types": dict(self.config.quantized_tensors),
+                "weights": f"dequantised to {str(self.dtype).replace('torch.', '')}"}
 
     # ----- sites and hooks -------------------------------------------------------------------
     def has_site(self, site: str) -> bool:
@@ -527,71 +487,14 @@ def resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def _looks_like_path(spec: str) -> bool:
-    """Hub names are ``name`` or ``owner/name``; anything else is meant as a path."""
-    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Cheap check that the hub's host resolves and accepts a connection (avoids minutes of retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    port = 443 if endpoint.startswith("https") else 80
-    if ":" in host:
-        host, port_s = host.rsplit(":", 1)
-        port = int(port_s)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def load_config(spec: str, revision: Optional[str] = None) -> Any:
-    """The HF config for a local directory or hub name, or a one-sentence :class:`NormgrowthError`."""
-    from transformers import AutoConfig
-
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise NormgrowthError(
-                f"model directory {spec!r} has no config.json: pass a directory holding a Hugging Face "
-                "checkpoint (config.json plus weights)."
-            )
-        try:
-            return AutoConfig.from_pretrained(str(path))
-        except (ValueError, KeyError, OSError) as err:
-            raise NormgrowthError(f"cannot read the config of model {spec!r} ({_first_line(err)}): "
-                                  "check that it is a Hugging Face checkpoint.") from None
-    if path.exists() or _looks_like_path(spec):
-        raise NormgrowthError(f"model directory {spec!r} does not exist: check the path, or give a Hugging Face hub name.")
-    try:  # a copy in the local HF cache works offline
-        return AutoConfig.from_pretrained(spec, revision=revision, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    if not _hub_reachable():
-        raise NormgrowthError(
-            f"model {spec!r} is not a local directory and the Hugging Face hub cannot be reached: "
-            "pass a local checkpoint directory, or run where the hub is reachable."
-        )
-    try:
-        return AutoConfig.from_pretrained(spec, revision=revision)
-    except (OSError, ValueError) as err:
-        raise NormgrowthError(f"cannot load model {spec!r} from the Hugging Face hub ({_first_line(err)}): "
-                              "check the name and revision, or pass a local directory.") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
-
-
 def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optional[str] = None,
                device_map: Any = None) -> LoadedModel:
-    """Load ``spec`` (hub name or local HF checkpoint directory) and wrap it in a TransformerLens bridge.
+    """Load ``spec`` and wrap it in a TransformerLens bridge.
 
+    ``spec``: a hub name, a local HF checkpoint directory, a ``.gguf`` file (or a folder holding exactly
+    one), or a name from :data:`normgrowth.sources.NAMED_MODELS` such as ``"smollm2-135m"``. A GGUF file
+    is dequantised by transformers once and read from its float32 copy afterwards
+    (:func:`normgrowth.sources.dequantised_folder`), then cast to ``dtype``.
     ``device_map`` (e.g. ``"auto"``) spreads a model over several GPUs through accelerate; then
     ``device`` is ignored and inputs go to the embedding's device. A local checkpoint's files are
     checked first (:func:`check_checkpoint_files`).
@@ -599,7 +502,13 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     spec = str(spec)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
-    config = load_config(spec, revision)
+    source = resolve_source(spec)
+    gguf_header = None
+    files = spec
+    if source.format == "gguf":
+        folder, gguf_header = dequantised_folder(source.path)
+        files, revision = str(folder), None
+    config = load_config(files, revision)
     arch = supported_architecture(spec, config)
     refuse = FAMILIES[arch].refuse
     if refuse is not None and getattr(config, refuse.hf_field, None) == refuse.value:
@@ -607,9 +516,9 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
 
     from transformers import AutoModelForCausalLM
 
-    local = Path(os.path.expanduser(spec)).is_dir()
+    local = Path(os.path.expanduser(files)).is_dir()
     if local:
-        check_checkpoint_files(Path(os.path.expanduser(spec)), config)
+        check_checkpoint_files(Path(os.path.expanduser(files)), config)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if not local:
         kwargs["revision"] = revision
@@ -623,11 +532,11 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec) if local else spec, **kwargs)
+            hf_model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(files) if local else files, **kwargs)
     except KeyError as err:  # a config value transformers has no implementation for (e.g. an unknown rope type)
-        raise _unmappable_config(spec, arch, config, err) from None
-    except (OSError, ValueError, RuntimeError, *_safetensors_errors()) as err:
-        raise _weights_error(spec, Path(os.path.expanduser(spec)) if local else None, err) from None
+        raise unmappable_config(spec, arch, config, err) from None
+    except (OSError, ValueError, RuntimeError, *safetensors_errors()) as err:
+        raise weights_error(spec, Path(os.path.expanduser(files)) if local else None, err) from None
     finally:
         hf_logging.set_verbosity(level)
         if bars:
@@ -635,18 +544,21 @@ def load_model(spec: str, device: Any = None, dtype: Any = None, revision: Optio
     if dev is not None:
         hf_model = hf_model.to(dev)
     hf_model.eval()
-    tokenizer = _load_tokenizer(spec if not local else os.path.expanduser(spec), revision)
+    tokenizer = _load_tokenizer(files if not local else os.path.expanduser(files), revision)
     try:
         bridge = _build_bridge(hf_model, arch, spec)
     except KeyError as err:
-        raise _unmappable_config(spec, arch, config, err) from None
+        raise unmappable_config(spec, arch, config, err) from None
     model_cfg = model_config(spec, revision, arch, hf_model, bridge, _bos_id(config, tokenizer))
+    if gguf_header is not None:
+        model_cfg = dataclasses.replace(model_cfg, source_format="gguf", quantization=gguf_header.file_type,
+                                        quantized_tensors=tuple(gguf_header.tensor_types.items()))
     if model_cfg.ln_free and torch_dtype == torch.float16:
         raise NormgrowthError(f"model {spec!r} is an LN-free checkpoint whose stored LayerNorm weights "
                               "(about 1e6) overflow float16: use --dtype float32 or bfloat16.")
     return LoadedModel(config=model_cfg, hf_model=hf_model, bridge=bridge, tokenizer=tokenizer,
                        device=hf_model.get_input_embeddings().weight.device, dtype=torch_dtype,
-                       native_attention=tuple(_use_native_attention(bridge)))
+                       native_attention=tuple(use_native_attention(bridge)))
 
 
 def model_config(spec: str, revision: Optional[str], architecture: str, hf_model: torch.nn.Module, bridge: Any,
@@ -684,25 +596,6 @@ def model_config(spec: str, revision: Optional[str], architecture: str, hf_model
     )
 
 
-def _weights_error(spec: str, directory: Optional[Path], err: BaseException) -> NormgrowthError:
-    """One sentence for a failure inside HF's loading, naming the weight files of a local checkpoint."""
-    files = sorted(p.name for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in directory.glob(pattern)
-                   ) if directory is not None else []
-    where = f" from {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}" if files else ""
-    detail = ("stored shapes differ from those config.json implies" if "mismatched_sizes" in str(err)
-              else _first_line(err))
-    return NormgrowthError(f"cannot load the weights of model {spec!r}{where} ({detail}): check that the checkpoint "
-                           "is complete and matches its config.json.")
-
-
-def _safetensors_errors() -> tuple[type, ...]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return ()
-    return (SafetensorError,)
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
@@ -731,27 +624,6 @@ def _bos_id(config: Any, tokenizer: Any) -> Optional[int]:
     return int(bos) if isinstance(bos, int) else None
 
 
-def supported_architecture(spec: str, config: Any) -> str:
-    """The config's architecture that :data:`FAMILIES` supports, or a one-sentence :class:`NormgrowthError`.
-
-    Encoders and encoder-decoders are refused as such; any other architecture gets the supported families.
-    """
-    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
-    arch = next((a for a in archs if a in FAMILIES), None)
-    if arch is not None:
-        return arch
-    name = archs[0] if archs else str(getattr(config, "model_type", "unknown"))
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    if getattr(config, "is_encoder_decoder", False) or (not causal and archs and all(
-            a.endswith(NON_CAUSAL_SUFFIXES) for a in archs)):
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder"
-        raise NormgrowthError(f"model {spec!r} ({name}) is {kind} model: only decoder-only causal language "
-                              "models are analysed; use a decoder-only checkpoint (e.g. Llama, Qwen, Gemma, GPT-2).")
-    labels = ", ".join(f.label for f in FAMILIES.values())
-    raise NormgrowthError(f"model {spec!r} has architecture {name!r}, which normgrowth does not support: use a "
-                          f"checkpoint of one of these families: {labels}.")
-
-
 def _build_bridge(hf_model: torch.nn.Module, arch: str, spec: str = "") -> Any:
     """Wrap ``hf_model`` in a TransformerLens bridge; a config the bridge cannot map is one sentence naming
     the config field (the attribute the bridge looked for) where the error says which."""
@@ -767,49 +639,12 @@ def _build_bridge(hf_model: torch.nn.Module, arch: str, spec: str = "") -> Any:
             warnings.simplefilter("ignore")
             return build_bridge_from_module(hf_model, arch, hf_config=hf_model.config)
     except (AttributeError, ValueError, TypeError, NotImplementedError) as err:
-        field_name = _config_field_of(err)
-        what = f"its config field {field_name!r}" if field_name else f"its config ({_first_line(err)})"
+        field_name = config_field_of(err)
+        what = f"its config field {field_name!r}" if field_name else f"its config ({first_line(err)})"
         raise NormgrowthError(f"model {spec!r} ({arch}) cannot be mapped by the TransformerLens bridge because of "
                               f"{what}: use a checkpoint whose config the bridge supports.") from None
     finally:
         tl_logger.setLevel(level)
-
-
-def _unmappable_config(spec: str, arch: str, config: Any, err: KeyError) -> NormgrowthError:
-    """One sentence naming the config field whose value (the KeyError's key) has no implementation."""
-    key = err.args[0] if err.args else None
-    path = _field_holding(config.to_dict(), key) if key is not None else None
-    what = f"config field {path!r} = {key!r}" if path else f"config value {key!r}"
-    return NormgrowthError(f"model {spec!r} ({arch}) has {what}, which transformers / the TransformerLens bridge "
-                           "cannot map: use a checkpoint with a supported value of that field.")
-
-
-def _field_holding(doc: Any, value: Any, prefix: str = "") -> Optional[str]:
-    """Dotted path of the first field of a config dict whose value (or key) is ``value``."""
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            here = f"{prefix}{k}"
-            if isinstance(v, (dict, list)):
-                found = _field_holding(v, value, here + ".")
-                if found:
-                    return found
-            elif v == value and not isinstance(v, bool):
-                return here
-    elif isinstance(doc, list):
-        for v in doc:
-            found = _field_holding(v, value, prefix)
-            if found:
-                return found
-    return None
-
-
-def _config_field_of(err: BaseException) -> Optional[str]:
-    """The config attribute an AttributeError / KeyError names (``'X' object has no attribute 'f'``, ``'f'``)."""
-    import re
-
-    text = str(err)
-    hit = re.search(r"has no attribute '([A-Za-z_][A-Za-z0-9_]*)'", text) or re.fullmatch(r"'([A-Za-z_]\w*)'", text)
-    return hit.group(1) if hit else None
 
 
 # Norm modules that keep eps in their code, not as an attribute (OLMo's parameter-free LayerNorm).
@@ -854,160 +689,3 @@ def _norm_facts(bridge: Any, normalization: str, norm_names: Sequence[str], spec
     return eps[0], False
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoint files: one line naming the file that is corrupt, missing or of the wrong shape
-# ----------------------------------------------------------------------------------------------
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-def check_checkpoint_files(directory: Path, hf_config: Any = None) -> None:
-    """Refuse, in one sentence naming the file, a local checkpoint that cannot load as ``hf_config`` says.
-
-    Checks, in the order HF reads the files: every shard an index names exists; every safetensors
-    file's header is complete and describes exactly the file's size (a truncated copy fails this);
-    and, given ``hf_config``, every stored tensor whose name the model has has the model's shape.
-    """
-    directory = Path(directory)
-    if (directory / SAFE_INDEX).is_file():
-        files = _index_shards(directory / SAFE_INDEX)
-    elif (directory / SAFE_WEIGHTS).is_file():
-        files = [directory / SAFE_WEIGHTS]
-    else:
-        if (directory / BIN_INDEX).is_file():
-            _index_shards(directory / BIN_INDEX)
-        return
-    stored = {}
-    for path in files:
-        for name, shape in safetensors_shapes(path).items():
-            stored[name] = (shape, path)
-    if hf_config is not None and getattr(hf_config, "quantization_config", None) is None:
-        _check_shapes(stored, hf_config)
-
-
-def _index_shards(index: Path) -> list[Path]:
-    """The shard files a ``*.index.json`` names, each checked to exist."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise NormgrowthError(f"checkpoint index {str(index)!r} is not a readable weight map: copy or download "
-                              "it again.") from None
-    for shard in shards:
-        if not (index.parent / shard).is_file():
-            raise NormgrowthError(f"checkpoint index {str(index)!r} names the shard {shard!r}, which is missing: "
-                                  "download the missing file (or the whole checkpoint) again.")
-    return [index.parent / shard for shard in shards]
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header, after checking that the file is complete.
-
-    Layout: 8 bytes little-endian header length n, n bytes of JSON ``{name: {dtype, shape,
-    data_offsets: [begin, end]}}``, then the data; the last ``end`` must reach the end of the file.
-    """
-    size = path.stat().st_size
-
-    def corrupt(detail: str) -> NormgrowthError:
-        return NormgrowthError(f"checkpoint file {str(path)!r} is truncated or corrupt ({detail}): copy or "
-                               "download it again.")
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise corrupt(f"the header claims {n} bytes but the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-            entries = {k: v for k, v in header.items() if k != "__metadata__"}
-            end = max((int(e["data_offsets"][1]) for e in entries.values()), default=0)
-            shapes = {k: tuple(int(d) for d in e["shape"]) for k, e in entries.items()}
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            raise corrupt("its header is not a valid tensor table") from None
-    if 8 + n + end != size:
-        raise corrupt(f"{size} bytes where its header describes {8 + n + end}")
-    return shapes
-
-
-def _check_shapes(stored: dict[str, tuple[tuple[int, ...], Path]], hf_config: Any) -> None:
-    """Compare stored shapes with those of the model ``hf_config`` builds (on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            meta = AutoModelForCausalLM.from_config(hf_config)
-    except Exception:  # a config transformers cannot build fails later, with HF's own message
-        return
-    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    prefix = getattr(meta, "base_model_prefix", "")
-    for name, (shape, path) in stored.items():
-        key = name if name in expected else f"{prefix}.{name}"
-        if key in expected and expected[key] != shape:
-            raise NormgrowthError(
-                f"checkpoint file {str(path)!r} holds {name} with shape {list(shape)} but config.json implies "
-                f"{list(expected[key])}: the weights and config.json come from different models; use matching files.")
-
-
-# ----------------------------------------------------------------------------------------------
-# fast attention: let the HF attention module run its own kernel (performance)
-# ----------------------------------------------------------------------------------------------
-# Attention bridges that re-implement attention eagerly instead of calling the HF module.
-_RECONSTRUCTING_ATTENTION = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
-                             "PositionEmbeddingsAttentionBridge")
-
-
-def _native_attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """Attention bridge forward that calls the wrapped HF attention module (its SDPA/eager kernel).
-
-    ``hook_in`` / ``hook_out`` (attn_out) fire as in the bridge; the output projection runs through the
-    bridge's ``o`` so ``hook_z`` (= ``o.hook_in``) fires on the mixed values and may replace them.
-    ``hook_q/k/v``, ``hook_attn_scores`` and ``hook_pattern`` do not fire (use
-    :meth:`LoadedModel.reconstructed_attention` for those).
-    """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    hf_attn = self.original_component
-    o = self._modules["o"]
-    slot = getattr(self, "_ng_o_slot", None)  # HF child to route through ``o`` (GPT-2's c_proj)
-    if slot is not None:
-        hf_attn._modules[slot] = o
-    try:
-        return AttentionBridge.forward(self, *args, **kwargs)
-    finally:
-        if slot is not None:
-            hf_attn._modules[slot] = o.original_component
-
-
-def _use_native_attention(bridge: Any) -> list:
-    """Switch every reconstructing attention bridge to :func:`_native_attention_forward`.
-
-    Only where the HF attention's output projection is the bridge's ``o`` (or the module ``o`` wraps),
-    so that ``hook_z`` keeps firing. Returns the switched bridges.
-    """
-    import types
-
-    switched = []
-    for module in bridge.modules():
-        if type(module).__name__ not in _RECONSTRUCTING_ATTENTION:
-            continue
-        hf_attn = module._modules.get("_original_component")
-        o = module._modules.get("o")
-        if hf_attn is None or o is None or o._modules.get("_original_component") is None:
-            continue
-        children = dict(hf_attn.named_children())
-        if any(child is o for child in children.values()):
-            slot = None
-        else:
-            slots = [name for name, child in children.items() if child is o.original_component]
-            if len(slots) != 1:
-                continue
-            slot = slots[0]
-        object.__setattr__(module, "_ng_o_slot", slot)
-        # set on the instance dict: the bridge's __setattr__ would forward "forward" to the HF module
-        module.__dict__["forward"] = types.MethodType(_native_attention_forward, module)
-        switched.append(module)
-    return switched

@@ -106,6 +106,7 @@ class RunMeta:
     version: str
     schema_version: int = SCHEMA_VERSION
     norm_placement: str = "pre"  # "pre" | "peri" | "post" | "none" (see ModelConfig.norm_placement)
+    source: Optional[dict] = None  # LoadedModel.source: {"format": "hf"} or the GGUF quantisation + dequantised dtype
 
 
 @dataclass(repr=False)

@@ -99,7 +99,12 @@ class ReportRun(RunProtocol):
         from .fit import format_fit_table
         from .results import format_report_table
 
+        from .sources import source_note
+
         text = format_report_table(self.results)
+        note = source_note(self.results.meta.source)
+        if note:
+            text = note + "\n" + text
         if self.fits:
             text += ("\n\ngrowth fits (log-linear over the window; 95 % CI by bootstrap over sequences):\n"
                      + format_fit_table(self.fits))

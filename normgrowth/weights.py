@@ -108,6 +108,7 @@ class WeightNorms:
     experts: Optional[dict[str, list]] = None
     norm_placement: str = "pre"  # ModelConfig.norm_placement: "pre" | "peri" | "post" | "none"
     parallel_blocks: bool = False
+    source: Optional[dict] = None  # LoadedModel.source: for a GGUF file, its quantisation and the dequantised dtype
 
     @property
     def n_layers(self) -> int:
@@ -141,6 +142,7 @@ class WeightNorms:
             "experts": self.experts,
             "norm_placement": self.norm_placement,
             "parallel_blocks": bool(self.parallel_blocks),
+            "source": self.source,
         }
 
     @classmethod
@@ -159,7 +161,7 @@ class WeightNorms:
                        fit={k: GrowthFit.from_json(v) for k, v in doc.get("fit", {}).items()},
                        fit_skipped=dict(doc.get("fit_skipped", {})), experts=doc.get("experts"),
                        norm_placement=str(doc.get("norm_placement", "pre")),
-                       parallel_blocks=bool(doc.get("parallel_blocks", False)))
+                       parallel_blocks=bool(doc.get("parallel_blocks", False)), source=doc.get("source"))
         except (KeyError, TypeError, ValueError) as err:
             raise NormgrowthError(f"weight-norm JSON is malformed ({type(err).__name__}: {err}); compute it again "
                                   "with normgrowth weights.") from None
@@ -266,7 +268,8 @@ def weight_norms(model: Any, window: Any = None) -> WeightNorms:
 
     wn = WeightNorms(model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
                      W_OV_heads=ov, layers=layers, gain_final=float(frobenius(gf)), experts=experts,
-                     norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks))
+                     norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks),
+                     source=getattr(model, "source", None))
     wn.fit, wn.fit_skipped = fit_series({name: wn.series(name) for name in FIT_SERIES}, window)
     return wn
 
@@ -331,6 +334,11 @@ def format_weight_table(wn: WeightNorms) -> str:
                  else "gains as stored")
     title = (f"weight norms of {wn.model} (Frobenius; W_OV, W_in, W_gate with their norm's gain folded in; "
              f"{gain_note}; final-norm gain {_fmt(wn.gain_final)})")
+    from .sources import source_note
+
+    note = source_note(wn.source)
+    if note:
+        title = note + "\n" + title
     return title + "\n" + _table(header, rows) + "\n\ngrowth fits per layer\n" + _fit_table(wn.fit, wn.fit_skipped)
 
 

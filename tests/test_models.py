@@ -165,6 +165,44 @@ def test_unsupported_architecture(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_config_without_architectures_maps_model_type(family, tiny_dirs, tmp_path):
+    """A config.json with model_type but no architectures loads as transformers' causal-LM class for it."""
+    folder = tmp_path / family
+    shutil.copytree(tiny_dirs[family], folder)
+    doc = json.loads((folder / "config.json").read_text())
+    expected_class = doc.pop("architectures")[0]
+    (folder / "config.json").write_text(json.dumps(doc))
+    model = load_model(str(folder))
+    assert model.architecture == expected_class
+    tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward(tokens), hf_model(tiny_dirs[family])(tokens).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_config_without_architectures_of_an_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10, "hidden_size": 8,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                      "intermediate_size": 8}))
+    # transformers' own table maps bert to BertLMHeadModel, which no family row supports
+    with pytest.raises(NormgrowthError, match="architecture 'BertLMHeadModel', which normgrowth does not support"):
+        load_model(str(tmp_path))
+
+
+def test_public_names_importable_from_models():
+    """The split modules' public names stay importable from normgrowth.models."""
+    import normgrowth.models as models
+    from normgrowth import checkpoint_files, families, native_attention, sources
+
+    for module, names in ((checkpoint_files, ["check_checkpoint_files", "safetensors_shapes", "read_gguf_header"]),
+                          (families, ["FAMILIES", "Family", "Refusal", "supported_architecture"]),
+                          (sources, ["load_config", "resolve_source", "NAMED_MODELS"])):
+        for name in names:
+            assert getattr(models, name) is getattr(module, name), name
+    assert models.use_native_attention is native_attention.use_native_attention
+
+
 def test_unreachable_hub_name():
     with pytest.raises(NormgrowthError, match="hub cannot be reached.*local checkpoint"):
         load_model("someone/not-a-real-model")
