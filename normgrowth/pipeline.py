@@ -2,7 +2,7 @@
 
     from normgrowth.pipeline import run_report
     run = run_report("path/to/checkpoint", data="builtin", out="results")
-    run.results.fit("resid_post"), run.results.to_frame(), run.document()
+    fit_site(run.results, "resid_post"), run.results.to_frame(), run.document()   # fit_site: normgrowth.fit
 
 Every ``run_*`` function loads the model only when it has to, reuses a result from ``out`` that was computed
 for the same model, data and number-changing settings (keys: :mod:`normgrowth.cache`), saves what it computes
@@ -160,7 +160,7 @@ class ReportRun:
     def text(self) -> str:
         """Per-layer table, then the growth-fit table."""
         from .fit import format_fit_table
-        from .results import format_report_table
+        from .report import format_report_table
 
         text = format_report_table(self.results)
         if self.fits:
@@ -414,7 +414,9 @@ def _report(spec: str, settings: RunSettings, window: Optional[str], emit: _Emit
     res, base, cached = _collection(spec, settings, emit, handle)
     fits = {}
     if res.meta.n_layers >= 2:  # a growth fit needs two layers
-        fits = {site: res.fit(site, window) for site, st in res.sites.items() if st is not None}
+        from .fit import fit_site
+
+        fits = {site: fit_site(res, site, window) for site, st in res.sites.items() if st is not None}
     return ReportRun(results=res, fits=fits, window=window or None, settings=settings, cache_path=base,
                      cached=cached, model=handle.loaded)
 

@@ -23,3 +23,13 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
         return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def with_ci(value: Any, ci: Any, spec: str, missing: str = "nan") -> str:
+    """``"value [lo, hi]"`` with every number formatted by ``spec``; the bracket is left out when either end
+    of ``ci`` is missing or not finite."""
+    lo, hi = (None, None) if ci is None else ci
+    text = fmt_number(value, spec, missing)
+    if fmt_number(lo, spec, "") and fmt_number(hi, spec, ""):
+        text += f" [{fmt_number(lo, spec)}, {fmt_number(hi, spec)}]"
+    return text
