@@ -566,7 +566,8 @@ def law_rate_text(fit_json: dict, law: Optional[str] = None) -> str:
     if law == "exponential":
         value, lo, hi = value - 1.0, lo - 1.0, hi - 1.0
     unit = " %/layer" if law == "exponential" else " % of n(a)/layer"
-    return with_ci(100 * value, (100 * lo, 100 * hi), "+.1f") + unit
+    ci = with_ci(0.0, (100 * lo, 100 * hi), "+.1f")[len("+0.0"):]
+    return f"{fmt_number(100 * value, '+.1f')}{unit}{ci}"
 
 
 def anchored_exponential(curve: Any, fit_json: dict) -> tuple[np.ndarray, np.ndarray]:
