@@ -86,8 +86,8 @@ class GrowthFit:
     mean_log_slope_ci95: tuple[float, float] = (float("nan"), float("nan"))
     ratio_last_first: float = float("nan")
     ratio_last_first_ci95: tuple[float, float] = (float("nan"), float("nan"))
-    local_slope: dict = field(default_factory=dict)
-    window_sensitivity: dict = field(default_factory=dict)
+    local_slope: dict = field(default_factory=dict)  # strict-JSON form: {"layers", "slope", "ci95_lo", "ci95_hi"}
+    window_sensitivity: dict = field(default_factory=dict)  # strict-JSON form (window_sensitivity())
 
     @property
     def mean_percent_per_layer(self) -> float:
@@ -481,8 +481,9 @@ def fit_growth(
         mean_log_slope_ci95=mls_ci,
         ratio_last_first=last_first,
         ratio_last_first_ci95=ratio_ci,
-        local_slope={"layers": list(range(n_layers)), "slope": local, "ci95_lo": local_lo, "ci95_hi": local_hi},
-        window_sensitivity=window_sensitivity(log_full),
+        local_slope=json_safe({"layers": list(range(n_layers)), "slope": local, "ci95_lo": local_lo,
+                               "ci95_hi": local_hi}),
+        window_sensitivity=json_safe(window_sensitivity(log_full)),
     )
 
 

@@ -19,8 +19,9 @@ Decision (docs/fit.md, "Which growth law"):
 2. Nested laws: the power law contains the linear one (``k = 1``) and tends to the exponential as
    ``l0 -> inf``; the saturating law tends to the linear one as ``tau -> inf``. When both laws of such a pair
    are left, the 3-parameter law replaces the 2-parameter one only if it fits significantly better
-   (``p < ALPHA_NESTED``, same noise model; the 2-parameter law is then rejected); otherwise it is dropped.
-3. One law left: decided. Several: ``"undecided"``; the candidate with the smallest AICc (on log-space
+   (``p < ALPHA_NESTED``, same noise model; the 2-parameter law is then rejected), and it reduces to the
+   2-parameter law (parsimony) when ``p >= P_REDUCE`` and that law is not rejected; in between both stay.
+3. One law left after rejections and reductions: decided. Several: ``"undecided"``; the candidate with the smallest AICc (on log-space
    residuals; with the bootstrap noise variance for several curves) is reported as the leader, with each
    law's leave-one-layer-out and forward-split (fit the first 2/3, predict the rest) errors. Windows of
    fewer than ``MIN_LAYERS`` layers are always undecided (rejections are still reported).
@@ -51,6 +52,7 @@ NESTED = (("power", "exponential"), ("power", "linear"), ("saturating", "linear"
 MIN_LAYERS = 8  # shorter windows: no law is decided
 ALPHA = 0.05  # lack of fit: family-wise over the four laws (Bonferroni)
 ALPHA_NESTED = 0.01  # a 3-parameter law replaces a 2-parameter law it contains only when p < this
+P_REDUCE = 0.2  # ... and reduces to it only when p >= this (in between both stay: undecided)
 FORWARD_SHARE = 2 / 3  # the forward split fits this share of the window's first layers
 NOISE_BOOTSTRAP = "bootstrap over sequences (replicates projected on each law's residual space)"
 NOISE_POLY = "one curve: F test against a degree-{d} polynomial in log space"
@@ -64,6 +66,9 @@ LAW_MEANINGS = {
 }
 _POWER_ORIGINS = np.geomspace(0.05, 1e4, 72)  # l0 + a grid (layers) for the power law's starting value
 _SAT_SCALES = np.geomspace(0.2, 1e4, 72)  # tau grid (layers) for the saturating law's starting value
+_NULL_REPS = 400  # bootstrap replicates used for the nested tests' null distribution
+_PROFILE_ORIGINS = np.geomspace(0.05, 1e5, 48)  # profile grids of the nested tests
+_PROFILE_SCALES = np.geomspace(0.2, 1e5, 48)
 _MAX_LOG_SCALE = math.log(1e7)  # l0 + a and tau are kept below 1e7 layers (the 2-parameter limits)
 
 
@@ -215,6 +220,27 @@ def _residual_projector(jac: np.ndarray) -> np.ndarray:
     return np.eye(jac.shape[0]) - jac @ np.linalg.pinv(jac)
 
 
+def _profile_rss(law: str, u: np.ndarray, logs: np.ndarray, m_ref: np.ndarray) -> np.ndarray:
+    """Residual sums of squares ``[n]`` of ``law`` fitted to each row of ``logs`` (``[n, k]`` log curves), profiled
+    over a grid of its nonlinear parameter (power: l0; saturating: tau), to first order in log space: the
+    exponential and power laws by least squares on log n (exact for a fixed l0), the linear and saturating laws by
+    least squares on ``n / m_ref`` (weights 1 / m_ref^2; fixed tau), ``m_ref`` a positive reference curve."""
+    one = np.ones_like(u)
+    if law == "exponential":
+        designs, z = [np.stack([one, u], 1)], logs
+    elif law == "power":
+        designs, z = [np.stack([one, np.log(u + o)], 1) for o in _PROFILE_ORIGINS], logs
+    elif law == "linear":
+        designs, z = [np.stack([one, u], 1) / m_ref[:, None]], np.exp(logs) / m_ref
+    else:
+        designs = [np.stack([one, -np.exp(-u / t)], 1) / m_ref[:, None] for t in _PROFILE_SCALES]
+        z = np.exp(logs) / m_ref
+    basis = np.stack([np.linalg.qr(d)[0] for d in designs])  # [g, k, 2] orthonormal columns
+    total = (z**2).sum(-1)
+    explained = (np.einsum("nk,gkp->gnp", z, basis) ** 2).sum(-1)  # [g, n]
+    return total - explained.max(axis=0)
+
+
 def _aicc(rss: float, k: int, p: int, sigma2: Optional[float]) -> float:
     """AICc: ``rss / sigma2 + 2p + 2p(p+1)/(k-p-1)`` with a known noise variance (several curves), else
     ``k log(rss / k) + 2p' + 2p'(p'+1)/(k-p'-1)`` with ``p' = p + 1`` (the variance is estimated)."""
@@ -246,7 +272,7 @@ def _poly_reference(u: np.ndarray, y: np.ndarray) -> tuple[Optional[int], float]
 class LawFit:
     """The four laws fitted over one window, the decision and what supports it.
 
-    ``laws[name] = {"params", "ci95": {rate parameter: [lo, hi]}, "rss_log", "cv_log", "forward_log", "aicc",
+    Held in strict-JSON form (non-finite numbers as None). ``laws[name] = {"params", "ci95": {rate parameter: [lo, hi]}, "rss_log", "cv_log", "forward_log", "aicc",
     "lack_of_fit_p", "n_params"}``; ``best``: a law, ``"none"`` or ``"undecided"``; ``rejected``: one entry per
     rejected law ``{"law", "rss_ratio" (its rss_log over the smallest), "p_value", "test"}``, filled even when
     undecided; ``support``: leader, candidates, noise model, thresholds and why undecided.
@@ -362,9 +388,12 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
             return float((1 + np.sum(null[law] >= fits[law]["rss"])) / (null[law].size + 1))
 
         def limit_p(law: str, simple: str) -> float:
-            gain = fits[simple]["rss"] - fits[law]["rss"]
-            null_gain = null[simple] - null[law]
-            return float((1 + np.sum(null_gain >= gain)) / (null_gain.size + 1))
+            """Parametric bootstrap: the simple law's fit plus bootstrap deviations, both laws profiled."""
+            y0 = _log_model(simple, fits[simple]["theta"], u)
+            m_ref = np.exp(y0)
+            curves = np.vstack([y[None, :], y0 + dev[:_NULL_REPS]])
+            gain = _profile_rss(simple, u, curves, m_ref) - _profile_rss(law, u, curves, m_ref)
+            return float((1 + np.sum(gain[1:] >= gain[0])) / (gain[1:].size + 1))
     else:
         deg, rss_ref = _poly_reference(u, y)
         sigma2 = None
@@ -420,24 +449,23 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
 
     rejected_names = {r["law"] for r in rejected}
     candidates = [law for law in LAWS if law not in rejected_names]
-    limits: dict[str, Any] = {}
-    dropped: set[str] = set()
+    nested: dict[str, Any] = {}
     for law, simple in NESTED:
         if law in candidates and simple in candidates:
             p = limit_p(law, simple)
-            limits[f"{law} vs {simple}"] = p
-            if p < ALPHA_NESTED:
-                dropped.add(simple)
+            nested[f"{law} vs {simple}"] = p
+            if p < ALPHA_NESTED and simple not in {r["law"] for r in rejected}:
                 f = fits[simple]
-                if simple not in {r["law"] for r in rejected}:
-                    rejected.append({"law": simple, "rss_ratio": f["rss"] / rss_min if rss_min > 0 else math.inf,
-                                     "p_value": p, "test": f"{law} improves on it significantly (p < {ALPHA_NESTED})"})
-            else:
-                dropped.add(law)
-    candidates = [law for law in candidates if law not in dropped]
+                rejected.append({"law": simple, "rss_ratio": f["rss"] / rss_min if rss_min > 0 else math.inf,
+                                 "p_value": p, "test": f"{law} improves on it significantly (p < {ALPHA_NESTED})"})
+    viable = [law for law in LAWS if law not in {r["law"] for r in rejected}]
+    # a 3-parameter law that does not improve significantly on a viable 2-parameter law it contains reduces to it
+    reducible = {law for law, simple in NESTED
+                 if law in viable and simple in viable and nested.get(f"{law} vs {simple}", 1.0) >= P_REDUCE}
+    candidates = [law for law in viable if law not in reducible]
 
     reasons: list[str] = []
-    pool = candidates or []
+    pool = candidates
     leader = min(pool, key=lambda law: (fits[law]["aicc"], fits[law]["cv"])) if pool else None
     if not candidates:
         best = NONE
@@ -454,14 +482,16 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
                      "the smallest AICc (then leave-one-layer-out error)",
         "noise": noise,
         "sigma2_log": sigma2,
-        "limits": limits,
+        "viable": viable,
+        "nested_p": nested,
         "rss_ratio_to_leader": {law: (fits[law]["rss"] / fits[leader]["rss"] if leader and fits[leader]["rss"] > 0
                                       else math.nan) for law in LAWS},
-        "thresholds": {"min_layers": MIN_LAYERS, "alpha_lack_of_fit_each": lof_alpha, "alpha_nested": ALPHA_NESTED,
+        "thresholds": {"min_layers": MIN_LAYERS, "alpha_lack_of_fit_each": lof_alpha, "alpha_nested": ALPHA_NESTED, "p_reduce": P_REDUCE,
                        "forward_share": FORWARD_SHARE},
         "undecided_because": reasons,
     }
-    return LawFit(window=(int(x[0]), int(x[-1])), laws=laws_out, best=best, rejected=rejected, support=support)
+    return LawFit(window=(int(x[0]), int(x[-1])), laws=json_safe(laws_out), best=best, rejected=json_safe(rejected),
+                  support=json_safe(support))
 
 
 # ----------------------------------------------------------------------------------------------

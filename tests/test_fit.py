@@ -547,10 +547,45 @@ def test_format_fit_table_contents():
     lines = table.splitlines()
     assert lines[0].split()[0] == "site" and lines[2].startswith("resid_pre")
     row = lines[2]
-    assert f"{fit.growth_factor:.4f} [{fit.ci95[0]:.4f}, {fit.ci95[1]:.4f}]" in row
-    assert f"{fit.percent_per_layer:+.2f}" in row and f"{fit.endpoint_growth_factor:.4f}" in row
-    assert f"{fit.r2:.4f}" in row and "2:9" in row and f"{fit.curvature:+.2e}" in row
+    m = (w[:, None] * curves).sum(0) / w.sum()
+    s = math.log(m[9] / m[2]) / 7
+    assert f"{100 * math.expm1(s):+.2f} [" in row  # the model-free mean log-slope comes first
+    band = [math.log(m[b] / m[a]) / (b - a) for a in range(1, 11) for b in range(a + 4, 11)]
+    assert f"{100 * math.expm1(min(band)):+.2f}..{100 * math.expm1(max(band)):+.2f}" in row
+    assert f"{m[-1] / m[0]:.3g}" in row
+    assert f"{fit.growth_factor:.4f} [{fit.ci95[0]:.4f}, {fit.ci95[1]:.4f}]" in row and "2:9" in row
     assert CI_BOOTSTRAP in table
+
+
+def test_model_free_numbers_by_hand_and_naive_bootstrap():
+    rng = np.random.default_rng(26)
+    curves, w = synth_curves(rng, n_layers=14, curvature=0.004)
+    fit = fit_growth(curves, window=(2, 11), weights=w, n_boot=200, seed=4)
+    m = (w[:, None] * curves).sum(0) / w.sum()
+    lm = np.log(m)
+    local = [lm[1] - lm[0]] + [(lm[i + 1] - lm[i - 1]) / 2 for i in range(1, 13)] + [lm[13] - lm[12]]
+    np.testing.assert_allclose(fit.local_slope["slope"], local, rtol=1e-12)
+    assert fit.mean_log_slope == pytest.approx((lm[11] - lm[2]) / 9, rel=1e-12)
+    assert math.exp(fit.mean_log_slope) == pytest.approx(fit.endpoint_growth_factor, rel=1e-12)
+    assert fit.ratio_last_first == pytest.approx(m[-1] / m[0], rel=1e-12)
+    windows = [(a, b) for a in range(1, 13) for b in range(a + 4, 13)]
+    slopes = {(a, b): (lm[b] - lm[a]) / (b - a) for a, b in windows}
+    ws = fit.window_sensitivity
+    assert ws["n_windows"] == len(windows)
+    assert ws["min"] == pytest.approx(min(slopes.values())) and ws["max"] == pytest.approx(max(slopes.values()))
+    assert tuple(ws["min_window"]) == min(slopes, key=slopes.get)
+    draws = np.random.default_rng(4).integers(0, 40, size=(200, 40))
+    boot_local, boot_mls = [], []
+    for idx in draws:
+        mb = np.log((w[idx, None] * curves[idx]).sum(0) / w[idx].sum())
+        boot_local.append(np.gradient(mb))
+        boot_mls.append((mb[11] - mb[2]) / 9)
+    lo, hi = np.quantile(boot_local, [0.025, 0.975], axis=0)
+    np.testing.assert_allclose(fit.local_slope["ci95_lo"], lo, rtol=1e-9)
+    np.testing.assert_allclose(fit.local_slope["ci95_hi"], hi, rtol=1e-9)
+    np.testing.assert_allclose(fit.mean_log_slope_ci95, np.quantile(boot_mls, [0.025, 0.975]), rtol=1e-9)
+    short = fit_growth(curves[:, :6], weights=w)  # 6 layers: windows inside 1..4 cannot reach 5 layers
+    assert short.window_sensitivity["n_windows"] == 0 and short.window_sensitivity["min"] is None
 
 
 # ------------------------------------------------------------------------------------------------
