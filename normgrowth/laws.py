@@ -475,8 +475,10 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
         if len(candidates) > 1:
             reasons.append(f"{', '.join(candidates)} all fit within the noise")
         best = leader if not reasons else UNDECIDED
+    finite = [law for law in LAWS if math.isfinite(fits[law]["aicc"])]
     support = {
         "leader": leader,
+        "closest": min(finite, key=lambda law: fits[law]["aicc"]) if finite else None,
         "candidates": candidates,
         "criterion": "decided when the lack-of-fit and nested tests leave one law; the leader is the candidate with "
                      "the smallest AICc (then leave-one-layer-out error)",
@@ -534,6 +536,9 @@ def law_label(law: Optional[LawFit]) -> str:
     """Short text for a table cell: ``"linear"``, ``"none"`` or ``"undecided (power?)"``."""
     if law is None:
         return ""
+    if law.best == NONE:
+        closest = law.support.get("closest")
+        return f"none (closest: {closest})" if closest else NONE
     if law.best != UNDECIDED:
         return law.best
     return f"undecided ({law.leader}?)" if law.leader else UNDECIDED
