@@ -102,6 +102,18 @@ class RunMeta:
     version: str
     schema_version: int = SCHEMA_VERSION
     norm_placement: str = "pre"  # "pre" | "peri" | "post" | "none" (see ModelConfig.norm_placement)
+    token_hash: Optional[str] = None  # token_batch_hash of the collected tokens (None in results saved without it)
+
+
+def token_batch_hash(tokens: Any, attention_mask: Any) -> str:
+    """SHA-256 of the token ids with padding set to -1, and of their shape: equal for two runs over the same
+    token batch, whatever the model (so their sequences can be paired)."""
+    import hashlib
+
+    ids = np.where(np.asarray(attention_mask, dtype=bool), np.asarray(tokens, dtype=np.int64), -1).astype(np.int64)
+    h = hashlib.sha256(str(ids.shape).encode())
+    h.update(np.ascontiguousarray(ids).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(repr=False)
