@@ -83,7 +83,8 @@ def row(label: str, a: float, a_ci: Any, b: float, b_ci: Any, diff: Optional[flo
     diff_ci = [as_float(x) for x in diff_ci]
     has_ci = all(math.isfinite(x) for x in diff_ci)
     return {"label": label, "a": a, "a_ci95": a_ci, "b": b, "b_ci95": b_ci, "difference": float(diff),
-            "difference_ci95": diff_ci, "significant": bool(has_ci and excludes_zero(diff_ci)), "has_ci": has_ci,
+            "difference_ci95": diff_ci, "significant": bool(has_ci and excludes_zero(diff_ci) and role == FAMILY),
+            "ci_excludes_zero": bool(has_ci and excludes_zero(diff_ci)), "has_ci": has_ci,
             "deterministic": bool(deterministic), "method": method, "role": role, "family": role == FAMILY,
             "p_value": p_value_from_ci(float(diff), diff_ci) if has_ci and role == FAMILY else None}
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from normgrowth.cli import app
 from scipy import stats
 
-from normgrowth.compare import row
+from normgrowth.compare import FAMILY, row
 
 runner = CliRunner()
 
@@ -23,14 +23,14 @@ def invoke(*args):
 
 
 def test_row_difference_ci_is_the_normal_combination():
-    r = row("x", 2.0, [1.8, 2.2], 1.0, [0.9, 1.1])
+    r = row("x", 2.0, [1.8, 2.2], 1.0, [0.9, 1.1], role=FAMILY)
     z = float(stats.norm.ppf(0.975))
     se_a, se_b = 0.4 / (2 * z), 0.2 / (2 * z)
     half = z * math.sqrt(se_a**2 + se_b**2)
     assert r["difference"] == pytest.approx(1.0)
     assert r["difference_ci95"] == pytest.approx([1.0 - half, 1.0 + half])
     assert r["significant"] and r["has_ci"]
-    same = row("y", 1.0, [0.8, 1.2], 1.05, [0.85, 1.25])
+    same = row("y", 1.0, [0.8, 1.2], 1.05, [0.85, 1.25], role=FAMILY)
     assert not same["significant"] and same["has_ci"]
     bare = row("z", 1.0, None, 2.0, None)
     assert not bare["has_ci"] and not bare["significant"]
