@@ -64,8 +64,8 @@ LAW_MEANINGS = {
     "saturating": "growth that levels off towards an asymptote",
     NONE: "no law fits within the noise",
 }
-_POWER_ORIGINS = np.geomspace(0.05, 1e4, 72)  # l0 + a grid (layers) for the power law's starting value
-_SAT_SCALES = np.geomspace(0.2, 1e4, 72)  # tau grid (layers) for the saturating law's starting value
+_POWER_ORIGINS = np.geomspace(0.05, 1e4, 64)  # l0 + a grid (layers) for the power law's starting value
+_SAT_SCALES = np.geomspace(0.2, 1e4, 64)  # tau grid (layers) for the saturating law's starting value
 _NULL_REPS = 400  # bootstrap replicates used for the nested tests' null distribution
 _PROFILE_ORIGINS = np.geomspace(0.05, 1e5, 48)  # profile grids of the nested tests
 _PROFILE_SCALES = np.geomspace(0.2, 1e5, 48)
@@ -167,18 +167,25 @@ def _start(law: str, u: np.ndarray, y: np.ndarray) -> np.ndarray:
         rss = ((y - c[:, None] - k[:, None] * lz) ** 2).sum(1)
         i = int(np.argmin(rss))
         return np.array([c[i], k[i], math.log(_POWER_ORIGINS[i])])
-    best, best_rss = None, math.inf
-    for tau in _SAT_SCALES:
-        e = np.exp(-u / tau)
-        c, d = _wls(np.stack([np.ones_like(u), -e], 1), m)
-        theta = np.array([c, d, math.log(tau)])
-        r = _rss(law, theta, u, y)
-        if r < best_rss:
-            best, best_rss = theta, r
-    return best if best is not None else np.array([m.max() * 1.1, m.max(), math.log(u.size)])
+    e = np.exp(-u[None, :] / _SAT_SCALES[:, None])  # [grid, k]
+    # weighted least squares of m on [1, -e] with weights 1 / m^2: 2x2 normal equations per grid value
+    w = 1.0 / m**2
+    s11, s1e, see = w.sum(), (w * -e).sum(1), (w * e * e).sum(1)
+    t1, te = (w * m).sum(), (w * m * -e).sum(1)
+    det = s11 * see - s1e**2
+    with np.errstate(all="ignore"):
+        c = (see * t1 - s1e * te) / det
+        d = (s11 * te - s1e * t1) / det
+        n = c[:, None] - d[:, None] * e
+        rss = np.where(np.all(n > 0, axis=1) & np.isfinite(det) & (det > 0),
+                       ((y - np.log(np.where(n > 0, n, 1.0))) ** 2).sum(1), np.inf)
+    i = int(np.argmin(rss))
+    if not np.isfinite(rss[i]):
+        return np.array([m.max() * 1.1, m.max(), math.log(max(u[-1], 1.0))])
+    return np.array([c[i], d[i], math.log(_SAT_SCALES[i])])
 
 
-def _refine(law: str, theta: np.ndarray, u: np.ndarray, y: np.ndarray, iters: int = 60) -> tuple[np.ndarray, float]:
+def _refine(law: str, theta: np.ndarray, u: np.ndarray, y: np.ndarray, iters: int = 30) -> tuple[np.ndarray, float]:
     """Levenberg-Marquardt on ``rss_log`` from ``theta``; log-scale parameters kept below ``_MAX_LOG_SCALE``."""
     cur = _rss(law, theta, u, y)
     if law == "exponential" or not math.isfinite(cur):
@@ -197,7 +204,7 @@ def _refine(law: str, theta: np.ndarray, u: np.ndarray, y: np.ndarray, iters: in
             new[2] = min(new[2], _MAX_LOG_SCALE)
         new_rss = _rss(law, new, u, y)
         if new_rss < cur:
-            done = cur - new_rss <= 1e-13 * max(cur, 1e-300)
+            done = cur - new_rss <= 1e-9 * max(cur, 1e-300)
             theta, cur, lam = new, new_rss, lam / 3
             if done:
                 break
@@ -235,9 +242,9 @@ def _profile_rss(law: str, u: np.ndarray, logs: np.ndarray, m_ref: np.ndarray) -
     else:
         designs = [np.stack([one, -np.exp(-u / t)], 1) / m_ref[:, None] for t in _PROFILE_SCALES]
         z = np.exp(logs) / m_ref
-    basis = np.stack([np.linalg.qr(d)[0] for d in designs])  # [g, k, 2] orthonormal columns
+    basis = np.linalg.qr(np.stack(designs))[0]  # [g, k, 2] orthonormal columns
     total = (z**2).sum(-1)
-    explained = (np.einsum("nk,gkp->gnp", z, basis) ** 2).sum(-1)  # [g, n]
+    explained = ((z[None, :, :] @ basis) ** 2).sum(-1)  # [g, n]
     return total - explained.max(axis=0)
 
 
