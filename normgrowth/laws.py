@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from scipy import stats
 
-from .numerics import percentile_ci, t_interval
+from .numerics import ols_covariance, percentile_ci, t_interval
 from .storage import as_float, json_safe
 from .tables import fmt_number, text_table, with_ci
 
@@ -320,13 +320,14 @@ class LawFit:
                    support=dict(data.get("support", {})))
 
 
-def _rate_ci_one_curve(law: str, theta: np.ndarray, jac: np.ndarray, rss: float, a: float) -> list[float]:
-    """Linearised OLS interval of the rate parameter for one curve: ``cov = s^2 (J'J)^-1``, ``s^2 = rss / (k - p)``,
-    t quantile with k - p df; a monotone transform of a theta component, else the delta method."""
+def _rate_ci_one_curve(law: str, theta: np.ndarray, jac: np.ndarray, resid: np.ndarray, a: float) -> list[float]:
+    """Linearised OLS interval of the rate parameter for one curve: ``cov = s^2 (J'J)^-1``, ``s^2 = rss / (k - p)``
+    (:func:`normgrowth.numerics.ols_covariance` of the residuals on the Jacobian), t quantile with k - p df; a
+    monotone transform of a theta component, else the delta method."""
     k, p = jac.shape
-    if k - p <= 0 or not math.isfinite(rss):
+    if k - p <= 0 or not np.all(np.isfinite(resid)):
         return [math.nan, math.nan]
-    cov = rss / (k - p) * np.linalg.pinv(jac.T @ jac)
+    _, cov, _ = ols_covariance(jac, resid)
     name = RATE_PARAM[law]
     direct: dict[str, tuple[int, Callable[[float], float]]] = {
         "exponential": (1, math.exp), "power": (1, float), "saturating": (2, math.exp)}
@@ -446,7 +447,8 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
                 ci = percentile_ci(vals)
                 laws_out[law]["ci95"][n] = [ci.lo, ci.hi]
         elif f["ok"]:
-            laws_out[law]["ci95"][RATE_PARAM[law]] = _rate_ci_one_curve(law, f["theta"], f["jac"], f["rss"], a)
+            resid = y - _log_model(law, f["theta"], u)
+            laws_out[law]["ci95"][RATE_PARAM[law]] = _rate_ci_one_curve(law, f["theta"], f["jac"], resid, a)
         if not f["ok"]:
             rejected.append({"law": law, "rss_ratio": math.inf, "p_value": 0.0,
                              "test": "the fitted law is not positive over the window"})

@@ -228,3 +228,14 @@ def test_fit_command_prints_the_laws_and_writes_the_law_block(tmp_path):
     doc = json.loads(out.read_text())
     assert "linear" in {r["law"] for r in doc["law"]["rejected"]}
     assert {"local_slope", "window_sensitivity", "mean_log_slope"} <= set(doc)
+
+
+def test_single_curve_exponential_interval_is_the_regression_t_interval():
+    from scipy import stats
+
+    y = 10 * 1.05 ** np.arange(20) * np.exp(np.random.default_rng(1).normal(0, 0.03, 20))
+    fit = fit_growth(y, window=(2, 17)).law
+    r = stats.linregress(np.arange(2, 18), np.log(y[2:18]))
+    t = stats.t.ppf(0.975, 14)
+    np.testing.assert_allclose(fit.laws["exponential"]["ci95"]["growth_factor"],
+                               np.exp([r.slope - t * r.stderr, r.slope + t * r.stderr]), rtol=1e-9)
