@@ -320,6 +320,11 @@ class LawFit:
                    support=dict(data.get("support", {})))
 
 
+def _safe_exp(v: float) -> float:
+    """exp(v), infinite instead of an overflow."""
+    return math.exp(v) if v < 709.0 else math.inf
+
+
 def _rate_ci_one_curve(law: str, theta: np.ndarray, jac: np.ndarray, resid: np.ndarray, a: float) -> list[float]:
     """Linearised OLS interval of the rate parameter for one curve: ``cov = s^2 (J'J)^-1``, ``s^2 = rss / (k - p)``
     (:func:`normgrowth.numerics.ols_covariance` of the residuals on the Jacobian), t quantile with k - p df; a
@@ -330,7 +335,7 @@ def _rate_ci_one_curve(law: str, theta: np.ndarray, jac: np.ndarray, resid: np.n
     _, cov, _ = ols_covariance(jac, resid)
     name = RATE_PARAM[law]
     direct: dict[str, tuple[int, Callable[[float], float]]] = {
-        "exponential": (1, math.exp), "power": (1, float), "saturating": (2, math.exp)}
+        "exponential": (1, _safe_exp), "power": (1, float), "saturating": (2, _safe_exp)}
     if law in direct:
         i, f = direct[law]
         lo, hi = t_interval(float(theta[i]), math.sqrt(max(cov[i, i], 0.0)), k - p)
