@@ -418,7 +418,8 @@ def draw_comparison(fig: Any, doc: dict[str, Any], colors: tuple[str, str] = ("#
     ax_g.set_yticks(y, labels, fontsize=7.5)
     ax_g.set_ylim(-0.6, max(len(sites), 1) - 0.4)
     ax_g.set_xlabel("growth factor per layer g (95 % CI)")
-    ax_g.set_title("(b) growth factors; Δg = g(A) − g(B), bootstrap CI; * excludes 0", fontsize=8.5)
+    how = "paired bootstrap" if doc.get("paired") else "independent bootstraps"
+    ax_g.set_title(f"(b) growth factors; Δg = g(A) − g(B), {how} CI; * excludes 0", fontsize=8.5)
     ax_g.legend(fontsize=8)
     dele = doc.get("deletion") or {}
     for ax, q, log, title in ((ax_r, "retention", False, "(c) retention ρ (1 = kept, 0 = erased)"),

@@ -355,6 +355,29 @@ def test_growth_difference_bootstrap():
     assert r["ratio_ci95"][0] <= 1 <= r["ratio_ci95"][1]
 
 
+def test_paired_growth_difference_matches_a_naive_loop_and_covers():
+    """Paired: one draw of sequence indices serves both sides (same sequences seen by two models)."""
+    rng = np.random.default_rng(16)
+    a, w = synth_curves(rng, g=1.05)
+    b = a / 1.05 ** np.arange(12) * 1.04 ** np.arange(12) * np.exp(rng.normal(0, 0.01, a.shape))  # same sequences
+    res = growth_difference(a, b, (1, 10), weights_a=w, weights_b=w, n_boot=300, seed=7, paired=True)
+    assert res["paired"] and "paired" in res["ci_method"]
+    draws = np.random.default_rng(7).integers(0, 40, size=(300, 40))
+    layers = np.arange(1, 11, dtype=float)
+    diffs = []
+    for idx in draws:
+        ga, gb = (math.exp(np.polyfit(layers, np.log((w[idx, None] * c[idx][:, 1:11]).sum(0) / w[idx].sum()), 1)[0])
+                  for c in (a, b))
+        diffs.append(ga - gb)
+    np.testing.assert_allclose(res["difference_ci95"], np.quantile(diffs, [0.025, 0.975]), rtol=1e-9)
+    lo, hi = res["difference_ci95"]
+    assert lo <= 0.01 <= hi and lo > 0
+    unpaired = growth_difference(a, b, (1, 10), weights_a=w, weights_b=w, n_boot=300, seed=7)
+    assert not unpaired["paired"] and (hi - lo) < 0.5 * np.diff(unpaired["difference_ci95"])[0]
+    with pytest.raises(NormgrowthError, match="same sequences"):
+        growth_difference(a, b[:30], (1, 10), n_boot=300, paired=True)
+
+
 def test_growth_difference_coverage_for_equal_factors():
     contains_zero = 0
     for seed in range(100):
