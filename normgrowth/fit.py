@@ -5,11 +5,14 @@ position is the layer index). Per-sequence curves are a 2-D array ``[n_seqs, n_l
 curve is their weighted mean ``m[l] = sum_s w_s n_s[l] / sum_s w_s`` (``w_s`` = tokens per sequence
 makes ``m`` the token mean).
 
-Growth factor over an inclusive window ``a..b``: least squares of ``log m[l] = alpha + beta * l``,
-``g = exp(beta)`` (so ``percent_per_layer = 100 (g - 1)``). 95% CIs: percentile bootstrap over
-sequences when there are several curves, otherwise the regression standard error with a t quantile.
-Every fit also compares the exponential with a linear and a power law over the same window
-(:mod:`normgrowth.laws`). See docs/fit.md for every formula.
+Model-free numbers first (the primary ones): the local log-slope profile d log m / dl by central
+differences, the mean log-slope over an inclusive window ``a..b`` (``(log m[b] - log m[a]) / (b - a)``), the
+last/first norm ratio and the window-sensitivity band (the range of the mean log-slope over every window of
+>= 5 layers that skips the first and the last layer). Then the least-squares growth factor
+``g = exp(beta)`` of ``log m[l] = alpha + beta * l`` (``percent_per_layer = 100 (g - 1)``) and the curvature.
+95% CIs: percentile bootstrap over sequences when there are several curves, otherwise the regression
+standard error with a t quantile. The growth law (:mod:`normgrowth.laws`: exponential, linear, power with a
+free origin, saturating, or none) is a secondary interpretation. See docs/fit.md for every formula.
 """
 
 from __future__ import annotations
