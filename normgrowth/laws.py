@@ -454,7 +454,9 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
         elif f["ok"]:
             resid = y - _log_model(law, f["theta"], u)
             laws_out[law]["ci95"][RATE_PARAM[law]] = _rate_ci_one_curve(law, f["theta"], f["jac"], resid, a)
-        if not f["ok"]:
+        if k <= N_PARAMS[law]:
+            pass  # as many parameters as layers: nothing to test, the law is left out
+        elif not f["ok"]:
             rejected.append({"law": law, "rss_ratio": math.inf, "p_value": 0.0,
                              "test": "the fitted law is not positive over the window"})
         elif p_lof < lof_alpha:
@@ -462,7 +464,8 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
                              "test": f"lack of fit beyond the noise (p < {lof_alpha:.4g})"})
 
     rejected_names = {r["law"] for r in rejected}
-    candidates = [law for law in LAWS if law not in rejected_names]
+    untestable = {law for law in LAWS if k <= N_PARAMS[law]}
+    candidates = [law for law in LAWS if law not in rejected_names and law not in untestable]
     nested: dict[str, Any] = {}
     for law, simple in NESTED:
         if law in candidates and simple in candidates:
@@ -472,7 +475,7 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
                 f = fits[simple]
                 rejected.append({"law": simple, "rss_ratio": f["rss"] / rss_min if rss_min > 0 else math.inf,
                                  "p_value": p, "test": f"{law} improves on it significantly (p < {ALPHA_NESTED})"})
-    viable = [law for law in LAWS if law not in {r["law"] for r in rejected}]
+    viable = [law for law in LAWS if law not in {r["law"] for r in rejected} and law not in untestable]
     # a 3-parameter law that does not improve significantly on a viable 2-parameter law it contains reduces to it
     reducible = {law for law, simple in NESTED
                  if law in viable and simple in viable and nested.get(f"{law} vs {simple}", 1.0) >= P_REDUCE}
@@ -481,7 +484,10 @@ def fit_laws(layers: Any, mean_curve: Any, boot_curves: Optional[np.ndarray] = N
     reasons: list[str] = []
     pool = candidates
     leader = min(pool, key=lambda law: (fits[law]["aicc"], fits[law]["cv"])) if pool else None
-    if not candidates:
+    if not candidates and len(untestable) == len(LAWS):
+        reasons.append(f"window has {k} layers: no law can be tested")
+        best = UNDECIDED
+    elif not candidates:
         best = NONE
     else:
         if k < MIN_LAYERS:
