@@ -17,17 +17,14 @@ free origin, saturating, or none) is a secondary interpretation. See docs/fit.md
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from normgrowth.curve_files import read_curve  # noqa: F401  (normgrowth.fit.read_curve: fit a curve file)
 from normgrowth.errors import NormgrowthError
 from normgrowth.laws import LawFit, fit_laws, law_label, rejected_text
 from normgrowth.numerics import (DEFAULT_N_BOOT, MIN_BOOT, MIN_BOOT_SEQS, bootstrap_means, excludes_zero, fit_line,
@@ -35,6 +32,7 @@ from normgrowth.numerics import (DEFAULT_N_BOOT, MIN_BOOT, MIN_BOOT_SEQS, bootst
                                  weighted_mean, welch_satterthwaite_df)
 from normgrowth.storage import as_float, json_safe
 from normgrowth.tables import fmt_number, text_table, with_ci
+from normgrowth.windows import Window, WindowSpec, default_window, parse_window, resolve_window  # noqa: F401
 
 if TYPE_CHECKING:
     from normgrowth.results import Results
@@ -48,8 +46,6 @@ SENSITIVITY_MIN_LAYERS = 5  # window-sensitivity band: every window of at least 
 MIN_CURVATURE_LAYERS = 5  # curvature is tested (flag) only on windows with at least this many layers
 _HOLDS_RTOL = 1e-5  # relative slack for the appendix-1 bound check (float32 means)
 
-Window = tuple[int, int]
-WindowSpec = Union[Window, Sequence[int], str, None]
 
 
 @dataclass
@@ -174,93 +170,6 @@ class GrowthFit:
 def _pair(values: Any) -> tuple[float, float]:
     lo, hi = values or (None, None)
     return (as_float(lo), as_float(hi))
-
-
-# ----------------------------------------------------------------------------------------------
-# Windows
-# ----------------------------------------------------------------------------------------------
-
-
-def default_window(n_layers: int) -> Window:
-    """Default inclusive fit window: a = ceil(n/10), b = n - 1 - ceil(n/8).
-
-    Skips the early jump after the embedding (first ceil(n/10) layers) and the last ceil(n/8)
-    layers; n = 48 gives exactly the study's 5..41. If that leaves fewer than 3 layers, the first
-    of (1, n-2), (1, n-1), (0, n-1) with at least 3 layers is used; for n < 3, all layers (0, n-1).
-    """
-    n = int(n_layers)
-    if n < 1:
-        raise NormgrowthError(f"a norm curve needs at least 1 layer, got {n}; check the input curve.")
-    if n < 3:
-        return (0, n - 1)
-    candidates = [(math.ceil(n / 10), n - 1 - math.ceil(n / 8)), (1, n - 2), (1, n - 1), (0, n - 1)]
-    for a, b in candidates:
-        if b - a + 1 >= 3:
-            return (a, b)
-    return (0, n - 1)  # unreachable for n >= 3
-
-
-def _norm_index(i: int, n_layers: int, text: str) -> int:
-    j = i + n_layers if i < 0 else i
-    if not 0 <= j < n_layers:
-        raise NormgrowthError(
-            f"window {text!r} refers to layer {i}, outside 0..{n_layers - 1} (or -{n_layers}..-1) "
-            f"for a {n_layers}-layer curve; choose layers inside that range."
-        )
-    return j
-
-
-def parse_window(text: str, n_layers: int) -> Window:
-    """Parse "a:b" into an inclusive (a, b); negative indices count from the end like Python
-    (-1 = last layer), empty sides mean the first/last layer ("5:" = 5..n-1). Needs a < b."""
-    if not isinstance(text, str) or text.count(":") != 1:
-        raise NormgrowthError(
-            f"window {text!r} is not of the form 'a:b' (inclusive layer indices, e.g. '5:41' or '2:-2')."
-        )
-    left, right = (s.strip() for s in text.split(":"))
-    try:
-        a = int(left) if left else 0
-        b = int(right) if right else n_layers - 1
-    except ValueError:
-        raise NormgrowthError(
-            f"window {text!r} has a non-integer side; use integer layer indices like '5:41' or '2:-2'."
-        ) from None
-    return _check_window((a, b), n_layers, text)
-
-
-def _check_window(window: Sequence[int], n_layers: int, text: str | None = None) -> Window:
-    text = text if text is not None else f"{window[0]}:{window[1]}"
-    a = _norm_index(int(window[0]), n_layers, text)
-    b = _norm_index(int(window[1]), n_layers, text)
-    if b <= a:
-        raise NormgrowthError(
-            f"window {text!r} resolves to layers {a}..{b}; a fit needs a < b (at least 2 layers), "
-            f"so give the start before the end."
-        )
-    return (a, b)
-
-
-def _resolve_window(window: WindowSpec, n_layers: int) -> Window:
-    if window is None:
-        a, b = default_window(n_layers)
-        if b <= a:
-            raise NormgrowthError(
-                f"a growth fit needs at least 2 layers but the curve has {n_layers}; supply a longer curve."
-            )
-        return (a, b)
-    if isinstance(window, str):
-        return parse_window(window, n_layers)
-    try:
-        if len(window) != 2:
-            raise TypeError
-        ints = (int(window[0]), int(window[1]))
-        if ints[0] != window[0] or ints[1] != window[1]:
-            raise TypeError
-    except (TypeError, ValueError):
-        raise NormgrowthError(
-            f"window {window!r} must be a pair of integer layer indices (a, b) or a string 'a:b'."
-        ) from None
-    return _check_window(ints, n_layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +319,7 @@ def fit_growth(
     """
     arr, w = _prepare(curves, weights)
     n_rows, n_layers = arr.shape
-    a, b = _resolve_window(window, n_layers)
+    a, b = resolve_window(window, n_layers)
     _check_positive(arr, a, b)
     layers = np.arange(a, b + 1, dtype=np.float64)
     k = b - a + 1
@@ -529,7 +438,7 @@ def _slope_stats(
 ) -> dict:
     """Point slope of log m over the window plus bootstrap slopes (several rows) or SE and df (one row)."""
     arr, w = _prepare(curves, weights, what)
-    a, b = _resolve_window(window, arr.shape[1])
+    a, b = resolve_window(window, arr.shape[1])
     _check_positive(arr, a, b, what=f"norm curve of {what}")
     layers = np.arange(a, b + 1, dtype=np.float64)
     sub = arr[:, a : b + 1]
@@ -678,158 +587,6 @@ def appendix1_bound(
         "lower_bound": -bound,
         "holds": holds,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading curves
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _assemble(layers: list, values: list, path: Path) -> np.ndarray:
-    """Sort (layer, value) pairs by layer; layers must be exactly 0..n-1."""
-    layer_ints = []
-    for raw in layers:
-        try:
-            f = float(raw)
-        except (TypeError, ValueError):
-            raise NormgrowthError(f"{path}: layer {raw!r} is not an integer; number layers 0..n-1.") from None
-        if isinstance(raw, bool) or not math.isfinite(f) or f != int(f) or f < 0:
-            raise NormgrowthError(f"{path}: layer {raw!r} is not a non-negative integer; number layers 0..n-1.")
-        layer_ints.append(int(f))
-    seen: set[int] = set()
-    for layer in layer_ints:
-        if layer in seen:
-            raise NormgrowthError(f"{path}: layer {layer} appears more than once; give one value per layer.")
-        seen.add(layer)
-    missing = sorted(set(range(max(layer_ints) + 1)) - seen)
-    if missing:
-        shown = ", ".join(str(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise NormgrowthError(
-            f"{path}: layer(s) {shown} missing; layers must be numbered 0..n-1 with one value each."
-        )
-    order = np.argsort(layer_ints)
-    return np.asarray(values, dtype=np.float64)[order]
-
-
-def _check_values(values: list, path: Path, where: list[str], json_types: bool = False) -> list[float]:
-    out = []
-    for raw, loc in zip(values, where):
-        if isinstance(raw, bool) or raw is None or (json_types and not isinstance(raw, (int, float))):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.")
-        try:
-            f = float(raw)
-        except (TypeError, ValueError):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.") from None
-        if not math.isfinite(f):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not finite; give finite norms.")
-        out.append(f)
-    return out
-
-
-def _read_json_curve(text: str, path: Path) -> np.ndarray:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise NormgrowthError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
-    if isinstance(data, list):
-        if not data:
-            raise NormgrowthError(f"{path}: the JSON list is empty; give one norm per layer.")
-        return np.asarray(_check_values(data, path, [f"index {i}" for i in range(len(data))], json_types=True))
-    if isinstance(data, dict) and "layer" in data and "value" in data:
-        layers, values = data["layer"], data["value"]
-        if not isinstance(layers, list) or not isinstance(values, list) or len(layers) != len(values):
-            raise NormgrowthError(f"{path}: 'layer' and 'value' must be JSON lists of the same length.")
-        if not values:
-            raise NormgrowthError(f"{path}: 'layer' and 'value' are empty; give one norm per layer.")
-        vals = _check_values(values, path, [f"layer {layer!r}" for layer in layers], json_types=True)
-        return _assemble(layers, vals, path)
-    raise NormgrowthError(
-        f"{path}: JSON must be a list of numbers or an object with 'layer' and 'value' lists."
-    )
-
-
-def _read_csv_curve(text: str, path: Path, column: Optional[str] = None) -> np.ndarray:
-    rows = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [c.strip() for c in row]
-        if not cells or all(c == "" for c in cells) or cells[0].startswith("#"):
-            continue
-        rows.append((lineno, cells))
-    if not rows:
-        raise NormgrowthError(f"{path}: the file has no data rows; give one norm per layer.")
-    header = None
-    first_line, first = rows[0]
-    if not all(_is_number(c) for c in first):
-        header = [c.lower() for c in first]
-        rows = rows[1:]
-        if not rows:
-            raise NormgrowthError(f"{path}: the file has a header but no data rows; give one norm per layer.")
-    n_cols = len(header) if header is not None else len(first)
-    for lineno, cells in rows:
-        if len(cells) != n_cols:
-            raise NormgrowthError(
-                f"{path}: line {lineno} has {len(cells)} column(s), expected {n_cols}; every row needs the same columns."
-            )
-    if column is not None:
-        if header is None or column.lower() not in header:
-            have = ", ".join(header) if header else "no header"
-            raise NormgrowthError(f"{path}: no column {column!r} (columns: {have}); name one of the header's columns.")
-        vi = header.index(column.lower())
-        values = _check_values([c[vi] for _, c in rows], path, [f"line {ln}" for ln, _ in rows])
-        if "layer" in header:
-            return _assemble([c[header.index("layer")] for _, c in rows], values, path)
-        return np.asarray(values)
-    if n_cols == 1:
-        return np.asarray(_check_values([c[0] for _, c in rows], path, [f"line {ln}" for ln, _ in rows]))
-    if header is None:
-        raise NormgrowthError(
-            f"{path}: a CSV with {n_cols} columns needs a header naming 'layer' and 'value' columns."
-        )
-    if "layer" not in header or "value" not in header:
-        raise NormgrowthError(
-            f"{path}: the CSV header {','.join(header)!r} lacks a 'layer' or 'value' column; name them so or "
-            f"choose the column to fit (--column NAME)."
-        )
-    li, vi = header.index("layer"), header.index("value")
-    layers = [c[li] for _, c in rows]
-    vals = _check_values([c[vi] for _, c in rows], path, [f"line {ln}" for ln, _ in rows])
-    return _assemble(layers, vals, path)
-
-
-def read_curve(path: str | Path, column: Optional[str] = None) -> np.ndarray:
-    """Read a norm curve [n_layers] (float64) from CSV or JSON.
-
-    CSV: one column of values (optional one-word header), or a header with 'layer' and 'value'
-    columns (rows in any order, sorted by layer), or with ``column`` the header's column of that name
-    (sorted by a 'layer' column when there is one). JSON: a list of numbers, or {"layer": [...],
-    "value": [...]}. Format from the suffix (.json / .csv), otherwise sniffed from the first character.
-    Layers must be 0..n-1 exactly once; values finite.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise NormgrowthError(f"curve file {p} does not exist; check the path.")
-    if not p.is_file():
-        raise NormgrowthError(f"curve path {p} is not a file; give a CSV or JSON file.")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise NormgrowthError(f"cannot read curve file {p} ({err}); give a UTF-8 CSV or JSON file.") from None
-    stripped = text.strip()
-    if not stripped:
-        raise NormgrowthError(f"curve file {p} is empty; give one norm per layer as CSV or JSON.")
-    suffix = p.suffix.lower()
-    is_json = suffix == ".json" or (suffix != ".csv" and stripped[0] in "[{")
-    if is_json and column is not None:
-        raise NormgrowthError(f"{p}: a column can only be chosen in a CSV file; drop the column option for JSON.")
-    return _read_json_curve(stripped, p) if is_json else _read_csv_curve(stripped, p, column)
 
 
 # ----------------------------------------------------------------------------------------------
