@@ -127,7 +127,7 @@ def test_deletion_command_schema(tiny_dirs, token_file, tmp_path):
     for key in ("distance", "retention", "dilution", "visibility", "reading", "visibility_decay_per_layer",
                 "dilution_decay_per_layer", "excess_dilution_decay_per_layer", "retention_far"):
         assert key in doc["by_distance"]
-    assert doc["verdict"]["label"] in ("magnitude", "erasure", "mixed", "neither", "inconclusive")
+    assert f"VERDICT: {doc['verdict']['label']} - {doc['verdict']['reason']}" in result.output  # JSON = printout
     assert set(doc["locality"]["share_within"]) == {"1", "2", "4", "8"}
     assert doc["ablation"]["writes"] == ["attn_out.0", "mlp_out.0", "attn_out.2", "mlp_out.2"]
 
