@@ -3,8 +3,8 @@
 Drawn from R/compare.json (``normgrowth compare A B --json``) through the library's one comparison
 figure, :func:`normgrowth.compare.draw_comparison`: (a) mean ||resid_post|| per layer of both models (log
 axis) with their fitted exponentials (bands); (b) growth factor per layer with 95 % CI for every site of
-both, and the difference g_A - g_B with the 95 % CI computed by ``compare`` (independent bootstraps over
-each model's sequences); (c) retention and (d) dilution against distance for both, with 95 % CI bands and
+both, and the difference g_A - g_B with the 95 % CI computed by ``compare`` (a paired bootstrap over the
+sequences when both models saw the same token batch, independent bootstraps otherwise; the panel says which); (c) retention and (d) dilution against distance for both, with 95 % CI bands and
 each model's deletion verdict.
 """
 

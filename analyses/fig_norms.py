@@ -1,10 +1,11 @@
-"""Figure 1: mean norm per layer at every residual site, every model, with the preferred growth law.
+"""Figure 1: mean norm per layer at every residual site, every model: model-free growth first, the law second.
 
 One panel per site (resid_pre, resid_mid, resid_post, attn_out, mlp_out); in each, the token mean of
-the L2 norm per layer (positions >= 1) of every model on a log axis and, over the fit's window, the
-fitted curve of the preferred law (exponential, linear or power law; the leading law, marked "?", when
-the choice is undecided) as a wide band with its rate and 95 % CI in the legend. When that law is not
-the exponential, the fitted exponential is drawn as a thin dotted line for reference.
+the L2 norm per layer (positions >= 1) of every model on a log axis. The legend gives the model-free numbers
+first: the mean log-slope over the fit's window as % per layer with its 95 % CI and the window-sensitivity
+band (range over every window of >= 5 layers skipping the first and last layer). The law is a labelled
+interpretation: over the window, the fitted curve of the decided law (the leading law, marked "?", when
+undecided; none drawn when every law is rejected) as a wide band; the fitted exponential as a thin dotted line.
 """
 
 from __future__ import annotations
@@ -14,12 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from normgrowth.laws import anchored_exponential, law_curve, preferred_law, rate_text as law_rate_text
+from normgrowth.laws import NONE, anchored_exponential, law_curve, law_rate_text, preferred_law
+from normgrowth.storage import as_float
+from normgrowth.tables import fmt_number, with_ci
 
 from common import (NORM_LABEL, PAGE_WIDTH, SITES, arr, cli, discover, grid_axes, log_axis, model_legend_handles,
                     new_figure, note, positive, rate_text, require, run_figure, save, with_report)
 
 STEM = "fig_norms"
+
+
+def model_free_text(fit: dict) -> str:
+    """``+4.8 %/layer [4.6, 5.0], band +2.5..+14.8`` from a GrowthFit JSON (the exponential fit's rate for a fit
+    saved without model-free numbers)."""
+    s = as_float(fit.get("mean_log_slope"))
+    if not np.isfinite(s):
+        return rate_text(fit)
+    pct = [100 * np.expm1(as_float(v)) for v in fit.get("mean_log_slope_ci95") or (None, None)]
+    text = f"{with_ci(100 * np.expm1(s), pct, '+.1f')} %/layer"
+    ws = fit.get("window_sensitivity") or {}
+    if ws.get("n_windows"):
+        text += f", band {fmt_number(ws.get('min_percent'), '+.1f')}..{fmt_number(ws.get('max_percent'), '+.1f')}"
+    return text
 
 
 def draw(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -40,17 +57,19 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
             fit = (m.report.get("fit") or {}).get(site)
             if fit is not None:
                 law, decided = preferred_law(fit)
-                if fit.get("law"):
+                best = (fit.get("law") or {}).get("best")
+                text = model_free_text(fit)
+                if fit.get("law") and best != NONE:
                     a, b = fit["window"]
                     fx = np.arange(a, b + 1, dtype=float)
                     fy = law_curve(law, fit["law"]["laws"][law]["params"], fx)
-                    text = f"{law}{'' if decided else '?'} {law_rate_text(fit, law)}"
+                    text += f"; law {law}{'' if decided else '?'} {law_rate_text(fit, law)}"
                 else:
                     fx, fy = anchored_exponential(mean, fit)
-                    text = f"exponential {rate_text(fit)}"
+                    text += "; law: none fits" if best == NONE else ""
                 ax.plot(fx, positive(fy), color=m.color, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1,
                         label=f"{m.name}: {text}")
-                if law != "exponential":
+                if law != "exponential" or best == NONE:
                     ex, ey = anchored_exponential(mean, fit)
                     ax.plot(ex, ey, color=m.color, linewidth=0.9, linestyle=":", zorder=1)
             drawn = True
@@ -61,12 +80,13 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         log_axis(ax)
         ax.set_xlabel("layer")
         ax.set_ylabel(NORM_LABEL)
-        ax.legend(loc="best", fontsize=7, title="law fit (band), 95 % CI; dotted: exp.", handlelength=1.8)
+        ax.legend(loc="best", fontsize=7, title="mean log-slope [95 % CI], band; law (interpretation)",
+                  handlelength=1.8)
     legend_ax = axes[-1]
     legend_ax.axis("off")
     legend_ax.legend(handles=model_legend_handles(models), loc="center", title="model (mean over tokens at "
                      "positions ≥ 1)", fontsize=8)
-    fig.suptitle("Mean norm per layer at each residual-stream site, with the preferred growth law's fit")
+    fig.suptitle("Mean norm per layer at each residual-stream site: model-free growth, then the growth law")
     return save(fig, out_dir, STEM)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.lines import Line2D
 
-from normgrowth.laws import preferred_law, rate_text as law_rate_text
+from normgrowth.laws import law_rate_text, preferred_law
 
 from common import PAGE_WIDTH, cli, discover, fnum, new_figure, require, run_figure, save, with_report
 

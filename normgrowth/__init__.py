@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily so that ``normgrowth --help`` stays fast): ``load_model``,
 ``load_tokens``, ``collect`` (a function: ``normgrowth.collect(model, data)``), ``Results``,
-``TokenBatch``, ``ModelConfig``, ``LoadedModel``, ``NormgrowthError``.
+``TokenBatch``, ``ModelConfig``, ``LoadedModel``, ``NormgrowthError``, ``fit_site`` (a site's growth fit).
 """
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ _LAZY = {
     "TokenBatch": ("normgrowth.data", "TokenBatch"),
     "collect": ("normgrowth.collector", "collect"),
     "Results": ("normgrowth.results", "Results"),
+    "fit_site": ("normgrowth.fit", "fit_site"),
     "NormgrowthError": ("normgrowth.errors", "NormgrowthError"),
 }
 

@@ -226,20 +226,21 @@ def sweep(checkpoints: list[str] = typer.Argument(..., help="Checkpoint folders,
 
 @app.command("fit")
 def fit_command(curve: Path = typer.Argument(..., help="CSV (one column, or columns layer,value) or JSON list of per-layer norms."),
-                window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON):
+                window: Optional[str] = WINDOW, json_path: Optional[Path] = JSON,
+                column: Optional[str] = typer.Option(None, "--column", help="CSV column to fit (e.g. resid_post).")):
     """Fit a per-layer norm curve measured elsewhere (e.g. a published one); one curve, so the CI is the
     least-squares slope's standard error (docs/fit.md)."""
     from .fit import fit_growth, format_fit_table, parse_window, read_curve
     from .laws import format_law_table
 
-    values = read_curve(curve)
+    values = read_curve(curve, column)
     win = parse_window(window, len(values)) if window else None
     fit = fit_growth(values, window=win)
     _echo(f"{curve}: {len(values)} layers")
     _echo(format_fit_table({curve.stem: fit}))
     a, b = fit.window
     _echo(f"endpoint estimate (n[{b}]/n[{a}])^(1/{b - a}) = {fit.endpoint_growth_factor:.6f}")
-    _echo(f"\ngrowth laws over layers {a}..{b} (exponential, linear, power; residual sums of squares of log n):")
+    _echo(f"\ngrowth laws over layers {a}..{b} (an interpretation; the model-free numbers above come first):")
     _echo(format_law_table({curve.stem: fit.law}))
     _write_json(json_path, fit.to_json())
 

@@ -33,7 +33,7 @@ from .resume import Checkpoint
 from .data import TokenBatch, as_token_batch, iter_batches
 from .errors import NonFiniteNormError, NormgrowthError
 from .models import LoadedModel
-from .results import EMBED_SITES, SITES, HeadStats, Results, RunMeta, SiteStats
+from .results import EMBED_SITES, SITES, HeadStats, Results, RunMeta, SiteStats, token_batch_hash
 from .stats import TokenStats, hist_quantile
 
 DEFAULT_SITES = SITES
@@ -322,6 +322,7 @@ class NormCollector:
             d_head=m.d_head, parallel_blocks=m.parallel_blocks, n_seqs=len(batch), n_tokens=st.count,
             n_bos_tokens=st.bos_count, data_source=batch.source, seq_len=seq_len, batch_size=batch_size,
             sites=list(self.sites), version=__version__, norm_placement=m.norm_placement, source=m.source,
+            token_hash=token_batch_hash(batch.tokens.cpu().numpy(), batch.attention_mask.cpu().numpy()),
         )
         return Results(meta=meta, sites=sites, embed=embed, heads=heads, mlp_act_rate=act,
                        seq_n_tokens=st.seq_counts(), position_count=st.pos_count.cpu().numpy())

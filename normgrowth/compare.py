@@ -2,17 +2,23 @@
 
 Every row holds each model's value with its 95 % CI and the difference A − B with a 95 % CI:
 
-* growth factors per site: difference by independent bootstraps over each model's sequences
-  (:func:`normgrowth.fit.growth_difference`);
+* growth per site (the tested family): the least-squares growth factor per layer g = exp(slope of log n)
+  over each model's window, a model-free average of the log-slope; the difference's CI is a percentile
+  bootstrap over sequences (:func:`normgrowth.fit.growth_difference`), **paired** (the same resampled
+  sequence indices for both models) when both saw the same token batch (equal hashes of the token ids) and
+  independent otherwise; the document says which. Each model's growth law is reported beside it as an
+  interpretation; law rates are not compared (power exponents never: they depend on each fit's origin);
 * everything else: a normal approximation, SE_i = (hi_i − lo_i) / (2 · 1.96) from each model's own CI,
   CI(A − B) = (A − B) ± 1.96 · sqrt(SE_A² + SE_B²) (:func:`normgrowth.numerics.difference_ci_from_cis`).
 
-Each row with a CI gets a two-sided p-value from the normal approximation z = (A − B) / SE with
-SE = (hi − lo) / (2 · 1.96) of the difference's CI, and the p-values of all rows are Holm-adjusted
-together (family-wise error 5 %). A row is significant (raw) when its CI excludes 0 and significant
-(Holm) when its adjusted p < 0.05; both are shown. Rows without CIs are descriptive; position-0 rows
-are deterministic (no CI, no significance claim) when position 0 holds the same token in every
-sequence. Weight rows compare LN-free and LN models in the same units: an LN-free model's folded
+The multiple-comparison family is declared: the growth rows of the five sites (resid_pre, resid_mid,
+resid_post, attn_out, mlp_out). Each gets a two-sided p-value from the normal approximation z = (A − B) / SE
+with SE = (hi − lo) / (2 · 1.96) of the difference's CI, Holm-adjusted over the family (family-wise error 5 %);
+a row is significant (raw) when its CI excludes 0 and significant (Holm) when its adjusted p < 0.05.
+Every other row is descriptive and labelled so: mean write norms and position-0 rows (CIs shown, outside the
+family), weight rows (a fit on one fixed checkpoint: its CI is a regression residual, not sampling) and
+deletion rows (geometry only). Position-0 rows are deterministic (no CI) when position 0 holds the same token
+in every sequence. Weight rows compare LN-free and LN models in the same units: an LN-free model's folded
 weights (gain / sigma_avg, acting on the raw stream) are multiplied per layer by the mean per-token
 standard deviation of the stream they read, which makes them gains on the normalised input.
 """
@@ -27,29 +33,29 @@ import numpy as np
 from scipy import stats
 
 from .laws import anchored_exponential
-from .numerics import Z95, difference_ci_from_cis, excludes_zero, holm_adjust, weighted_mean_ci
+from .numerics import (DEFAULT_N_BOOT, MIN_BOOT_SEQS, Z95, difference_ci_from_cis, excludes_zero, holm_adjust,
+                       se_from_ci, weighted_mean_ci)
 from .protocol import ResultProtocol
 from .results import SITES, Results, display_name
-from .storage import json_safe
+from .storage import as_float, json_safe
+from .tables import with_ci
 
 ALPHA = 0.05
-MIN_BOOT_SEQS = 30  # fewer sequences than this feeding a bootstrap: a warning
+FAMILY = "growth rows of the five sites"
+DESCRIPTIVE_WEIGHTS = "descriptive: weight-norm fit on one fixed checkpoint (its CI is a regression residual)"
+DESCRIPTIVE_GEOMETRY = "descriptive: geometry only (deletion)"
+DESCRIPTIVE_OTHER = "descriptive: outside the tested family"
 # weight series -> the stream site whose normalisation they read (None: no gain folded in)
 WEIGHT_SERIES = {"W_OV_mean": "resid_pre", "W_in": "resid_mid", "W_out": None, "gain_attn": "resid_pre",
                  "gain_mlp": "resid_mid"}
 
 
-def _num(x: Any) -> float:
-    return math.nan if x is None else float(x)
-
-
 def p_value_from_ci(diff: float, ci: Any) -> Optional[float]:
     """Two-sided p of ``diff`` from its 95 % CI by the normal approximation:
     ``z = diff / SE``, ``SE = (hi - lo) / (2 * 1.96)``, ``p = 2 (1 - Phi(|z|))``; None without a CI."""
-    lo, hi = (_num(v) for v in ci)
-    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(diff)):
+    se = se_from_ci(ci)
+    if not (math.isfinite(se) and math.isfinite(diff)):
         return None
-    se = (hi - lo) / (2 * Z95)
     if se <= 0:
         return 0.0 if diff != 0 else 1.0
     return float(2 * stats.norm.sf(abs(diff) / se))
@@ -57,15 +63,16 @@ def p_value_from_ci(diff: float, ci: Any) -> Optional[float]:
 
 def row(label: str, a: float, a_ci: Any, b: float, b_ci: Any, diff: Optional[float] = None,
         diff_ci: Optional[Any] = None, method: str = "normal approximation from each model's CI",
-        deterministic: bool = False) -> dict[str, Any]:
+        deterministic: bool = False, role: str = DESCRIPTIVE_OTHER) -> dict[str, Any]:
     """One comparison row; the difference CI comes from the two CIs unless given.
 
     ``deterministic``: the values are exact (not samples), so the row has no CI and makes no
-    significance claim.
+    significance claim. ``role``: ``FAMILY`` for a tested row (Holm-adjusted with the others), else the
+    reason the row is descriptive.
     """
-    a_ci = [_num(x) for x in (a_ci if a_ci is not None else [None, None])]
-    b_ci = [_num(x) for x in (b_ci if b_ci is not None else [None, None])]
-    a, b = _num(a), _num(b)
+    a_ci = [as_float(x) for x in (a_ci if a_ci is not None else [None, None])]
+    b_ci = [as_float(x) for x in (b_ci if b_ci is not None else [None, None])]
+    a, b = as_float(a), as_float(b)
     if deterministic:
         a_ci = b_ci = [math.nan, math.nan]
         diff, diff_ci, method = a - b, [math.nan, math.nan], "deterministic (position 0 is the same token everywhere)"
@@ -73,46 +80,27 @@ def row(label: str, a: float, a_ci: Any, b: float, b_ci: Any, diff: Optional[flo
         diff, diff_ci = difference_ci_from_cis(a, a_ci, b, b_ci)
         if not all(math.isfinite(x) for x in diff_ci):
             method = "no CI (descriptive)"
-    diff_ci = [_num(x) for x in diff_ci]
+    diff_ci = [as_float(x) for x in diff_ci]
     has_ci = all(math.isfinite(x) for x in diff_ci)
     return {"label": label, "a": a, "a_ci95": a_ci, "b": b, "b_ci95": b_ci, "difference": float(diff),
-            "difference_ci95": diff_ci, "significant": bool(has_ci and excludes_zero(diff_ci)), "has_ci": has_ci,
-            "deterministic": bool(deterministic), "method": method,
-            "p_value": p_value_from_ci(float(diff), diff_ci) if has_ci else None}
+            "difference_ci95": diff_ci, "significant": bool(has_ci and excludes_zero(diff_ci) and role == FAMILY),
+            "ci_excludes_zero": bool(has_ci and excludes_zero(diff_ci)), "has_ci": has_ci,
+            "deterministic": bool(deterministic), "method": method, "role": role, "family": role == FAMILY,
+            "p_value": p_value_from_ci(float(diff), diff_ci) if has_ci and role == FAMILY else None}
 
 
 def _growth_row(site: str, fa: dict, fb: dict, gd: dict, laws: dict) -> dict[str, Any]:
-    """The growth row of ``site``, like with like (:func:`normgrowth.laws.compare_laws`).
-
-    Both preferred laws exponential: growth factors, difference CI from independent bootstraps over
-    sequences. Both the same other law: that law's rate parameter (relative slope or exponent), CI of the
-    difference from each model's CI. Both undecided: the mean slope of log n over the window (the
-    exponential fit's growth factor read as a window average, not as a law's rate), bootstrap CI. Laws
-    that differ (or one undecided): the growth factors side by side, descriptive only, no test.
-    """
-    label = f"growth factor per layer, {site}"
-    method = gd.get("ci_method", "bootstrap")
-    if laws.get("comparable") and laws.get("law") == "exponential":
-        return row(label, fa["growth_factor"], fa["ci95"], fb["growth_factor"], fb["ci95"], gd["difference"],
-                   gd["difference_ci95"], method)
-    if laws.get("comparable"):
-        return row(f"{laws['parameter']} ({laws['law']} law), {site}", laws["a"], _law_ci(fa, laws), laws["b"],
-                   _law_ci(fb, laws), laws["difference"], laws["difference_ci95"])
-    if laws.get("law_a") == laws.get("law_b"):  # both undecided
-        return row(f"mean growth of log n per layer (law undecided), {site}", fa["growth_factor"], fa["ci95"],
-                   fb["growth_factor"], fb["ci95"], gd["difference"], gd["difference_ci95"], method)
-    r = row(label, fa["growth_factor"], fa["ci95"], fb["growth_factor"], fb["ci95"], gd["difference"],
-            [math.nan, math.nan], f"descriptive: {laws.get('note', 'preferred laws differ')}")
+    """The growth row of ``site`` (a member of the tested family): least-squares growth factors per layer with
+    the bootstrap CI of their difference (paired or independent, ``gd["ci_method"]``); the laws are a note."""
+    r = row(f"growth factor per layer, {site}", fa["growth_factor"], fa["ci95"], fb["growth_factor"], fb["ci95"],
+            gd["difference"], gd["difference_ci95"], gd.get("ci_method", "bootstrap"), role=FAMILY)
+    r["law_note"] = f"laws: {laws.get('law_a')} vs {laws.get('law_b')} ({laws.get('note', '')})"
     return r
 
 
-def _law_ci(fit: dict, laws: dict) -> Any:
-    entry = ((fit.get("law") or {}).get("laws") or {}).get(laws["law"]) or {}
-    return (entry.get("ci95") or {}).get(laws["parameter"], [None, None])
-
-
 def adjust_rows(rows: list[dict[str, Any]], alpha: float = ALPHA) -> None:
-    """Add Holm-adjusted p-values (over every row with a p-value) and the adjusted verdict, in place."""
+    """Add Holm-adjusted p-values (over every row with a p-value: the family's rows) and the adjusted verdict,
+    in place."""
     adjusted = holm_adjust([r.get("p_value") for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = p
@@ -123,6 +111,10 @@ def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
     if r.get("deterministic"):
         return (f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} (position 0 is the same token in "
                 "every sequence: exact values, no CI, no significance claim).")
+    if not r.get("family", True):
+        diff = with_ci(r["difference"], r["difference_ci95"], ".3g")
+        return (f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g}, A-B {diff} "
+                f"({r.get('role', DESCRIPTIVE_OTHER)}; no significance claim).")
     if not r["has_ci"]:
         why = r["method"][len("descriptive: "):] if r["method"].startswith("descriptive: ") else "no CI"
         return f"{r['label']}: {name_a} {r['a']:.4g} vs {name_b} {r['b']:.4g} ({why}: descriptive only)."
@@ -132,7 +124,8 @@ def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
         higher = name_a if r["difference"] > 0 else name_b
         after = "significant" if r.get("significant_holm") else "not significant"
         return (f"{r['label']}: {higher} is higher by {abs(r['difference']):.3g} (95 % CI of A-B [{lo:.3g}, {hi:.3g}] "
-                f"excludes 0: significant alone; {holm}: {after} after correction for {r.get('n_tests', '?')} rows).")
+                f"excludes 0: significant alone; {holm}: {after} after correction for the {r.get('n_tests', '?')} "
+                f"{FAMILY}).")
     return f"{r['label']}: no significant difference (95 % CI of A-B [{lo:.3g}, {hi:.3g}] contains 0; {holm})."
 
 
@@ -169,13 +162,26 @@ def comparable_weight_fit(weights: dict, res: Results, series: str) -> tuple[Opt
     return fit_growth(values * sigma, window=tuple(fit["window"])).to_json(), f"x sigma of {site} (gain on N(x))"
 
 
+def same_token_batch(res_a: Results, res_b: Results) -> tuple[bool, str]:
+    """(paired?, why): both runs carry the same hash of their token ids (and as many sequences with the same
+    token counts), so sequence s of one run is sequence s of the other."""
+    ha, hb = getattr(res_a.meta, "token_hash", None), getattr(res_b.meta, "token_hash", None)
+    if not ha or not hb:
+        return False, "independent bootstraps: a run carries no token hash, so pairing cannot be checked"
+    if ha != hb:
+        return False, "independent bootstraps: the two runs saw different token batches"
+    if not np.array_equal(np.asarray(res_a.seq_n_tokens), np.asarray(res_b.seq_n_tokens)):
+        return False, "independent bootstraps: same tokens but different per-sequence token counts"
+    return True, f"paired bootstrap: both runs saw the same token batch (token hash {ha[:12]})"
+
+
 def _n_seqs(res: Results) -> int:
     return int(np.asarray(res.seq_n_tokens).size)
 
 
 def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, weights_a: Optional[dict] = None,
                       weights_b: Optional[dict] = None, del_a: Optional[dict] = None, del_b: Optional[dict] = None,
-                      n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                      n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Any]:
     """The comparison JSON: rows (with sentences, raw and Holm-adjusted verdicts) plus the curves the
     comparison figure needs."""
     from .fit import growth_difference
@@ -188,6 +194,7 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
         if _n_seqs(res) < MIN_BOOT_SEQS:
             warnings_.append(f"{name}: only {_n_seqs(res)} sequences feed the bootstraps (fewer than "
                              f"{MIN_BOOT_SEQS}): CIs and p-values are unreliable")
+    paired, resampling = same_token_batch(res_a, res_b)
     growth: dict[str, Any] = {}
     for site in SITES:
         sa, sb = res_a.sites.get(site), res_b.sites.get(site)
@@ -195,7 +202,8 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
             continue
         fa, fb = rep_a["fit"][site], rep_b["fit"][site]
         gd = growth_difference(sa.seq_mean, sb.seq_mean, (tuple(fa["window"]), tuple(fb["window"])),
-                               weights_a=res_a.seq_n_tokens, weights_b=res_b.seq_n_tokens, n_boot=n_boot, seed=seed)
+                               weights_a=res_a.seq_n_tokens, weights_b=res_b.seq_n_tokens, n_boot=n_boot, seed=seed,
+                               paired=paired)
         laws = compare_laws(fa, fb)
         growth[site] = {"a": fa, "b": fb, "difference": gd, "law": laws}
         if gd.get("n_nonfinite"):
@@ -236,7 +244,7 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
             if fa and fb:
                 weight_units[series] = {"a": ua, "b": ub}
                 rows.append(row(f"weight-norm growth per layer, {series}", fa["growth_factor"], fa["ci95"],
-                                fb["growth_factor"], fb["ci95"]))
+                                fb["growth_factor"], fb["ci95"], role=DESCRIPTIVE_WEIGHTS))
     deletion: dict[str, Any] = {}
     if del_a is not None and del_b is not None:
         deletion = _deletion_rows(del_a, del_b, rows, warnings_, (name_a, name_b))
@@ -254,7 +262,7 @@ def compare_documents(res_a: Results, res_b: Results, rep_a: dict, rep_b: dict, 
         "curves": {site: {"a": res_a.sites[site].mean, "b": res_b.sites[site].mean}
                    for site in SITES if res_a.sites.get(site) is not None and res_b.sites.get(site) is not None},
         "sentences": [r["sentence"] for r in rows], "warnings": warnings_, "n_tests": n_tests,
-        "alpha": ALPHA, "method": __doc__.strip().split("\n\n", 1)[1],
+        "family": FAMILY, "paired": paired, "resampling": resampling, "alpha": ALPHA, "method": __doc__.strip().split("\n\n", 1)[1],
     })
 
 
@@ -265,13 +273,14 @@ def _deletion_rows(da: dict, db: dict, rows: list, warnings_: list, names: tuple
                        ("dilution_decay_per_layer", "dilution decay per layer of distance"),
                        ("visibility_decay_per_layer", "visibility decay per layer of distance")):
         if key in ba and key in bb:
-            rows.append(row(label, ba.get(key), ba.get(key + "_ci95"), bb.get(key), bb.get(key + "_ci95")))
+            rows.append(row(label, ba.get(key), ba.get(key + "_ci95"), bb.get(key), bb.get(key + "_ci95"),
+                            role=DESCRIPTIVE_GEOMETRY))
     la, lb = da["locality"], db["locality"]
     for key, label in (("mean_distance", "reading: mean distance (average over readers)"),
                        ("mean_distance_null", "equal-norm null: mean distance"),
                        ("mean_distance_influence", "direct influence: mean distance")):
         if key in la and key in lb:
-            rows.append(row(label, _nanmean(la[key]), None, _nanmean(lb[key]), None))
+            rows.append(row(label, _nanmean(la[key]), None, _nanmean(lb[key]), None, role=DESCRIPTIVE_GEOMETRY))
     for doc, name in zip((da, db), names):
         warnings_.extend(f"{name} deletion: {w}" for w in doc.get("warnings", []))
     return {"a": ba, "b": bb, "locality_a": la, "locality_b": lb,
@@ -335,17 +344,14 @@ def format_comparison(doc: dict[str, Any]) -> str:
     lines.append(f"{'quantity':<{width}}  {'A [95% CI]':>28}  {'B [95% CI]':>28}  {'A - B [95% CI]':>30}  "
                  f"{'p':>8}  {'p Holm':>8}  sig (raw/Holm)")
 
-    def num(x: Any) -> float:
-        return math.nan if x is None else float(x)
-
     def cell(x: Any, ci: list, w: int) -> str:
-        ci = [num(v) for v in ci]
-        text = f"{num(x):.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if all(math.isfinite(v) for v in ci) else "")
-        return f"{text:>{w}}"
+        return f"{with_ci(x, ci, '.4g'):>{w}}"
 
     for r in doc["rows"]:
         if r.get("deterministic"):
             sig = "exact"
+        elif not r.get("family", True):
+            sig = "descriptive"
         elif r["has_ci"]:
             sig = f"{'yes' if r['significant'] else 'no'}/{'yes' if r.get('significant_holm') else 'no'}"
         else:
@@ -362,6 +368,9 @@ def format_comparison(doc: dict[str, Any]) -> str:
             if v:
                 lines.append(f"deletion verdict, {name}: {v['label']} ({v['reason']})")
     lines.append("")
+    if doc.get("resampling"):
+        lines.append(f"growth rows: {doc['resampling']}; Holm family: the {doc.get('family', FAMILY)}; "
+                     "other rows are descriptive.")
     lines.extend(f"warning: {w}" for w in doc.get("warnings", []))
     lines.extend(doc["sentences"])
     return "\n".join(lines)
@@ -394,22 +403,23 @@ def draw_comparison(fig: Any, doc: dict[str, Any], colors: tuple[str, str] = ("#
     sites = list(doc["growth"])
     y = np.arange(len(sites))
     for i, key in enumerate(("a", "b")):
-        g = np.array([_num(doc["growth"][s][key]["growth_factor"]) for s in sites], dtype=float)
-        ci = np.array([[_num(v) for v in doc["growth"][s][key]["ci95"]] for s in sites], dtype=float).reshape(-1, 2)
+        g = np.array([as_float(doc["growth"][s][key]["growth_factor"]) for s in sites], dtype=float)
+        ci = np.array([[as_float(v) for v in doc["growth"][s][key]["ci95"]] for s in sites], dtype=float).reshape(-1, 2)
         err = np.abs(np.vstack([g - ci[:, 0], ci[:, 1] - g]))
         ax_g.errorbar(g, y + (0.15 if i == 0 else -0.15), xerr=np.where(np.isfinite(err), err, 0), fmt="o",
                       color=colors[i], capsize=3, label=names[i])
     labels = []
     for s in sites:
         d = doc["growth"][s]["difference"]
-        lo, hi = (_num(v) for v in d["difference_ci95"])
+        lo, hi = (as_float(v) for v in d["difference_ci95"])
         star = " *" if excludes_zero([lo, hi]) else ""
         labels.append(f"{s}\nΔg = {d['difference']:+.4f}\n[{lo:+.4f}, {hi:+.4f}]{star}")
     ax_g.axvline(1.0, color="black", lw=0.8)
     ax_g.set_yticks(y, labels, fontsize=7.5)
     ax_g.set_ylim(-0.6, max(len(sites), 1) - 0.4)
     ax_g.set_xlabel("growth factor per layer g (95 % CI)")
-    ax_g.set_title("(b) growth factors; Δg = g(A) − g(B), bootstrap CI; * excludes 0", fontsize=8.5)
+    how = "paired bootstrap" if doc.get("paired") else "independent bootstraps"
+    ax_g.set_title(f"(b) growth factors; Δg = g(A) − g(B), {how} CI; * excludes 0", fontsize=8.5)
     ax_g.legend(fontsize=8)
     dele = doc.get("deletion") or {}
     for ax, q, log, title in ((ax_r, "retention", False, "(c) retention ρ (1 = kept, 0 = erased)"),
@@ -422,8 +432,8 @@ def draw_comparison(fig: Any, doc: dict[str, Any], colors: tuple[str, str] = ("#
         for i, key in enumerate(("a", "b")):
             by = dele[key]
             d = np.array(by["distance"], dtype=float)
-            v = np.array([_num(x) for x in by[q]], dtype=float)
-            ci = np.array([[_num(x) for x in c] for c in by.get(q + "_ci95", [])], dtype=float).reshape(-1, 2)
+            v = np.array([as_float(x) for x in by[q]], dtype=float)
+            ci = np.array([[as_float(x) for x in c] for c in by.get(q + "_ci95", [])], dtype=float).reshape(-1, 2)
             label = names[i]
             verdict = dele.get(f"verdict_{key}")
             if verdict and q == "retention":
@@ -455,3 +465,58 @@ def plot_comparison(doc: dict[str, Any], path: str | Path) -> list[Path]:
     fig.savefig(png, dpi=150)
     fig.savefig(pdf)
     return [png, pdf]
+
+
+# ----------------------------------------------------------------------------------------------
+# replication across seeds
+# ----------------------------------------------------------------------------------------------
+def across_seeds(docs: list[dict[str, Any]], alpha: float = ALPHA) -> dict[str, Any]:
+    """The family's rows across independent seeds (each ``doc`` one seed's comparison, e.g. LN-free twin vs
+    the LN-kept control of that seed): seeds are the replication unit, so for each growth row the per-seed
+    differences ``d_s = A_s - B_s`` give ``mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)`` and a one-sample t test of
+    mean 0 (``p``; None with fewer than two seeds), Holm-adjusted over the rows present in every seed."""
+    from scipy import stats as sps
+
+    from .numerics import t_interval
+
+    if not docs:
+        raise ValueError("across_seeds needs at least one comparison document")
+    labels = [r["label"] for r in docs[0]["rows"] if r.get("family")]
+    labels = [lab for lab in labels if all(any(r["label"] == lab for r in d["rows"]) for d in docs)]
+    rows = []
+    for lab in labels:
+        d = np.array([as_float(next(r for r in doc["rows"] if r["label"] == lab)["difference"]) for doc in docs])
+        n = int(np.isfinite(d).sum())
+        d = d[np.isfinite(d)]
+        mean = float(d.mean()) if n else math.nan
+        sd = float(d.std(ddof=1)) if n >= 2 else math.nan
+        ci = t_interval(mean, sd / math.sqrt(n), n - 1) if n >= 2 else (math.nan, math.nan)
+        p = None
+        if n >= 2:
+            p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else float(2 * sps.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)))
+        rows.append({"label": lab, "differences": d.tolist(), "n_seeds": n, "mean": mean, "sd": sd,
+                     "ci95": list(ci), "p_value": p})
+    for r, p in zip(rows, holm_adjust([r["p_value"] for r in rows])):
+        r["p_holm"] = p
+        r["significant_holm"] = bool(p is not None and p < alpha)
+    return json_safe({"n_seeds": len(docs), "names": docs[0].get("names"), "rows": rows,
+                      "method": "per-seed differences A - B; t interval and one-sample t test over seeds (the "
+                                "replication unit); Holm over the family's rows"})
+
+
+def across_seeds_from_files(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """:func:`across_seeds` of comparison JSON files (``normgrowth compare ... --json FILE``, one per seed)."""
+    import json
+
+    return across_seeds([json.loads(Path(p).read_text()) for p in paths])
+
+
+def format_across_seeds(summary: dict[str, Any]) -> str:
+    """One line per row: mean difference [95 % t CI] over n seeds, p and Holm-adjusted p."""
+    lines = [f"across {summary['n_seeds']} seeds (A - B per seed; seeds are the replication unit):"]
+    for r in summary["rows"]:
+        p = "-" if r["p_value"] is None else f"{r['p_value']:.3g}"
+        ph = "-" if r["p_holm"] is None else f"{r['p_holm']:.3g}"
+        lines.append(f"  {r['label']}: {with_ci(r['mean'], r['ci95'], '+.4g')} (n = {r['n_seeds']}, p = {p}, "
+                     f"Holm p = {ph})")
+    return "\n".join(lines)

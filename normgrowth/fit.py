@@ -5,54 +5,58 @@ position is the layer index). Per-sequence curves are a 2-D array ``[n_seqs, n_l
 curve is their weighted mean ``m[l] = sum_s w_s n_s[l] / sum_s w_s`` (``w_s`` = tokens per sequence
 makes ``m`` the token mean).
 
-Growth factor over an inclusive window ``a..b``: least squares of ``log m[l] = alpha + beta * l``,
-``g = exp(beta)`` (so ``percent_per_layer = 100 (g - 1)``). 95% CIs: percentile bootstrap over
-sequences when there are several curves, otherwise the regression standard error with a t quantile.
-Every fit also compares the exponential with a linear and a power law over the same window
-(:mod:`normgrowth.laws`). See docs/fit.md for every formula.
+Model-free numbers first (the primary ones): the local log-slope profile d log m / dl by central
+differences, the mean log-slope over an inclusive window ``a..b`` (``(log m[b] - log m[a]) / (b - a)``), the
+last/first norm ratio and the window-sensitivity band (the range of the mean log-slope over every window of
+>= 5 layers that skips the first and the last layer). Then the least-squares growth factor
+``g = exp(beta)`` of ``log m[l] = alpha + beta * l`` (``percent_per_layer = 100 (g - 1)``) and the curvature.
+95% CIs: percentile bootstrap over sequences when there are several curves, otherwise the regression
+standard error with a t quantile. The growth law (:mod:`normgrowth.laws`: exponential, linear, power with a
+free origin, saturating, or none) is a secondary interpretation. See docs/fit.md for every formula.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from normgrowth.curve_files import read_curve  # noqa: F401  (normgrowth.fit.read_curve: fit a curve file)
 from normgrowth.errors import NormgrowthError
-from normgrowth.laws import LawFit, fit_laws, law_label, UNDECIDED
-from normgrowth.numerics import (bootstrap_means, fit_line, percentile_ci, polyfit_rows, t_interval,
-                                 top_coefficient_se, weighted_mean, welch_satterthwaite_df)
-from normgrowth.storage import json_safe
-from normgrowth.tables import fmt_number, text_table
+from normgrowth.laws import LawFit, fit_laws, law_label, rejected_text
+from normgrowth.numerics import (DEFAULT_N_BOOT, MIN_BOOT, MIN_BOOT_SEQS, bootstrap_means, excludes_zero, fit_line,
+                                 percentile_ci, polyfit_rows, spawn_rngs, t_interval, top_coefficient_se,
+                                 weighted_mean, welch_satterthwaite_df)
+from normgrowth.storage import as_float, json_safe
+from normgrowth.tables import fmt_number, text_table, with_ci
+from normgrowth.windows import Window, WindowSpec, default_window, parse_window, resolve_window  # noqa: F401
+
+if TYPE_CHECKING:
+    from normgrowth.results import Results
 
 CI_BOOTSTRAP = "bootstrap over sequences"
 CI_SE = "regression standard error"
 CI_DIFF_BOOTSTRAP = "independent bootstraps over sequences"
+CI_DIFF_PAIRED = "paired bootstrap over sequences (same resampled sequences for both: same token batch)"
 CI_DIFF_SE = "combined standard errors (Welch-Satterthwaite t)"
-MIN_BOOT = 100
-MIN_BOOT_SEQS = 30  # fewer sequences feeding a bootstrap: warn (percentile CIs come out too narrow)
+SENSITIVITY_MIN_LAYERS = 5  # window-sensitivity band: every window of at least this many layers
 MIN_CURVATURE_LAYERS = 5  # curvature is tested (flag) only on windows with at least this many layers
 _HOLDS_RTOL = 1e-5  # relative slack for the appendix-1 bound check (float32 means)
 
-Window = tuple[int, int]
-WindowSpec = Union[Window, Sequence[int], str, None]
-
-
-def _from_json_float(x: Any) -> float:
-    return float("nan") if x is None else float(x)
 
 
 @dataclass
 class GrowthFit:
     """Result of :func:`fit_growth` on one norm curve (or the weighted mean of several).
 
+    Model-free numbers (the primary ones): mean_log_slope = (log m[b] - log m[a]) / (b - a), the mean of the
+    per-layer log-slopes over the window (exp of it = endpoint_growth_factor); ratio_last_first = m[L-1] / m[0]
+    over the whole curve; local_slope = d log m / dl per layer by central differences (one-sided at the ends)
+    with CIs; window_sensitivity = the range of the mean log-slope over every window of >= 5 layers that skips
+    the first and the last layer.
     growth_factor = exp(slope of log m[l] on l over window a..b); percent_per_layer = 100 (g - 1);
     endpoint_growth_factor = (m[b] / m[a]) ** (1 / (b - a)); curvature = c in
     log m[l] = alpha + beta l + c l^2 (natural log per layer^2); curvature_effect = exp(c (h^2 - v)) - 1,
@@ -77,6 +81,17 @@ class GrowthFit:
     curvature_effect_ci95: tuple[float, float] = (float("nan"), float("nan"))
     curvature_tested: bool = False
     law: Optional[LawFit] = None
+    mean_log_slope: float = float("nan")
+    mean_log_slope_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    ratio_last_first: float = float("nan")
+    ratio_last_first_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    local_slope: dict = field(default_factory=dict)  # strict-JSON form: {"layers", "slope", "ci95_lo", "ci95_hi"}
+    window_sensitivity: dict = field(default_factory=dict)  # strict-JSON form (window_sensitivity())
+
+    @property
+    def mean_percent_per_layer(self) -> float:
+        """The mean log-slope as a growth per layer: 100 (exp(s) - 1)."""
+        return 100.0 * math.expm1(self.mean_log_slope) if math.isfinite(self.mean_log_slope) else math.nan
 
     @property
     def percent_per_layer_ci95(self) -> tuple[float, float]:
@@ -103,6 +118,13 @@ class GrowthFit:
             "n_curves": int(self.n_curves),
             "ci_method": self.ci_method,
             "n_boot": int(self.n_boot),
+            "mean_log_slope": self.mean_log_slope,
+            "mean_log_slope_ci95": list(self.mean_log_slope_ci95),
+            "mean_percent_per_layer": self.mean_percent_per_layer,
+            "ratio_last_first": self.ratio_last_first,
+            "ratio_last_first_ci95": list(self.ratio_last_first_ci95),
+            "local_slope": self.local_slope,
+            "window_sensitivity": self.window_sensitivity,
         }
         if self.law is not None:
             doc["law"] = self.law.to_json()
@@ -115,23 +137,29 @@ class GrowthFit:
             eff_ci = data.get("curvature_effect_ci95") or [None, None]
             return cls(
                 window=(int(data["window"][0]), int(data["window"][1])),
-                growth_factor=_from_json_float(data["growth_factor"]),
-                ci95=(_from_json_float(data["ci95"][0]), _from_json_float(data["ci95"][1])),
-                percent_per_layer=_from_json_float(data["percent_per_layer"]),
-                r2=_from_json_float(data["r2"]),
-                endpoint_growth_factor=_from_json_float(data["endpoint_growth_factor"]),
-                curvature=_from_json_float(data["curvature"]),
+                growth_factor=as_float(data["growth_factor"]),
+                ci95=(as_float(data["ci95"][0]), as_float(data["ci95"][1])),
+                percent_per_layer=as_float(data["percent_per_layer"]),
+                r2=as_float(data["r2"]),
+                endpoint_growth_factor=as_float(data["endpoint_growth_factor"]),
+                curvature=as_float(data["curvature"]),
                 curvature_ci95=(
-                    _from_json_float(data["curvature_ci95"][0]),
-                    _from_json_float(data["curvature_ci95"][1]),
+                    as_float(data["curvature_ci95"][0]),
+                    as_float(data["curvature_ci95"][1]),
                 ),
                 n_curves=int(data.get("n_curves", 1)),
                 ci_method=str(data.get("ci_method", "")),
                 n_boot=int(data.get("n_boot", 0)),
-                curvature_effect=_from_json_float(data.get("curvature_effect")),
-                curvature_effect_ci95=(_from_json_float(eff_ci[0]), _from_json_float(eff_ci[1])),
+                curvature_effect=as_float(data.get("curvature_effect")),
+                curvature_effect_ci95=(as_float(eff_ci[0]), as_float(eff_ci[1])),
                 curvature_tested=bool(data.get("curvature_tested", False)),
                 law=LawFit.from_json(data["law"]) if data.get("law") else None,
+                mean_log_slope=as_float(data.get("mean_log_slope")),
+                mean_log_slope_ci95=_pair(data.get("mean_log_slope_ci95")),
+                ratio_last_first=as_float(data.get("ratio_last_first")),
+                ratio_last_first_ci95=_pair(data.get("ratio_last_first_ci95")),
+                local_slope=dict(data.get("local_slope") or {}),
+                window_sensitivity=dict(data.get("window_sensitivity") or {}),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise NormgrowthError(
@@ -139,91 +167,9 @@ class GrowthFit:
             ) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Windows
-# ----------------------------------------------------------------------------------------------
-
-
-def default_window(n_layers: int) -> Window:
-    """Default inclusive fit window: a = ceil(n/10), b = n - 1 - ceil(n/8).
-
-    Skips the early jump after the embedding (first ceil(n/10) layers) and the last ceil(n/8)
-    layers; n = 48 gives exactly the study's 5..41. If that leaves fewer than 3 layers, the first
-    of (1, n-2), (1, n-1), (0, n-1) with at least 3 layers is used; for n < 3, all layers (0, n-1).
-    """
-    n = int(n_layers)
-    if n < 1:
-        raise NormgrowthError(f"a norm curve needs at least 1 layer, got {n}; check the input curve.")
-    if n < 3:
-        return (0, n - 1)
-    candidates = [(math.ceil(n / 10), n - 1 - math.ceil(n / 8)), (1, n - 2), (1, n - 1), (0, n - 1)]
-    for a, b in candidates:
-        if b - a + 1 >= 3:
-            return (a, b)
-    return (0, n - 1)  # unreachable for n >= 3
-
-
-def _norm_index(i: int, n_layers: int, text: str) -> int:
-    j = i + n_layers if i < 0 else i
-    if not 0 <= j < n_layers:
-        raise NormgrowthError(
-            f"window {text!r} refers to layer {i}, outside 0..{n_layers - 1} (or -{n_layers}..-1) "
-            f"for a {n_layers}-layer curve; choose layers inside that range."
-        )
-    return j
-
-
-def parse_window(text: str, n_layers: int) -> Window:
-    """Parse "a:b" into an inclusive (a, b); negative indices count from the end like Python
-    (-1 = last layer), empty sides mean the first/last layer ("5:" = 5..n-1). Needs a < b."""
-    if not isinstance(text, str) or text.count(":") != 1:
-        raise NormgrowthError(
-            f"window {text!r} is not of the form 'a:b' (inclusive layer indices, e.g. '5:41' or '2:-2')."
-        )
-    left, right = (s.strip() for s in text.split(":"))
-    try:
-        a = int(left) if left else 0
-        b = int(right) if right else n_layers - 1
-    except ValueError:
-        raise NormgrowthError(
-            f"window {text!r} has a non-integer side; use integer layer indices like '5:41' or '2:-2'."
-        ) from None
-    return _check_window((a, b), n_layers, text)
-
-
-def _check_window(window: Sequence[int], n_layers: int, text: str | None = None) -> Window:
-    text = text if text is not None else f"{window[0]}:{window[1]}"
-    a = _norm_index(int(window[0]), n_layers, text)
-    b = _norm_index(int(window[1]), n_layers, text)
-    if b <= a:
-        raise NormgrowthError(
-            f"window {text!r} resolves to layers {a}..{b}; a fit needs a < b (at least 2 layers), "
-            f"so give the start before the end."
-        )
-    return (a, b)
-
-
-def _resolve_window(window: WindowSpec, n_layers: int) -> Window:
-    if window is None:
-        a, b = default_window(n_layers)
-        if b <= a:
-            raise NormgrowthError(
-                f"a growth fit needs at least 2 layers but the curve has {n_layers}; supply a longer curve."
-            )
-        return (a, b)
-    if isinstance(window, str):
-        return parse_window(window, n_layers)
-    try:
-        if len(window) != 2:
-            raise TypeError
-        ints = (int(window[0]), int(window[1]))
-        if ints[0] != window[0] or ints[1] != window[1]:
-            raise TypeError
-    except (TypeError, ValueError):
-        raise NormgrowthError(
-            f"window {window!r} must be a pair of integer layer indices (a, b) or a string 'a:b'."
-        ) from None
-    return _check_window(ints, n_layers)
+def _pair(values: Any) -> tuple[float, float]:
+    lo, hi = values or (None, None)
+    return (as_float(lo), as_float(hi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +228,7 @@ def _check_positive(arr: np.ndarray, a: int, b: int, what: str = "norm curve") -
 def _check_n_boot(n_boot: int) -> int:
     n_boot = int(n_boot)
     if n_boot < MIN_BOOT:
-        raise NormgrowthError(f"n_boot={n_boot} is too few bootstrap resamples; use at least {MIN_BOOT} (default 1000).")
+        raise NormgrowthError(f"n_boot={n_boot} is too few bootstrap resamples; use at least {MIN_BOOT} (default {DEFAULT_N_BOOT}).")
     return n_boot
 
 
@@ -300,6 +246,54 @@ def curvature_effect_scale(k: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Model-free numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def _safe_log(values: np.ndarray) -> np.ndarray:
+    """log of positive finite entries, NaN elsewhere."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(v) & (v > 0)
+        return np.where(ok, np.log(np.where(ok, v, 1.0)), np.nan)
+
+
+def local_log_slopes(log_curve: Any) -> np.ndarray:
+    """d log m / dl per layer along the last axis: ``(log m[l+1] - log m[l-1]) / 2`` inside, one-sided
+    differences at the first and last layer (``numpy.gradient``); NaN next to a missing value; a one-layer
+    curve gives NaN."""
+    y = np.asarray(log_curve, dtype=np.float64)
+    if y.shape[-1] < 2:
+        return np.full(y.shape, np.nan)
+    return np.gradient(y, axis=-1)
+
+
+def window_sensitivity(log_curve: Any, min_layers: int = SENSITIVITY_MIN_LAYERS) -> dict:
+    """Range of the mean log-slope ``(log m[b] - log m[a]) / (b - a)`` over every window ``a..b`` with
+    ``b - a + 1 >= min_layers``, ``a >= 1`` and ``b <= L - 2`` (skipping the first and the last layer):
+    ``{"min", "max"}`` (natural log per layer), ``"min_percent"``/``"max_percent"`` = 100 (exp - 1), the windows
+    where they occur and ``n_windows`` (0 and NaN when the curve has fewer than min_layers + 2 layers)."""
+    y = np.asarray(log_curve, dtype=np.float64)
+    n = y.size
+    lo_a, hi_b = 1, n - 2
+    a_idx, b_idx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    ok = (a_idx >= lo_a) & (b_idx <= hi_b) & (b_idx - a_idx + 1 >= min_layers)
+    with np.errstate(invalid="ignore"):
+        slopes = np.where(ok, (y[None, :] - y[:, None]) / np.where(ok, b_idx - a_idx, 1), np.nan)
+    valid = ok & np.isfinite(slopes)
+    out: dict[str, Any] = {"min_layers": int(min_layers), "n_windows": int(valid.sum()), "min": math.nan,
+                           "max": math.nan, "min_window": None, "max_window": None,
+                           "min_percent": math.nan, "max_percent": math.nan}
+    if valid.any():
+        flat = np.where(valid, slopes, np.nan)
+        i_min, i_max = np.unravel_index(np.nanargmin(flat), flat.shape), np.unravel_index(np.nanargmax(flat), flat.shape)
+        out.update(min=float(flat[i_min]), max=float(flat[i_max]), min_window=[int(i_min[0]), int(i_min[1])],
+                   max_window=[int(i_max[0]), int(i_max[1])], min_percent=100 * math.expm1(float(flat[i_min])),
+                   max_percent=100 * math.expm1(float(flat[i_max])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Fits
 # ----------------------------------------------------------------------------------------------
 
@@ -308,40 +302,50 @@ def fit_growth(
     curves: Any,
     window: WindowSpec = None,
     weights: Any = None,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
 ) -> GrowthFit:
-    """Log-linear growth fit over an inclusive window a..b.
+    """Model-free growth numbers and a log-linear growth fit over an inclusive window a..b.
 
-    m = weighted mean of the rows of ``curves`` (``weights`` per row, default equal);
+    Model-free: mean log-slope, last/first ratio, local log-slopes and the window-sensitivity band
+    (:class:`GrowthFit`). m = weighted mean of the rows of ``curves`` (``weights`` per row, default equal);
     fit log m[l] = alpha + beta l (least squares, l = a..b), g = exp(beta), R^2 of that fit;
     endpoint g_end = (m[b]/m[a])^(1/(b-a)); curvature c from log m[l] = alpha + beta l + c l^2.
     CI: several rows -> percentile bootstrap over rows (n_boot resamples, rng = default_rng(seed));
     one row -> exp(beta +- t_{0.975,k-2} SE(beta)) and c +- t_{0.975,k-3} SE(c).
+    The model-free numbers' CIs: the same bootstrap replicates over every layer (none for one curve).
     Growth laws: :func:`normgrowth.laws.fit_laws` on m (with the same bootstrap replicates). Warns when
     2..29 sequences feed the bootstrap.
     """
     arr, w = _prepare(curves, weights)
     n_rows, n_layers = arr.shape
-    a, b = _resolve_window(window, n_layers)
+    a, b = resolve_window(window, n_layers)
     _check_positive(arr, a, b)
     layers = np.arange(a, b + 1, dtype=np.float64)
     k = b - a + 1
-    sub = arr[:, a : b + 1]
-    mean_curve = weighted_mean(sub, w)
-    y = np.log(mean_curve)
+    full_mean = weighted_mean(arr, w)
+    log_full = _safe_log(full_mean)
+    mean_curve = full_mean[a : b + 1]
+    y = log_full[a : b + 1]
 
     line = fit_line(layers, y)
     slope = float(polyfit_rows(layers, y, 1)[1])  # the same projection as the bootstrap replicates' slopes
     endpoint = float((mean_curve[-1] / mean_curve[0]) ** (1.0 / (b - a)))
     curvature = float(polyfit_rows(layers, y, 2)[2]) if k >= 3 else float("nan")
+    local = local_log_slopes(log_full)
+    nan2 = (float("nan"), float("nan"))
+    local_lo = local_hi = np.full(n_layers, np.nan)
+    mls_ci = ratio_ci = nan2
 
     boot = None
     if n_rows >= 2:
         n_boot = _check_n_boot(n_boot)
         _warn_few_sequences(n_rows)
-        boot = bootstrap_means(sub, w, n_boot, np.random.default_rng(seed))
-        boot_y = np.log(boot)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot_full = bootstrap_means(arr, w, n_boot, np.random.default_rng(seed))
+        boot_log = _safe_log(boot_full)
+        boot = boot_full[:, a : b + 1]
+        boot_y = boot_log[:, a : b + 1]
         slope_ci = percentile_ci(polyfit_rows(layers, boot_y, 1)[:, 1])
         slope_lo, slope_hi = slope_ci.lo, slope_ci.hi
         if k >= 3:
@@ -349,6 +353,11 @@ def fit_growth(
             c_lo, c_hi = c_ci.lo, c_ci.hi
         else:
             c_lo = c_hi = float("nan")
+        local_ci = percentile_ci(local_log_slopes(boot_log))
+        local_lo, local_hi = np.asarray(local_ci.lo), np.asarray(local_ci.hi)
+        mls = percentile_ci((boot_y[:, -1] - boot_y[:, 0]) / (b - a))
+        ratio = percentile_ci(boot_full[:, -1] / boot_full[:, 0])
+        mls_ci, ratio_ci = (float(mls.lo), float(mls.hi)), (float(ratio.lo), float(ratio.hi))
         method, used_boot = CI_BOOTSTRAP, n_boot
     else:
         slope_lo, slope_hi = t_interval(slope, line.slope_se, line.df)
@@ -362,6 +371,8 @@ def fit_growth(
     scale = curvature_effect_scale(k)
     effect = lambda c: math.exp(c * scale) - 1.0 if math.isfinite(c) else float("nan")  # noqa: E731
     g = math.exp(slope)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        last_first = float(full_mean[-1] / full_mean[0]) if full_mean[0] > 0 else float("nan")
     return GrowthFit(
         window=(a, b),
         growth_factor=g,
@@ -378,11 +389,30 @@ def fit_growth(
         curvature_effect_ci95=(effect(float(c_lo)), effect(float(c_hi))),
         curvature_tested=k >= MIN_CURVATURE_LAYERS,
         law=fit_laws(layers, mean_curve, boot_curves=boot),
+        mean_log_slope=float((y[-1] - y[0]) / (b - a)),
+        mean_log_slope_ci95=mls_ci,
+        ratio_last_first=last_first,
+        ratio_last_first_ci95=ratio_ci,
+        local_slope=json_safe({"layers": list(range(n_layers)), "slope": local, "ci95_lo": local_lo,
+                               "ci95_hi": local_hi}),
+        window_sensitivity=json_safe(window_sensitivity(log_full)),
     )
 
 
+def fit_site(res: "Results", site: str, window: Any = None, seed: int = 0) -> GrowthFit:
+    """The growth fit the report prints for ``site``: :func:`fit_growth` of the per-sequence mean curves
+    ``res.sites[site].seq_mean`` weighted by ``res.seq_n_tokens`` (so the fitted curve is the token-weighted mean
+    curve), over ``window`` ("a:b" or (a, b); None: the default window), CIs by a percentile bootstrap over
+    sequences (``DEFAULT_N_BOOT`` resamples, ``seed``)."""
+    st = res.sites.get(site)
+    if st is None:
+        have = ", ".join(s for s, v in res.sites.items() if v is not None)
+        raise NormgrowthError(f"no {site!r} statistics in this result: fit one of {have}.")
+    return fit_growth(st.seq_mean, window=window or None, weights=res.seq_n_tokens, n_boot=DEFAULT_N_BOOT, seed=seed)
+
+
 def layer_ratios(
-    curves: Any, weights: Any = None, n_boot: int = 1000, seed: int = 0
+    curves: Any, weights: Any = None, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-layer growth ratio r[l-1] = m[l] / m[l-1], l = 1..n_layers-1, of the weighted mean curve m,
     with 95% percentile-bootstrap CIs over rows (NaN CIs for a single curve)."""
@@ -408,7 +438,7 @@ def _slope_stats(
 ) -> dict:
     """Point slope of log m over the window plus bootstrap slopes (several rows) or SE and df (one row)."""
     arr, w = _prepare(curves, weights, what)
-    a, b = _resolve_window(window, arr.shape[1])
+    a, b = resolve_window(window, arr.shape[1])
     _check_positive(arr, a, b, what=f"norm curve of {what}")
     layers = np.arange(a, b + 1, dtype=np.float64)
     sub = arr[:, a : b + 1]
@@ -430,14 +460,16 @@ def growth_difference(
     window: WindowSpec | tuple[WindowSpec, WindowSpec],
     weights_a: Any = None,
     weights_b: Any = None,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    paired: bool = False,
 ) -> dict:
     """Difference g_a - g_b and ratio g_a / g_b of log-linear growth factors with 95% CIs.
 
     ``window``: (a, b) or "a:b" used for both curves, None for each curve's default window, or a
-    pair (window_a, window_b). Both sides with several rows: independent percentile bootstraps
-    (seeds spawned from ``seed``), CI from the quantiles of exp(beta_a*) - exp(beta_b*) and
+    pair (window_a, window_b). Both sides with several rows: percentile bootstraps, paired when ``paired``
+    (row s of A and row s of B come from the same sequence: one draw of sequence indices serves both, which
+    needs the same number of rows) and independent otherwise (seeds spawned from ``seed``), CI from the quantiles of exp(beta_a*) - exp(beta_b*) and
     exp(beta_a* - beta_b*). Otherwise: SE(g_a - g_b) = sqrt((g_a se_a)^2 + (g_b se_b)^2) (delta method),
     SE(log ratio) = sqrt(se_a^2 + se_b^2), se = regression SE (one row) or bootstrap SD of beta
     (several rows, df = inf), t quantile with Welch-Satterthwaite df. significant: CI of the
@@ -452,7 +484,14 @@ def growth_difference(
     else:
         window_a = window_b = window
     n_boot = _check_n_boot(n_boot)
-    rng_a, rng_b = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    if paired:
+        n_a, n_b = np.shape(curves_a)[0] if np.ndim(curves_a) == 2 else 1, np.shape(curves_b)[0] if np.ndim(curves_b) == 2 else 1
+        if n_a != n_b:
+            raise NormgrowthError(f"a paired comparison needs the same sequences on both sides; got {n_a} and {n_b} "
+                                  "curves: compare them unpaired.")
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)  # the same draws for both
+    else:
+        rng_a, rng_b = spawn_rngs(seed, 2)
     sa = _slope_stats(curves_a, weights_a, window_a, n_boot, rng_a, "curves_a")
     sb = _slope_stats(curves_b, weights_b, window_b, n_boot, rng_b, "curves_b")
     g_a, g_b = math.exp(sa["slope"]), math.exp(sb["slope"])
@@ -463,7 +502,7 @@ def growth_difference(
         r_ci = percentile_ci(np.exp(sa["boot"] - sb["boot"]))
         d_lo, d_hi, r_lo, r_hi = d_ci.lo, d_ci.hi, r_ci.lo, r_ci.hi
         n_nonfinite = int(d_ci.n_nonfinite)
-        method = CI_DIFF_BOOTSTRAP
+        method = CI_DIFF_PAIRED if paired else CI_DIFF_BOOTSTRAP
     else:
         var_a, var_b = (g_a * sa["se"]) ** 2, (g_b * sb["se"]) ** 2
         d_lo, d_hi = t_interval(diff, math.sqrt(var_a + var_b), welch_satterthwaite_df([var_a, var_b], [sa["df"], sb["df"]]))
@@ -475,7 +514,7 @@ def growth_difference(
         n_nonfinite = 0
         method = CI_DIFF_SE
     d_lo, d_hi, r_lo, r_hi = (float(v) for v in (d_lo, d_hi, r_lo, r_hi))
-    significant = bool(d_lo > 0 or d_hi < 0)  # False when the CI is NaN
+    significant = excludes_zero((d_lo, d_hi))
     return {
         "window_a": list(sa["window"]),
         "window_b": list(sb["window"]),
@@ -491,6 +530,7 @@ def growth_difference(
         "n_curves_b": int(sb["n_curves"]),
         "n_boot": n_boot if (sa["boot"] is not None or sb["boot"] is not None) else 0,
         "n_nonfinite": n_nonfinite,
+        "paired": bool(paired and method == CI_DIFF_PAIRED),
     }
 
 
@@ -550,145 +590,6 @@ def appendix1_bound(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading curves
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _assemble(layers: list, values: list, path: Path) -> np.ndarray:
-    """Sort (layer, value) pairs by layer; layers must be exactly 0..n-1."""
-    layer_ints = []
-    for raw in layers:
-        try:
-            f = float(raw)
-        except (TypeError, ValueError):
-            raise NormgrowthError(f"{path}: layer {raw!r} is not an integer; number layers 0..n-1.") from None
-        if isinstance(raw, bool) or not math.isfinite(f) or f != int(f) or f < 0:
-            raise NormgrowthError(f"{path}: layer {raw!r} is not a non-negative integer; number layers 0..n-1.")
-        layer_ints.append(int(f))
-    seen: set[int] = set()
-    for layer in layer_ints:
-        if layer in seen:
-            raise NormgrowthError(f"{path}: layer {layer} appears more than once; give one value per layer.")
-        seen.add(layer)
-    missing = sorted(set(range(max(layer_ints) + 1)) - seen)
-    if missing:
-        shown = ", ".join(str(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise NormgrowthError(
-            f"{path}: layer(s) {shown} missing; layers must be numbered 0..n-1 with one value each."
-        )
-    order = np.argsort(layer_ints)
-    return np.asarray(values, dtype=np.float64)[order]
-
-
-def _check_values(values: list, path: Path, where: list[str], json_types: bool = False) -> list[float]:
-    out = []
-    for raw, loc in zip(values, where):
-        if isinstance(raw, bool) or raw is None or (json_types and not isinstance(raw, (int, float))):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.")
-        try:
-            f = float(raw)
-        except (TypeError, ValueError):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not a number; give numeric norms.") from None
-        if not math.isfinite(f):
-            raise NormgrowthError(f"{path}: value {raw!r} at {loc} is not finite; give finite norms.")
-        out.append(f)
-    return out
-
-
-def _read_json_curve(text: str, path: Path) -> np.ndarray:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise NormgrowthError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
-    if isinstance(data, list):
-        if not data:
-            raise NormgrowthError(f"{path}: the JSON list is empty; give one norm per layer.")
-        return np.asarray(_check_values(data, path, [f"index {i}" for i in range(len(data))], json_types=True))
-    if isinstance(data, dict) and "layer" in data and "value" in data:
-        layers, values = data["layer"], data["value"]
-        if not isinstance(layers, list) or not isinstance(values, list) or len(layers) != len(values):
-            raise NormgrowthError(f"{path}: 'layer' and 'value' must be JSON lists of the same length.")
-        if not values:
-            raise NormgrowthError(f"{path}: 'layer' and 'value' are empty; give one norm per layer.")
-        vals = _check_values(values, path, [f"layer {layer!r}" for layer in layers], json_types=True)
-        return _assemble(layers, vals, path)
-    raise NormgrowthError(
-        f"{path}: JSON must be a list of numbers or an object with 'layer' and 'value' lists."
-    )
-
-
-def _read_csv_curve(text: str, path: Path) -> np.ndarray:
-    rows = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [c.strip() for c in row]
-        if not cells or all(c == "" for c in cells) or cells[0].startswith("#"):
-            continue
-        rows.append((lineno, cells))
-    if not rows:
-        raise NormgrowthError(f"{path}: the file has no data rows; give one norm per layer.")
-    header = None
-    first_line, first = rows[0]
-    if not all(_is_number(c) for c in first):
-        header = [c.lower() for c in first]
-        rows = rows[1:]
-        if not rows:
-            raise NormgrowthError(f"{path}: the file has a header but no data rows; give one norm per layer.")
-    n_cols = len(header) if header is not None else len(first)
-    for lineno, cells in rows:
-        if len(cells) != n_cols:
-            raise NormgrowthError(
-                f"{path}: line {lineno} has {len(cells)} column(s), expected {n_cols}; every row needs the same columns."
-            )
-    if n_cols == 1:
-        return np.asarray(_check_values([c[0] for _, c in rows], path, [f"line {ln}" for ln, _ in rows]))
-    if header is None:
-        raise NormgrowthError(
-            f"{path}: a CSV with {n_cols} columns needs a header naming 'layer' and 'value' columns."
-        )
-    if "layer" not in header or "value" not in header:
-        raise NormgrowthError(
-            f"{path}: the CSV header {','.join(header)!r} lacks a 'layer' or 'value' column; name them so."
-        )
-    li, vi = header.index("layer"), header.index("value")
-    layers = [c[li] for _, c in rows]
-    vals = _check_values([c[vi] for _, c in rows], path, [f"line {ln}" for ln, _ in rows])
-    return _assemble(layers, vals, path)
-
-
-def read_curve(path: str | Path) -> np.ndarray:
-    """Read a norm curve [n_layers] (float64) from CSV or JSON.
-
-    CSV: one column of values (optional one-word header), or a header with 'layer' and 'value'
-    columns (rows in any order, sorted by layer). JSON: a list of numbers, or {"layer": [...],
-    "value": [...]}. Format from the suffix (.json / .csv), otherwise sniffed from the first character.
-    Layers must be 0..n-1 exactly once; values finite.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise NormgrowthError(f"curve file {p} does not exist; check the path.")
-    if not p.is_file():
-        raise NormgrowthError(f"curve path {p} is not a file; give a CSV or JSON file.")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise NormgrowthError(f"cannot read curve file {p} ({err}); give a UTF-8 CSV or JSON file.") from None
-    stripped = text.strip()
-    if not stripped:
-        raise NormgrowthError(f"curve file {p} is empty; give one norm per layer as CSV or JSON.")
-    suffix = p.suffix.lower()
-    is_json = suffix == ".json" or (suffix != ".csv" and stripped[0] in "[{")
-    return _read_json_curve(stripped, p) if is_json else _read_csv_curve(stripped, p)
-
-
-# ----------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------
 
@@ -706,39 +607,44 @@ def curvature_flag(fit: GrowthFit) -> str:
     return ""
 
 
-def law_note(fit: GrowthFit) -> str:
-    """'law: linear, not exponential' when a decided law other than the exponential is preferred, else ''."""
-    if fit.law is None or fit.law.best in ("exponential", UNDECIDED):
+def sensitivity_text(fit: GrowthFit) -> str:
+    """``"+1.2..+2.7"``: the window-sensitivity band in % per layer ('' when no window qualifies)."""
+    ws = fit.window_sensitivity or {}
+    if not ws.get("n_windows"):
         return ""
-    return f"law: {fit.law.best}, not exponential"
+    return f"{fmt_number(ws.get('min_percent'), '+.2f')}..{fmt_number(ws.get('max_percent'), '+.2f')}"
 
 
 def format_fit_table(fits: dict[str, GrowthFit]) -> str:
-    """Plain-text table, one row per site: g [95% CI], % per layer, endpoint g, R^2, curvature [95% CI]
-    and its effect at the window ends, window, curves, preferred law, and notes (curvature flag when its CI
-    excludes 0 on a window of >= 5 layers; a decided law other than the exponential)."""
-    header = ["site", "g/layer [95% CI]", "%/layer", "endpoint g", "R^2", "curvature [95% CI]", "curv. effect",
-              "window", "curves", "law", "note"]
+    """Plain-text table, one row per site. Model-free numbers first: mean log-slope as % per layer [95% CI], its
+    window-sensitivity band, last/first norm ratio; then the least-squares growth factor g [95% CI], the
+    curvature's effect at the window ends, window, curves; last the law (a secondary interpretation) with the
+    rejected laws, and notes (curvature flag when its CI excludes 0 on a window of >= 5 layers)."""
+    header = ["site", "mean %/layer [95% CI]", "band (windows>=5)", "last/first", "LS g/layer [95% CI]",
+              "curv. effect", "window", "curves", "law (interpretation)", "note"]
     rows = []
     for site, fit in fits.items():
-        notes = [n for n in (curvature_flag(fit), law_note(fit)) if n]
+        mls_ci = [100 * math.expm1(v) if math.isfinite(v) else math.nan for v in fit.mean_log_slope_ci95]
+        law = law_label(fit.law).replace("exponential", "exp.")
+        rejected = rejected_text(fit.law).replace("exponential", "exp.")
         rows.append([
             str(site),
-            f"{fmt_number(fit.growth_factor, '.4f')} [{fmt_number(fit.ci95[0], '.4f')}, {fmt_number(fit.ci95[1], '.4f')}]",
-            fmt_number(fit.percent_per_layer, "+.2f"),
-            fmt_number(fit.endpoint_growth_factor, ".4f"),
-            fmt_number(fit.r2, ".4f"),
-            f"{fmt_number(fit.curvature, '+.2e')} [{fmt_number(fit.curvature_ci95[0], '+.2e')}, {fmt_number(fit.curvature_ci95[1], '+.2e')}]",
+            with_ci(fit.mean_percent_per_layer, mls_ci, "+.2f"),
+            sensitivity_text(fit),
+            fmt_number(fit.ratio_last_first, ".3g"),
+            with_ci(fit.growth_factor, fit.ci95, ".4f"),
             fmt_number(100 * fit.curvature_effect, "+.1f") + "%",
             f"{fit.window[0]}:{fit.window[1]}",
             str(fit.n_curves),
-            law_label(fit.law).replace("exponential", "exp."),
-            "; ".join(notes),
+            law + (f"; {rejected}" if rejected else ""),
+            curvature_flag(fit),
         ])
     lines = text_table(header, rows)
     ci_methods = sorted({fit.ci_method for fit in fits.values()})
     if ci_methods:
-        lines.append(f"CI: {'; '.join(ci_methods)}. curvature = c in log n = a + b*l + c*l^2 (per layer^2); "
-                     "curv. effect = quadratic vs exponential fit at the window ends; law = smallest log-space "
-                     "RSS of exp./linear/power (undecided when not decisive).")
+        lines.append(f"CI: {'; '.join(ci_methods)}. mean %/layer = 100 (exp(s) - 1), s = (log n[b] - log n[a]) / (b - a); "
+                     "band = range of s over every window of >= 5 layers skipping the first and last layer; "
+                     "last/first = n[L-1] / n[0]; LS g = exp(least-squares slope of log n); curv. effect = quadratic vs "
+                     "exponential fit at the window ends; law: exp./linear/power/saturating, none or undecided "
+                     "(docs/fit.md), power exponents are not comparable across models.")
     return "\n".join(lines)

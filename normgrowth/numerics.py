@@ -20,6 +20,7 @@ from scipy import stats
 
 Z95 = float(stats.norm.ppf(0.975))
 DEFAULT_N_BOOT = 1000  # bootstrap resamples of every CI over sequences
+MIN_BOOT = 100  # fewer bootstrap resamples than this are refused
 MIN_BOOT_SEQS = 30  # fewer sequences than this feeding a bootstrap: percentile CIs come out too narrow (a warning)
 _BOOT_CHUNK_CELLS = 2_000_000  # resample-count matrix cells per chunk (replicates * sequences)
 
@@ -79,19 +80,28 @@ def polyfit_rows(x: Any, y: Any, deg: int) -> np.ndarray:
     return np.asarray(y, dtype=np.float64) @ np.linalg.pinv(design).T
 
 
+def ols_covariance(design: Any, y: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Least squares ``y ~ design @ coef``: ``(coef, cov, df)`` with ``cov = s^2 (X'X)^-1``,
+    ``s^2 = RSS / df``, ``df = k - p`` (``cov`` all NaN when df <= 0)."""
+    x = np.asarray(design, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = x.shape[0] - x.shape[1]
+    if df <= 0:
+        return coef, np.full((x.shape[1], x.shape[1]), np.nan), df
+    resid = y - x @ coef
+    return coef, float(resid @ resid) / df * np.linalg.pinv(x.T @ x), df
+
+
 def top_coefficient_se(x: Any, y: Any, deg: int) -> tuple[float, float, int]:
     """OLS top coefficient of a degree-``deg`` polynomial, its SE ``sqrt(s^2 [(X'X)^-1]_kk)`` with
     ``s^2 = RSS / (k - deg - 1)``, and that df (SE NaN when df <= 0)."""
     x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
     xc = x - x.mean()
     design = np.stack([xc**p for p in range(deg + 1)], axis=1)
-    coef = polyfit_rows(x, y, deg)
-    df = y.size - (deg + 1)
+    coef, cov, df = ols_covariance(design, y)
     if df <= 0:
         return float(coef[deg]), math.nan, df
-    resid = y - design @ coef
-    cov = float(resid @ resid) / df * np.linalg.inv(design.T @ design)
     return float(coef[deg]), float(math.sqrt(max(cov[deg, deg], 0.0))), df
 
 

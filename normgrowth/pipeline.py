@@ -2,7 +2,7 @@
 
     from normgrowth.pipeline import run_report
     run = run_report("path/to/checkpoint", data="builtin", out="results")
-    run.results.fit("resid_post"), run.results.to_frame(), run.document()
+    fit_site(run.results, "resid_post"), run.results.to_frame(), run.document()   # fit_site: normgrowth.fit
 
 Every ``run_*`` function takes the settings of :class:`RunSettings` as keywords, loads the model only when it
 has to, reuses a result from ``out`` that was computed for the same model, data and number-changing settings by

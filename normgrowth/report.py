@@ -10,6 +10,9 @@ figure scripts read. On top of :meth:`Results.to_json` it adds:
   None unless resid_pre, attn_out, mlp_out and resid_post were all collected;
 * ``position``: mean ||x|| per position for resid_pre and resid_post (position 0 included; None for a
   site not collected), and the number of sequences reaching each position.
+
+It also holds the report's per-layer text table (:func:`format_report_table`). Layering: this module and
+:mod:`normgrowth.fit` sit above the collected statistics (:mod:`normgrowth.results`), which import no estimator.
 """
 
 from __future__ import annotations
@@ -18,19 +21,18 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .fit import GrowthFit, appendix1_bound, fit_growth, layer_ratios, parse_window
-from .results import SITES, Results
-
-N_BOOT = 1000
+from .fit import GrowthFit, appendix1_bound, fit_growth, fit_site, layer_ratios, parse_window
+from .numerics import DEFAULT_N_BOOT
+from .results import SITES, Results, layout_text
 APPENDIX1_SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in appendix1_bound's argument order
 
 
 def site_fits(res: Results, window: Optional[str] = None, seed: int = 0) -> dict[str, GrowthFit]:
-    """``{site: res.fit(site, window, seed)}`` for every collected site (empty for a one-layer model)."""
+    """``{site: fit_site(res, site, window, seed)}`` for every collected site (empty for a one-layer model)."""
     if res.meta.n_layers < 2:
         return {}
     win = parse_window(window, res.meta.n_layers) if window else None
-    return {site: res.fit(site, win, seed) for site, st in res.sites.items() if st is not None}
+    return {site: fit_site(res, site, win, seed) for site, st in res.sites.items() if st is not None}
 
 
 POSITION_GROUPS = ("early", "middle", "late")
@@ -87,7 +89,7 @@ def report_document(res: Results, window: Optional[str] = None, fits: Optional[d
         for site, st in res.sites.items():
             if st is None:
                 continue
-            ratio, lo, hi = layer_ratios(st.seq_mean, weights=res.seq_n_tokens, n_boot=N_BOOT)
+            ratio, lo, hi = layer_ratios(st.seq_mean, weights=res.seq_n_tokens, n_boot=DEFAULT_N_BOOT)
             ratios[site] = {"ratio": ratio, "ci95_lo": lo, "ci95_hi": hi}
     doc["layer_ratios"] = ratios
     s = {site: st for site, st in res.sites.items() if st is not None}
@@ -100,3 +102,27 @@ def report_document(res: Results, window: Optional[str] = None, fits: Optional[d
     doc["position_count"] = res.position_count
     doc["sites_order"] = list(SITES)
     return doc
+
+
+def format_report_table(res: Results) -> str:
+    """Per-layer table: mean norms per site, resid_post growth ratio to the previous layer, position-0 norm."""
+    m = res.meta
+    head = (f"model {m.model}  ({m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {layout_text(m)}, "
+            f"{m.n_layers} layers, d_model {m.d_model}, {m.dtype} on {m.device})\n"
+            f"data {m.data_source}: {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 "
+            f"(position 0 reported apart)\n"
+            "mean L2 norm per layer; ratio = resid_post[l] / resid_post[l-1]; bos = resid_post at position 0\n")
+    cols = [s for s in SITES]
+    lines = [f"{'layer':>5} " + " ".join(f"{c:>11}" for c in cols) + f" {'ratio':>7} {'bos':>11}"]
+    post = res.sites["resid_post"]
+    for layer in range(m.n_layers):
+        cells = []
+        for c in cols:
+            st = res.sites.get(c)
+            cells.append(f"{st.mean[layer]:>11.4g}" if st is not None else f"{'-':>11}")
+        ratio = f"{post.mean[layer] / post.mean[layer - 1]:>7.4f}" if post is not None and layer > 0 else f"{'':>7}"
+        bos = f"{post.bos_mean[layer]:>11.4g}" if post is not None else f"{'-':>11}"
+        lines.append(f"{layer:>5} " + " ".join(cells) + f" {ratio} {bos}")
+    missing = [s for s, st in res.sites.items() if st is None]
+    foot = f"\n(no {', '.join(missing)} in this architecture: reported as missing)" if missing else ""
+    return head + "\n".join(lines) + foot

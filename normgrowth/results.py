@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import numpy as np
 
@@ -34,10 +34,6 @@ SCHEMA_VERSION = 1
 # Per-layer SiteStats arrays that Results.to_frame() lists (statistic column).
 FRAME_STATISTICS = ("mean", "std", "centered_mean", "centered_std", "token_std_mean", "log_mean", "median",
                     "centered_median", "bos_mean", "bos_centered_mean", "bos_std")
-
-if TYPE_CHECKING:
-    from .fit import GrowthFit
-
 
 @dataclass
 class SiteStats:
@@ -107,13 +103,25 @@ class RunMeta:
     schema_version: int = SCHEMA_VERSION
     norm_placement: str = "pre"  # "pre" | "peri" | "post" | "none" (see ModelConfig.norm_placement)
     source: Optional[dict] = None  # LoadedModel.source: {"format": "hf"} or the GGUF quantisation + dequantised dtype
+    token_hash: Optional[str] = None  # token_batch_hash of the collected tokens (None in results saved without it)
+
+
+def token_batch_hash(tokens: Any, attention_mask: Any) -> str:
+    """SHA-256 of the token ids with padding set to -1, and of their shape: equal for two runs over the same
+    token batch, whatever the model (so their sequences can be paired)."""
+    import hashlib
+
+    ids = np.where(np.asarray(attention_mask, dtype=bool), np.asarray(tokens, dtype=np.int64), -1).astype(np.int64)
+    h = hashlib.sha256(str(ids.shape).encode())
+    h.update(np.ascontiguousarray(ids).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(repr=False)
 class Results(ResultProtocol):
     """One collection run (:func:`normgrowth.collect`), following :class:`~normgrowth.protocol.ResultProtocol`:
     ``save(path)`` / ``Results.load(path)`` (``path.json`` + ``path.npz``, hash-checked), ``to_json()`` (the
-    report JSON's collection part), ``to_frame()``, ``summary()``, and ``fit(site, window)``."""
+    report JSON's collection part), ``to_frame()`` and ``summary()``. Its growth fits live a layer up (:func:`normgrowth.fit.fit_site`)."""
 
     kind: ClassVar[str] = "collection"
 
@@ -206,7 +214,7 @@ class Results(ResultProtocol):
 
     def summary(self) -> str:
         m = self.meta
-        lines = [f"{m.model}: {m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {_layout(m)}, "
+        lines = [f"{m.model}: {m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {layout_text(m)}, "
                  f"{m.n_layers} layers, "
                  f"d_model {m.d_model}; {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 ({m.dtype})"]
         post = self.sites.get("resid_post")
@@ -218,23 +226,8 @@ class Results(ResultProtocol):
         lines.append("sites: " + ", ".join(present) + (f" (absent: {', '.join(missing)})" if missing else ""))
         return "\n".join(lines)
 
-    # ----- analyses -----------------------------------------------------------------------------
-    def fit(self, site: str, window: Any = None, seed: int = 0) -> "GrowthFit":
-        """Growth fit of ``site``: :func:`normgrowth.fit.fit_growth` of the per-sequence mean curves
-        ``sites[site].seq_mean`` weighted by ``seq_n_tokens`` (so the fitted curve is the token-weighted mean
-        curve), over ``window`` ("a:b" or (a, b); None: the default window), 95 % CI by a percentile
-        bootstrap over sequences (``report.N_BOOT`` resamples, ``seed``) - the fit the report prints."""
-        from .fit import fit_growth
-        from .report import N_BOOT
 
-        st = self.sites.get(site)
-        if st is None:
-            have = ", ".join(s for s, v in self.sites.items() if v is not None)
-            raise NormgrowthError(f"no {site!r} statistics in this result: fit one of {have}.")
-        return fit_growth(st.seq_mean, window=window or None, weights=self.seq_n_tokens, n_boot=N_BOOT, seed=seed)
-
-
-def _layout(m: RunMeta) -> str:
+def layout_text(m: RunMeta) -> str:
     """``"<placement>-norm, parallel|sequential blocks"`` for headers."""
     return f"{m.norm_placement}-norm, {'parallel' if m.parallel_blocks else 'sequential'} blocks"
 
@@ -242,27 +235,3 @@ def _layout(m: RunMeta) -> str:
 def _tolist(a: Any) -> Any:
     arr = np.asarray(a, dtype=np.float64)
     return [None if not np.isfinite(x) else float(x) for x in arr] if arr.ndim == 1 else [_tolist(r) for r in arr]
-
-
-def format_report_table(res: Results) -> str:
-    """Per-layer table: mean norms per site, resid_post growth ratio to the previous layer, position-0 norm."""
-    m = res.meta
-    head = (f"model {m.model}  ({m.family}, {m.normalization}{', LN-free' if m.ln_free else ''}, {_layout(m)}, "
-            f"{m.n_layers} layers, d_model {m.d_model}, {m.dtype} on {m.device})\n"
-            f"data {m.data_source}: {m.n_seqs} sequences, {m.n_tokens} tokens at positions >= 1 "
-            f"(position 0 reported apart)\n"
-            "mean L2 norm per layer; ratio = resid_post[l] / resid_post[l-1]; bos = resid_post at position 0\n")
-    cols = [s for s in SITES]
-    lines = [f"{'layer':>5} " + " ".join(f"{c:>11}" for c in cols) + f" {'ratio':>7} {'bos':>11}"]
-    post = res.sites["resid_post"]
-    for layer in range(m.n_layers):
-        cells = []
-        for c in cols:
-            st = res.sites.get(c)
-            cells.append(f"{st.mean[layer]:>11.4g}" if st is not None else f"{'-':>11}")
-        ratio = f"{post.mean[layer] / post.mean[layer - 1]:>7.4f}" if post is not None and layer > 0 else f"{'':>7}"
-        bos = f"{post.bos_mean[layer]:>11.4g}" if post is not None else f"{'-':>11}"
-        lines.append(f"{layer:>5} " + " ".join(cells) + f" {ratio} {bos}")
-    missing = [s for s, st in res.sites.items() if st is None]
-    foot = f"\n(no {', '.join(missing)} in this architecture: reported as missing)" if missing else ""
-    return head + "\n".join(lines) + foot

@@ -65,7 +65,9 @@ def fits_of(results: "Results", window: Optional[str]) -> dict[str, "GrowthFit"]
     """The growth fit of every site present over ``window`` (none with fewer than two layers)."""
     if results.meta.n_layers < 2:
         return {}
-    return {site: results.fit(site, window) for site, st in results.sites.items() if st is not None}
+    from .fit import fit_site
+
+    return {site: fit_site(results, site, window) for site, st in results.sites.items() if st is not None}
 
 
 @dataclass(repr=False)
@@ -97,7 +99,7 @@ class ReportRun(RunProtocol):
     def text(self) -> str:
         """Per-layer table, then the growth-fit table."""
         from .fit import format_fit_table
-        from .results import format_report_table
+        from .report import format_report_table
 
         from .sources import source_note
 

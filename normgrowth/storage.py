@@ -80,3 +80,8 @@ def to_json_text(doc: Any, indent: int = 1) -> str:
 def atomic_write_json(path: str | os.PathLike, doc: Any, indent: int = 1) -> None:
     """:func:`atomic_write_bytes` of :func:`to_json_text`."""
     atomic_write_bytes(path, to_json_text(doc, indent).encode())
+
+
+def nan_to_none(x: Any) -> Any:
+    """The inverse of :func:`as_float` for one number: NaN or infinite -> None, else a float."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)

@@ -31,7 +31,7 @@ import numpy as np
 from .errors import NormgrowthError
 from .protocol import ResultProtocol
 from .storage import as_float
-from .tables import fmt_with_ci, text_table
+from .tables import text_table, with_ci
 
 STEP_NAME = re.compile(r"^(?:step-?|checkpoint-)(\d+)$")
 ARCH_KEYS = (("model_type",), ("n_layer", "num_hidden_layers", "num_layers"), ("n_embd", "hidden_size", "d_model"))
@@ -147,7 +147,7 @@ def fit_series(points: Iterable[dict], site: str, key: str = "fit") -> dict[str,
 def _fmt_g(f: Optional[dict]) -> str:
     if not f:
         return "-"
-    return fmt_with_ci(f.get("growth_factor"), f.get("ci95"), ".4f")
+    return with_ci(f.get("growth_factor"), f.get("ci95"), ".4f", missing="-")
 
 
 def verdict_label(point: dict) -> str:

@@ -16,14 +16,6 @@ def fmt_number(x: Any, spec: str, missing: str = "nan") -> str:
     return format(value, spec) if math.isfinite(value) else missing
 
 
-def fmt_with_ci(x: Any, ci: Any, spec: str = ".3f", missing: str = "-") -> str:
-    """``value [lo, hi]`` (each with ``spec``) when both CI ends are finite numbers, else the value alone."""
-    lo, hi = (list(ci) + [None, None])[:2] if isinstance(ci, (list, tuple)) else (None, None)
-    ends = [fmt_number(v, spec, missing="") for v in (lo, hi)]
-    value = fmt_number(x, spec, missing)
-    return f"{value} [{ends[0]}, {ends[1]}]" if all(ends) else value
-
-
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Left-aligned columns two spaces apart: the header, a rule of dashes, then the rows (lines right-stripped)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -32,3 +24,13 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
         return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def with_ci(value: Any, ci: Any, spec: str, missing: str = "nan") -> str:
+    """``"value [lo, hi]"`` with every number formatted by ``spec``; the bracket is left out when either end
+    of ``ci`` is missing or not finite."""
+    lo, hi = (None, None) if ci is None else ci
+    text = fmt_number(value, spec, missing)
+    if fmt_number(lo, spec, "") and fmt_number(hi, spec, ""):
+        text += f" [{fmt_number(lo, spec)}, {fmt_number(hi, spec)}]"
+    return text

@@ -334,7 +334,7 @@ def test_any_subset_of_sites_goes_through_the_report(loaded, padded_batch):
     import json
 
     from normgrowth.report import report_document
-    from normgrowth.results import format_report_table
+    from normgrowth.report import format_report_table
     from normgrowth.storage import json_safe
 
     model = loaded("gpt2")

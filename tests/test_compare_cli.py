@@ -10,7 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from normgrowth.cli import app
-from normgrowth.compare import Z95, row
+from scipy import stats
+
+from normgrowth.compare import FAMILY, row
 
 runner = CliRunner()
 
@@ -21,13 +23,14 @@ def invoke(*args):
 
 
 def test_row_difference_ci_is_the_normal_combination():
-    r = row("x", 2.0, [1.8, 2.2], 1.0, [0.9, 1.1])
-    se_a, se_b = 0.4 / (2 * Z95), 0.2 / (2 * Z95)
-    half = Z95 * math.sqrt(se_a**2 + se_b**2)
+    r = row("x", 2.0, [1.8, 2.2], 1.0, [0.9, 1.1], role=FAMILY)
+    z = float(stats.norm.ppf(0.975))
+    se_a, se_b = 0.4 / (2 * z), 0.2 / (2 * z)
+    half = z * math.sqrt(se_a**2 + se_b**2)
     assert r["difference"] == pytest.approx(1.0)
     assert r["difference_ci95"] == pytest.approx([1.0 - half, 1.0 + half])
     assert r["significant"] and r["has_ci"]
-    same = row("y", 1.0, [0.8, 1.2], 1.05, [0.85, 1.25])
+    same = row("y", 1.0, [0.8, 1.2], 1.05, [0.85, 1.25], role=FAMILY)
     assert not same["significant"] and same["has_ci"]
     bare = row("z", 1.0, None, 2.0, None)
     assert not bare["has_ci"] and not bare["significant"]
@@ -54,18 +57,26 @@ def test_compare_schema_and_sentences(compare_json):
     labels = [r["label"] for r in doc["rows"]]
     assert any("position-0" in x for x in labels) and any("attn_out norm" in x for x in labels)
     assert any("retention at distance" in x for x in labels) and any("W_OV_mean" in x for x in labels)
-    assert doc["n_tests"] == sum(r["p_value"] is not None for r in doc["rows"])
+    assert doc["n_tests"] == sum(r["p_value"] is not None for r in doc["rows"]) == 5  # the family: five sites
     for r in doc["rows"]:
-        assert (r["p_holm"] is None) == (r["p_value"] is None)
+        assert r["family"] == r["label"].startswith("growth factor per layer, ")
+        assert (r["p_holm"] is None) == (r["p_value"] is None) and (r["p_value"] is not None) == (r["family"]
+                                                                                                 and r["has_ci"])
+        if "W_OV_mean" in r["label"]:
+            assert "regression residual" in r["role"] and "no significance claim" in r["sentence"]
+        if "retention at distance" in r["label"]:
+            assert "geometry only" in r["role"]
         if r["p_value"] is not None:
             assert r["p_holm"] >= r["p_value"]
     assert len(doc["sentences"]) == len(doc["rows"])
     for r in doc["rows"]:
         if r["significant"]:
             assert "significant" in r["sentence"] and "excludes 0" in r["sentence"]
-    # 3-layer windows decide no law, so the rows compare the window's mean slope of log n
+    # both models read the same token file: their sequences are paired
+    assert doc["paired"] and "paired bootstrap" in doc["resampling"] and "paired bootstrap" in text
+    assert all("paired" in r["method"] for r in doc["rows"] if r["family"])
+    # 3-layer windows decide no law; the laws are a note beside the growth rows
     assert doc["growth"]["resid_post"]["law"]["law_a"] == "undecided"
-    assert "mean growth of log n per layer (law undecided), resid_post" in text
     assert (out / "cmp.png").stat().st_size > 0 and (out / "cmp.pdf").stat().st_size > 0
 
 
@@ -116,7 +127,7 @@ def test_deletion_command_schema(tiny_dirs, token_file, tmp_path):
     for key in ("distance", "retention", "dilution", "visibility", "reading", "visibility_decay_per_layer",
                 "dilution_decay_per_layer", "excess_dilution_decay_per_layer", "retention_far"):
         assert key in doc["by_distance"]
-    assert doc["verdict"]["label"] in ("magnitude", "erasure", "mixed", "neither", "inconclusive")
+    assert f"VERDICT: {doc['verdict']['label']} - {doc['verdict']['reason']}" in result.output  # JSON = printout
     assert set(doc["locality"]["share_within"]) == {"1", "2", "4", "8"}
     assert doc["ablation"]["writes"] == ["attn_out.0", "mlp_out.0", "attn_out.2", "mlp_out.2"]
 

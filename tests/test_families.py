@@ -185,7 +185,7 @@ def test_family_bridge_writes_sum_to_stream(family, family_model, batch):
 @pytest.mark.parametrize("family", ["gemma2", "falcon", "qwen3_moe"])
 def test_family_report_runs(family, family_dirs, token_file):
     from normgrowth.pipeline import run_report
-    from normgrowth.results import format_report_table
+    from normgrowth.report import format_report_table
 
     run = run_report(str(family_dirs[family]), str(token_file), batch_size=4)
     doc = run.document()

@@ -355,6 +355,29 @@ def test_growth_difference_bootstrap():
     assert r["ratio_ci95"][0] <= 1 <= r["ratio_ci95"][1]
 
 
+def test_paired_growth_difference_matches_a_naive_loop_and_covers():
+    """Paired: one draw of sequence indices serves both sides (same sequences seen by two models)."""
+    rng = np.random.default_rng(16)
+    a, w = synth_curves(rng, g=1.05)
+    b = a / 1.05 ** np.arange(12) * 1.04 ** np.arange(12) * np.exp(rng.normal(0, 0.01, a.shape))  # same sequences
+    res = growth_difference(a, b, (1, 10), weights_a=w, weights_b=w, n_boot=300, seed=7, paired=True)
+    assert res["paired"] and "paired" in res["ci_method"]
+    draws = np.random.default_rng(7).integers(0, 40, size=(300, 40))
+    layers = np.arange(1, 11, dtype=float)
+    diffs = []
+    for idx in draws:
+        ga, gb = (math.exp(np.polyfit(layers, np.log((w[idx, None] * c[idx][:, 1:11]).sum(0) / w[idx].sum()), 1)[0])
+                  for c in (a, b))
+        diffs.append(ga - gb)
+    np.testing.assert_allclose(res["difference_ci95"], np.quantile(diffs, [0.025, 0.975]), rtol=1e-9)
+    lo, hi = res["difference_ci95"]
+    assert lo <= 0.01 <= hi and lo > 0
+    unpaired = growth_difference(a, b, (1, 10), weights_a=w, weights_b=w, n_boot=300, seed=7)
+    assert not unpaired["paired"] and (hi - lo) < 0.5 * np.diff(unpaired["difference_ci95"])[0]
+    with pytest.raises(NormgrowthError, match="same sequences"):
+        growth_difference(a, b[:30], (1, 10), n_boot=300, paired=True)
+
+
 def test_growth_difference_coverage_for_equal_factors():
     contains_zero = 0
     for seed in range(100):
@@ -547,10 +570,45 @@ def test_format_fit_table_contents():
     lines = table.splitlines()
     assert lines[0].split()[0] == "site" and lines[2].startswith("resid_pre")
     row = lines[2]
-    assert f"{fit.growth_factor:.4f} [{fit.ci95[0]:.4f}, {fit.ci95[1]:.4f}]" in row
-    assert f"{fit.percent_per_layer:+.2f}" in row and f"{fit.endpoint_growth_factor:.4f}" in row
-    assert f"{fit.r2:.4f}" in row and "2:9" in row and f"{fit.curvature:+.2e}" in row
+    m = (w[:, None] * curves).sum(0) / w.sum()
+    s = math.log(m[9] / m[2]) / 7
+    assert f"{100 * math.expm1(s):+.2f} [" in row  # the model-free mean log-slope comes first
+    band = [math.log(m[b] / m[a]) / (b - a) for a in range(1, 11) for b in range(a + 4, 11)]
+    assert f"{100 * math.expm1(min(band)):+.2f}..{100 * math.expm1(max(band)):+.2f}" in row
+    assert f"{m[-1] / m[0]:.3g}" in row
+    assert f"{fit.growth_factor:.4f} [{fit.ci95[0]:.4f}, {fit.ci95[1]:.4f}]" in row and "2:9" in row
     assert CI_BOOTSTRAP in table
+
+
+def test_model_free_numbers_by_hand_and_naive_bootstrap():
+    rng = np.random.default_rng(26)
+    curves, w = synth_curves(rng, n_layers=14, curvature=0.004)
+    fit = fit_growth(curves, window=(2, 11), weights=w, n_boot=200, seed=4)
+    m = (w[:, None] * curves).sum(0) / w.sum()
+    lm = np.log(m)
+    local = [lm[1] - lm[0]] + [(lm[i + 1] - lm[i - 1]) / 2 for i in range(1, 13)] + [lm[13] - lm[12]]
+    np.testing.assert_allclose(fit.local_slope["slope"], local, rtol=1e-12)
+    assert fit.mean_log_slope == pytest.approx((lm[11] - lm[2]) / 9, rel=1e-12)
+    assert math.exp(fit.mean_log_slope) == pytest.approx(fit.endpoint_growth_factor, rel=1e-12)
+    assert fit.ratio_last_first == pytest.approx(m[-1] / m[0], rel=1e-12)
+    windows = [(a, b) for a in range(1, 13) for b in range(a + 4, 13)]
+    slopes = {(a, b): (lm[b] - lm[a]) / (b - a) for a, b in windows}
+    ws = fit.window_sensitivity
+    assert ws["n_windows"] == len(windows)
+    assert ws["min"] == pytest.approx(min(slopes.values())) and ws["max"] == pytest.approx(max(slopes.values()))
+    assert tuple(ws["min_window"]) == min(slopes, key=slopes.get)
+    draws = np.random.default_rng(4).integers(0, 40, size=(200, 40))
+    boot_local, boot_mls = [], []
+    for idx in draws:
+        mb = np.log((w[idx, None] * curves[idx]).sum(0) / w[idx].sum())
+        boot_local.append(np.gradient(mb))
+        boot_mls.append((mb[11] - mb[2]) / 9)
+    lo, hi = np.quantile(boot_local, [0.025, 0.975], axis=0)
+    np.testing.assert_allclose(fit.local_slope["ci95_lo"], lo, rtol=1e-9)
+    np.testing.assert_allclose(fit.local_slope["ci95_hi"], hi, rtol=1e-9)
+    np.testing.assert_allclose(fit.mean_log_slope_ci95, np.quantile(boot_mls, [0.025, 0.975]), rtol=1e-9)
+    short = fit_growth(curves[:, :6], weights=w)  # 6 layers: windows inside 1..4 cannot reach 5 layers
+    assert short.window_sensitivity["n_windows"] == 0 and short.window_sensitivity["min"] is None
 
 
 # ------------------------------------------------------------------------------------------------
