@@ -210,9 +210,14 @@ class ScheduleLog:
             yield batch
 
     def lr(self, lr_at: Callable[[int], float]) -> Callable[[int], float]:
+        """``lr_at`` that also logs its value once per step (the training loop asks once per parameter group)."""
+        logged_steps: set[int] = set()
+
         def logged(step: int) -> float:
             value = lr_at(step)
-            self.lrs.append([self.phase, float(value)])
+            if step not in logged_steps:
+                logged_steps.add(step)
+                self.lrs.append([self.phase, float(value)])
             return value
         return logged
 
