@@ -176,3 +176,34 @@ def test_cli_refuses_a_missing_model_in_one_line(tmp_path):
     assert "neither a local folder" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_fig_real_twin_draws_the_record_and_skips_without_it(twin_run, tmp_path, capsys):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from normgrowth.storage import atomic_write_json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
+    fig = importlib.import_module("fig_real_twin")
+    assert fig.main(tmp_path / "empty", tmp_path / "figs") == []
+    assert "fig_real_twin: skipped" in capsys.readouterr().out
+    atomic_write_json(tmp_path / "r" / "real-twin" / "trace.json", twin_run[0]["record"])
+    paths = fig.main(tmp_path / "r", tmp_path / "figs")
+    assert [p.name for p in paths] == ["fig_real_twin.png", "fig_real_twin.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_horizon_curves_finds_the_per_layer_lists():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
+    from fig_real_twin import horizon_curves
+
+    doc = {"model": "x", "live": [1.0, 2.0, 3.0], "frozen": {"curve": [3, 2, 1, 0], "n": 7},
+           "other": [1.0, 2.0], "flags": [True, False, True]}
+    got = horizon_curves(doc, 3)
+    assert sorted(got) == ["frozen.curve", "live"]
+    np.testing.assert_array_equal(got["frozen.curve"], [3.0, 2.0, 1.0, 0.0])

