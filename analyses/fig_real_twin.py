@@ -28,6 +28,16 @@ RUNS = (("twin", "norm-free twin (norms frozen one by one)", "#d62728", "s"),
 BASE = ("base", "base model", "0.4", "^")
 
 
+SHORT = (("layers.", ""), ("post_attention_layernorm", "MLP-in"), ("input_layernorm", "attn-in"))
+
+
+def short_site(site: str) -> str:
+    """``layers.3.post_attention_layernorm`` -> ``3.MLP-in`` (tick labels)."""
+    for old, new in SHORT:
+        site = site.replace(old, new)
+    return site
+
+
 def horizon_curves(doc: dict, n_layer: int) -> dict[str, np.ndarray]:
     """Every top-level (or one level down) list of ``n_layer`` or ``n_layer + 1`` numbers in a horizon JSON,
     by its key path."""
@@ -79,8 +89,8 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     step = max(1, len(labels) // 12)
     for ax in axes[0]:
         ax.set_xticks(x[::step])
-        ax.set_xticklabels([labels[i] for i in x[::step]], rotation=60, ha="right", fontsize=6)
-        ax.set_xlabel("after this norm and its steps (left: base model; right: after recovery)")
+        ax.set_xticklabels([short_site(labels[i]) for i in x[::step]], rotation=60, ha="right", fontsize=6)
+        ax.set_xlabel("after this norm and its fine-tuning steps")
     axes[0, 0].legend(loc="best", fontsize=7)
     for (name, label, color, marker) in (BASE,) + RUNS:
         summary = record.get(name) or {}
@@ -94,6 +104,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     for ax, what in ((axes[1, 0], "positions >= 1"), (axes[1, 1], "position 0")):
         ax.set_yscale("log")
         ax.set_xlabel("block")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("mean ||resid_post||")
         ax.set_title(f"Residual norm per block, {what} (held-out rows)")
     axes[1, 0].legend(loc="best", fontsize=7)
@@ -108,8 +119,8 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         if len(keys) < 2:
             axes[2, 1].set_visible(False)
     steps = record.get("fine_tuning_steps")
-    fig.suptitle(f"{record.get('source', 'model')}: norm-free twin vs control ({steps} fine-tuning steps per run, "
-                 f"{(record.get('settings') or {}).get('steps_per_norm')} per norm)", fontsize=9)
+    fig.suptitle(f"{record.get('source', 'model')}: norm-free twin vs control, {len(record.get('sites', []))} norms "
+                 f"removed, {steps} fine-tuning steps per run", fontsize=9)
     return save(fig, out_dir, STEM)
 
 
