@@ -207,3 +207,31 @@ def test_horizon_curves_finds_the_per_layer_lists():
     got = horizon_curves(doc, 3)
     assert sorted(got) == ["frozen.curve", "live"]
     np.testing.assert_array_equal(got["frozen.curve"], [3.0, 2.0, 1.0, 0.0])
+
+
+def test_live_special_scale_keeps_outliers_normalised_until_phased_out():
+    """Live mode on an RMSNorm, against numpy: at phase 0 a special token (position 0) and an outlier (scale above
+    4 sigma_avg) are divided by their own sqrt(mean(x^2) + eps), ordinary tokens by sigma_avg; at phase 1 every
+    token by sigma_avg; at phase 1/2 the outlier by sqrt(s * sigma_avg)."""
+    from normgrowth.zoo.ln_removal import FrozenLayerNorm
+
+    norm = make_tiny("llama", n_layers=1).model.norm.double()
+    eps = norm.variance_epsilon
+    w = norm.weight.detach().numpy()
+    sigma = 2.0
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, w.size))
+    x[0, 2] *= 40.0  # an outlier: its RMS is about 40 > 4 * sigma
+    frozen = FrozenLayerNorm(norm, sigma_avg=sigma, sigma_special=sigma, live=True, outlier_ratio=4.0).double()
+    frozen.special = torch.tensor([[True, False, False, False]])
+    own = np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    with torch.no_grad():
+        y0 = frozen(torch.from_numpy(x)).numpy()
+        frozen.phase.fill_(0.5)
+        y_half = frozen(torch.from_numpy(x)).numpy()
+        frozen.phase.fill_(1.0)
+        y1 = frozen(torch.from_numpy(x)).numpy()
+    expect0 = np.where(np.array([True, False, True, False])[None, :, None], x / own, x / sigma) * w
+    np.testing.assert_allclose(y0, expect0, rtol=1e-6)  # the scale is computed in float32
+    np.testing.assert_allclose(y_half[0, 2], x[0, 2] / np.sqrt(own[0, 2] * sigma) * w, rtol=1e-6)
+    np.testing.assert_allclose(y1, x / sigma * w, rtol=1e-10)

@@ -202,6 +202,10 @@ def trace_point(model: nn.Module, held: torch.Tensor, site: str, k: int) -> dict
         raise NormgrowthError(f"the held-out loss became {ev['loss']} after site {k} ({site}): the fine-tuning "
                               "diverged; lower the learning rate or add steps per site.")
     seq = ev["seq_norms"]
+    bad = ~np.isfinite(seq).all(axis=0)
+    if bad.any():
+        raise NormgrowthError(f"the resid_post norm became non-finite at block {int(np.argmax(bad))} after site {k} "
+                              f"({site}): the fine-tuning diverged; lower the learning rate or add steps per site.")
     fit = fit_growth(seq, n_boot=200, seed=0).to_json() if seq.shape[1] >= 2 else None
     return {"index": k, "site": site, "heldout_loss": ev["loss"], "fit": fit,
             "resid_post_norm": [round(float(v), 5) for v in seq.mean(axis=0)],

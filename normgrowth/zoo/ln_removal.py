@@ -33,32 +33,49 @@ class FrozenLayerNorm(nn.Module):
     """A LayerNorm or RMSNorm with a frozen scale: ``y = (x - mean(x)) / sigma * weight + bias`` (LayerNorm) or
     ``y = x / sigma * weight`` (RMSNorm: ``centre`` False, no bias).
 
-    ``sigma`` is ``sigma_avg`` at ordinary tokens and, at special tokens (``special`` mask: position 0 and
-    every BOS/EOS token), ``(1 - phase) sigma_special + phase sigma_avg``; ``phase`` (a buffer, 1 by default,
-    so that without a special sigma every token uses ``sigma_avg``) is raised to 1 during recovery, which
-    phases the special scale out. The output is affine in the centred input: nothing divides by a
-    token-dependent quantity. ``weight`` and ``bias`` are the original LN parameters (same Parameter
-    objects, so an optimiser holding them keeps training them).
+    ``sigma`` is ``sigma_avg`` at ordinary tokens. At special tokens (``special`` mask: position 0 and every
+    separator token) it is ``(1 - phase) sigma_special + phase sigma_avg`` (measured special scale), or, with
+    ``live`` (the twin of a trained model), ``s(x)^(1 - phase) sigma_avg^phase`` with ``s(x)`` the token's own
+    scale (:func:`token_std`); with ``outlier_ratio`` r, a token whose ``s(x) > r sigma_avg`` counts as special
+    too (live only: the massive activations of Llama-family models sit on tokens other than position 0).
+    ``phase`` (a buffer, 1 by default, so that without a special scale every token uses ``sigma_avg``) is
+    raised to 1 during recovery, which phases the special scale out; at phase 1 the output is affine in the
+    centred input and nothing divides by a token-dependent quantity. ``weight`` and ``bias`` are the original
+    norm parameters (same Parameter objects, so an optimiser holding them keeps training them).
     """
 
-    def __init__(self, ln: nn.Module, sigma_avg: float, sigma_special: Optional[float] = None):
+    def __init__(self, ln: nn.Module, sigma_avg: float, sigma_special: Optional[float] = None, *,
+                 live: bool = False, outlier_ratio: Optional[float] = None):
         super().__init__()
         self.centre = not is_rms_norm(ln)
+        self.eps = norm_eps(ln)
         self.weight = ln.weight
         self.bias = getattr(ln, "bias", None)
+        self.live = live
+        self.outlier_ratio = outlier_ratio if live else None
         self.register_buffer("sigma_avg", torch.tensor(float(sigma_avg), dtype=torch.float32))
         special = sigma_avg if sigma_special is None else sigma_special
         self.register_buffer("sigma_special", torch.tensor(float(special), dtype=torch.float32))
-        self.register_buffer("phase", torch.tensor(1.0 if sigma_special is None else 0.0))
+        self.register_buffer("phase", torch.tensor(0.0 if live or sigma_special is not None else 1.0))
         self.special: Optional[torch.Tensor] = None  # [batch, pos] bool, set per forward pass
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
         """The scale per token, shaped to broadcast against ``x``."""
         avg = self.sigma_avg.to(x.dtype)
-        if self.special is None or float(self.phase) >= 1.0 or self.special.shape != x.shape[:-1]:
+        if float(self.phase) >= 1.0:
+            return avg
+        special = self.special if self.special is not None and self.special.shape == x.shape[:-1] else None
+        if self.live:
+            own = token_std(x, self.eps, self.centre).to(x.dtype)
+            mask = own > self.outlier_ratio * avg if self.outlier_ratio else torch.zeros_like(own, dtype=torch.bool)
+            if special is not None:
+                mask = mask | special
+            blended = torch.exp((1 - self.phase) * torch.log(own) + self.phase * torch.log(avg))
+            return torch.where(mask, blended, avg).unsqueeze(-1)
+        if special is None:
             return avg
         mixed = (1 - self.phase) * self.sigma_special + self.phase * self.sigma_avg
-        return torch.where(self.special.unsqueeze(-1), mixed.to(x.dtype), avg)
+        return torch.where(special.unsqueeze(-1), mixed.to(x.dtype), avg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - x.mean(dim=-1, keepdim=True) if self.centre else x
@@ -243,7 +260,10 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     ``sigma_before_removal``: every site's scale is measured once, on ``sigma_batches`` batches of the
     unmodified model (else each just before its freeze, with earlier sites frozen, every token counted).
     ``special_sigma`` (with ``special_id``): position 0 and ``special_id`` tokens get their own
-    ``sigma_special``, phased out linearly over the recovery steps (ordinary ``sigma_avg`` at the end).
+    ``sigma_special``, phased out linearly over the recovery steps (ordinary ``sigma_avg`` at the end);
+    ``special_scale == "live"``: they (and, with ``outlier_ratio``, every token whose scale exceeds
+    ``outlier_ratio * sigma_avg``) keep their own per-token scale, phased out geometrically
+    (:class:`FrozenLayerNorm`).
     After each freeze ``steps_per_site`` AdamW steps at the constant ``lr``; after the last site
     ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches, steps,
     learning rates) without freezing anything: the control. ``on_site(k, site, model)`` is called after
@@ -284,9 +304,13 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             if sigmas_out is not None:
                 sigmas_out[site] = (sigma, sigma_special if special else None)
             if not keep_ln:
-                _set_site(model, site, FrozenLayerNorm(ln, sigma, sigma_special if special else None).to(ln.weight.device))
+                live = schedule.special_scale == "live"
+                frozen = FrozenLayerNorm(ln, sigma, sigma_special if special else None, live=live,
+                                         outlier_ratio=schedule.outlier_ratio)
+                _set_site(model, site, frozen.to(ln.weight.device))
             log.phase = f"site {k}"
-            loss = train_steps(model, opt, batches, schedule.steps_per_site, log.lr(lambda s: schedule.lr))
+            loss = train_steps(model, opt, batches, schedule.steps_per_site, log.lr(lambda s: schedule.lr),
+                               label=f"{'kept' if keep_ln else 'froze'} {site}")
             if progress is not None and (k % max(1, len(sites) // 6) == 0 or k == len(sites) - 1):
                 what = "kept" if keep_ln else "froze"
                 progress(f"zoo: {what} {site} ({k + 1}/{len(sites)}) sigma_avg={sigma:.3g} loss {loss:.3f}")

@@ -20,7 +20,8 @@ class RemovalSchedule:
 
     ``steps_per_site`` AdamW steps at the constant ``lr`` after each frozen norm, then ``recovery_steps``
     (cosine from ``lr`` to ``lr/10``) while the special scale is phased out; the scales come from
-    ``sigma_batches`` training batches (of the unmodified model when ``sigma_before_removal``)."""
+    ``sigma_batches`` training batches (of the unmodified model when ``sigma_before_removal``); the special
+    tokens' scale is ``special_scale`` (see :class:`.ln_removal.FrozenLayerNorm`)."""
 
     steps_per_site: int
     lr: float
@@ -29,6 +30,8 @@ class RemovalSchedule:
     sigma_batches: int
     sigma_before_removal: bool = True
     special_sigma: bool = True
+    special_scale: str = "measured"  # "measured" sigma_special, or "live": the token's own scale until phased out
+    outlier_ratio: Optional[float] = None  # live only: tokens above ratio * sigma_avg are special too
 
     def fine_tuning_steps(self, n_sites: int) -> int:
         """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""

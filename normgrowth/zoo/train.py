@@ -58,7 +58,7 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
                 report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
     ``lr_at(step)``); ``on_step(n)`` after the n-th step; return the mean loss of the last 10 steps (NaN
-    when ``n_steps`` is 0)."""
+    when ``n_steps`` is 0). A non-finite loss raises :class:`NormgrowthError` naming the step and ``label``."""
     model.train()
     recent: list[float] = []
     t0 = time.perf_counter()
@@ -67,6 +67,12 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
             group["lr"] = lr_at(step)
         batch = next(batches)
         loss = model(batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            from ..errors import NormgrowthError
+
+            raise NormgrowthError(f"the training loss became {float(loss)} at step {step + 1} of {n_steps}"
+                                  f"{' (' + label + ')' if label else ''}: the fine-tuning diverged; lower the "
+                                  "learning rate or add steps.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -51,12 +51,13 @@ class TwinSettings:
 
     n_ctx: int = 128  # tokens per training / held-out row (separator token first)
     batch_size: int = 4
-    steps_per_norm: int = 3  # AdamW steps after each frozen norm, constant lr
-    recovery_steps: int = 40  # after the last norm: cosine lr -> lr/10, position-0 scale phased out
+    steps_per_norm: int = 2  # AdamW steps after each frozen norm, constant lr
+    recovery_steps: int = 100  # after the last norm: cosine lr -> lr/10, position-0 scale phased out
     lr: float = 1e-4
     weight_decay: float = 0.0  # fine-tuning of a trained model: no decay
     sigma_batches: int = 4  # training batches on which every norm's scales are measured (before any removal)
-    special_sigma: bool = True  # position 0 and separator tokens get their own scale until the recovery
+    special_sigma: bool = True  # position 0 and separator tokens keep their own scale until the recovery
+    outlier_ratio: Optional[float] = 4.0  # so do tokens whose scale exceeds this multiple of sigma_avg
     heldout_fraction: float = 0.05  # share of texts held out (by a hash of the text)
     max_heldout_seqs: int = 32  # held-out rows for the final losses and norms
     trace_seqs: int = 8  # held-out rows evaluated after every norm (the removal trace)
@@ -66,7 +67,7 @@ class TwinSettings:
 
     @classmethod
     def reduced(cls, **overrides: Any) -> "TwinSettings":
-        """The 2-CPU-core schedule: 4 x 128 tokens per step, 3 steps per norm, 40 recovery steps."""
+        """The 2-CPU-core schedule: 4 x 128 tokens per step, 2 steps per norm, 100 recovery steps."""
         return cls(**overrides)
 
     @classmethod
@@ -88,7 +89,7 @@ class TwinSettings:
     def removal(self) -> RemovalSchedule:
         """The removal schedule shared by twin and control."""
         return RemovalSchedule(self.steps_per_norm, self.lr, self.weight_decay, self.recovery_steps,
-                               self.sigma_batches, True, self.special_sigma)
+                               self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio)
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a twin."""
@@ -270,8 +271,9 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
         "order": "every block's MLP input norm, then every attention input norm, then the final norm",
         "sigma": f"measured for every norm once, on {settings.sigma_batches} training batches of the model "
                  "before any removal; position 0 and separator tokens apart",
-        "special_sigma": "position 0 and separator tokens keep their own scale until the recovery, which phases "
-                         "it out linearly" if settings.special_sigma else None,
+        "special_scale": ("position 0, separator tokens and every token whose scale exceeds "
+                          f"{settings.outlier_ratio} x sigma_avg keep their own scale s until the recovery, which "
+                          "phases it out geometrically: s^(1 - phase) sigma_avg^phase") if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
         "tokens_per_step": settings.batch_size * settings.n_ctx,
