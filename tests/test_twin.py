@@ -65,7 +65,8 @@ def test_stored_rmsnorm_twin_equals_frozen_scale_model(twin_run):
         np.testing.assert_allclose(y, x * w / 1e6, rtol=1e-5, atol=1e-6, err_msg=name)
     # the control keeps dividing by each token's RMS: its final norm's output has unit RMS / w per token
     ctrl_norm = result["control"].model.norm
-    x = torch.randn(3, 5, ctrl_norm.weight.shape[0], dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
+    scales = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(3, 1, 1)
+    x = torch.randn(3, 5, ctrl_norm.weight.shape[0], dtype=torch.float64) * scales
     with torch.no_grad():
         y = ctrl_norm.double()(x).numpy() / ctrl_norm.weight.double().numpy()
     np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)

@@ -30,7 +30,7 @@ from .corpus import batch_stream, corpus_sha256, pack_sequences, split_docs, std
 from .ln_removal import ln_sites, remove_layernorm, to_ln_free_storage
 from .settings import ZOO_FORMAT_VERSION, ZooSettings, python_version, settings_hash
 from .train import (Progress, checkpoint_steps, cosine_lr, evaluate, growth_per_layer, heldout_loss, make_config,
-                    make_optimizer, resid_post_norms, resid_post_seq_norms, train_steps)
+                    make_optimizer, resid_post_norms, train_steps)
 
 
 # ----------------------------------------------------------------------------------------------

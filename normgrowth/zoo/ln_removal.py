@@ -1,5 +1,5 @@
 """Norm removal by fine-tuning (Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning"), for
-any pre-norm model of :data:`LAYOUTS` (GPT-2 with LayerNorm; Llama, Mistral, Qwen2 with RMSNorm).
+any pre-norm model of :data:`.layout.LAYOUTS` (GPT-2 with LayerNorm; Llama, Mistral, Qwen2 with RMSNorm).
 
 Each norm in turn (every block's MLP input norm layer by layer, then every attention input norm, then the
 final norm) has its per-token scale ``s(x)`` replaced by a frozen scalar ``sigma_avg`` measured on training
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import NormgrowthError
-from .layout import GPT2_LAYOUT, LAYOUTS, NormLayout, blocks_of, is_rms_norm, layout_of, norm_eps
+from .layout import GPT2_LAYOUT, NormLayout, blocks_of, is_rms_norm, layout_of, norm_eps
 from .settings import RemovalSchedule, ZooSettings
 from .train import Progress, cosine_lr, make_optimizer, train_steps
 
@@ -276,7 +276,8 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     sites = norm_sites(model)
     for site in sites:
         if not _is_norm(_get_site(model, site)):
-            raise NormgrowthError(f"site {site} is not a LayerNorm or RMSNorm ({type(_get_site(model, site)).__name__}):"
+            kind = type(_get_site(model, site)).__name__
+            raise NormgrowthError(f"site {site} is not a LayerNorm or RMSNorm ({kind}):"
                                   " norm removal needs a model whose norms are all unfrozen.")
     opt = make_optimizer(model, schedule.lr, schedule.weight_decay)
     sigmas: dict[str, float] = {}

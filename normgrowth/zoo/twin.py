@@ -273,7 +273,8 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
                  "before any removal; position 0 and separator tokens apart",
         "special_scale": ("position 0, separator tokens and every token whose scale exceeds "
                           f"{settings.outlier_ratio} x sigma_avg keep their own scale s until the recovery, which "
-                          "phases it out geometrically: s^(1 - phase) sigma_avg^phase") if settings.special_sigma else None,
+                          "phases it out geometrically: s^(1 - phase) sigma_avg^phase")
+        if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
         "tokens_per_step": settings.batch_size * settings.n_ctx,
