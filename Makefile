@@ -84,7 +84,7 @@ ZOO_RECORD := $(if $(ZOO_DEP),$(RESULTS)/zoo.json,)
 # with the offline triple, also the uncontrolled comparison (LN model against its twin) as a third row
 EXTRA_COMPARE := $(if $(filter $(COMPARE),$(ZOO)/control),$(RESULTS)/compare-ln.json,)
 
-.PHONY: setup test test-slow figures results bench zoo clean help
+.PHONY: setup test test-slow figures results bench zoo real-twin clean help
 
 help:
 	@echo "make test      set up .venv and run the test suite (offline; tests marked slow are left out)"
@@ -94,6 +94,8 @@ help:
 	@echo "               MODELS=\"a b\" selects models; PRESET=paper the 2023 study's models and a Pythia"
 	@echo "               sweep over training (needs the hub); ZOO_SEEDS=n trains n offline triples"
 	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
+	@echo "make real-twin SmolLM2-135M's RMSNorm-free twin and its same-schedule control (reduced schedule,"
+	@echo "               about 40 min on 2 CPU cores; REAL_SCHEDULE=full on a GPU), then their analyses"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
 	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
 
@@ -166,3 +168,43 @@ $(FIGURES)/.done: $(REAL_RESULTS) $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/
 
 clean:
 	rm -rf $(RESULTS) $(FIGURES)/*.png $(FIGURES)/*.pdf $(FIGURES)/.done .pytest_cache
+
+# ---- the norm-free twin of a real model (normgrowth zoo twin) ---------------------------------
+# REAL_SCHEDULE=reduced fits 2 CPU cores (docs/zoo.md); full is the GPU schedule. The weights stay in
+# REAL_ZOO (not committed); the JSON goes to REAL_RESULTS. Analyses run on the twin's held-out rows.
+REAL_MODEL ?= smollm2-135m
+REAL_ZOO ?= zoo-real
+REAL_RESULTS ?= $(RESULTS)/real-twin
+REAL_SCHEDULE ?= reduced
+REAL_SEED ?= 0
+REAL_N_SEQS ?= 32
+REAL_COMMON := --data $(REAL_ZOO)/heldout.npy --n-seqs $(REAL_N_SEQS) --out $(REAL_RESULTS)/cache
+REAL_RUNS := twin control
+REAL_JSON := $(REAL_RESULTS)/trace.json $(foreach m,$(REAL_RUNS),$(REAL_RESULTS)/$(m)/report.json \
+	$(REAL_RESULTS)/$(m)/deletion.json $(REAL_RESULTS)/$(m)/horizon.json) $(REAL_RESULTS)/compare.json
+
+real-twin: $(REAL_JSON) $(FIGURES)/fig_real_twin.png
+
+$(REAL_ZOO)/twin.json: | $(STAMP)
+	$(NG) zoo twin $(REAL_MODEL) --out $(REAL_ZOO) --schedule $(REAL_SCHEDULE) --seed $(REAL_SEED)
+
+$(REAL_RESULTS)/trace.json: $(REAL_ZOO)/twin.json
+	mkdir -p $(REAL_RESULTS)
+	cp $< $@
+
+$(REAL_RESULTS)/%/report.json: $(REAL_ZOO)/twin.json
+	$(NG) report $(REAL_ZOO)/$* $(REAL_COMMON) --json $@
+
+$(REAL_RESULTS)/%/deletion.json: $(REAL_ZOO)/twin.json
+	$(NG) deletion $(REAL_ZOO)/$* $(REAL_COMMON) --json $@
+
+# the effective layer horizon, where this installation has `normgrowth horizon`
+$(REAL_RESULTS)/%/horizon.json: $(REAL_ZOO)/twin.json
+	if $(NG) horizon --help >/dev/null 2>&1; then $(NG) horizon $(REAL_ZOO)/$* $(REAL_COMMON) --json $@; \
+	else echo "normgrowth horizon is not available: $@ skipped"; fi
+
+$(REAL_RESULTS)/compare.json: $(REAL_ZOO)/twin.json
+	$(NG) compare $(REAL_ZOO)/control $(REAL_ZOO)/twin $(REAL_COMMON) --json $@
+
+$(FIGURES)/fig_real_twin.png: $(REAL_JSON) analyses/fig_real_twin.py | $(STAMP)
+	$(PY) analyses/fig_real_twin.py --results $(RESULTS) --out $(FIGURES)

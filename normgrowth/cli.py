@@ -1,4 +1,4 @@
-"""Command line: ``normgrowth report | weights | fit | deletion | compare | sweep | zoo build``.
+"""Command line: ``normgrowth report | weights | fit | deletion | compare | sweep | zoo build | zoo twin``.
 
 The commands parse their options, call :mod:`normgrowth.pipeline` (which loads, caches and computes) and
 print; progress bars and notes go to stderr. Heavy libraries (torch, transformers, TransformerLens) are
@@ -265,6 +265,36 @@ def zoo_build(out: Path = typer.Option(Path("zoo"), "--out", help="Directory for
         if result.get("control") is not None:
             _echo(f"  control       {result['control']}: held-out loss {result['control_heldout_loss']:.4f} "
                   f"nats/token (LayerNorm kept, the twin's fine-tuning schedule)")
+
+
+@zoo_app.command("twin")
+def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, .gguf file or smollm2-135m."),
+             out: Path = typer.Option(Path("zoo-real"), "--out", help="Directory for twin/, control/ and twin.json."),
+             schedule: str = typer.Option("reduced", "--schedule", help="reduced (2 CPU cores) or full (GPU)."),
+             steps_per_norm: Optional[int] = typer.Option(None, "--steps-per-norm", help="AdamW steps after each "
+                                                          "frozen norm (default: the schedule's)."),
+             recovery_steps: Optional[int] = typer.Option(None, "--recovery-steps", help="Steps after the last norm."),
+             lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
+             seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
+             device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the schedule's).")):
+    """Remove every norm of a pre-norm model one at a time (its norm-free twin) and fine-tune a control on the
+    same schedule with the norms kept."""
+    from .errors import NormgrowthError
+    from .zoo.twin import TwinSettings, build_twin
+
+    presets = {"reduced": TwinSettings.reduced, "full": TwinSettings.full}
+    if schedule not in presets:
+        raise NormgrowthError(f"--schedule must be 'reduced' or 'full', got {schedule!r}.")
+    overrides = {k: v for k, v in dict(steps_per_norm=steps_per_norm, recovery_steps=recovery_steps, lr=lr,
+                                       device=device).items() if v is not None}
+    settings = presets[schedule](seed=seed, **overrides)
+    record = build_twin(model, out, settings, progress=lambda msg: typer.echo(msg, err=True))
+    _echo(f"{record['fine_tuning_steps']} fine-tuning steps per run ({schedule} schedule), "
+          f"{len(record['sites'])} norms removed")
+    for name in ("base", "twin", "control"):
+        _echo(f"  {name:8s} held-out loss {record[name]['heldout_loss']:.4f} nats/token, "
+              f"growth per layer {record[name]['growth_per_layer']:.4f}")
+    _echo(f"  twin - control: {record['twin_minus_control_loss']:+.4f} nats/token")
 
 
 def _warning_printer():

@@ -12,18 +12,22 @@ The pair built here mirrors ``gpt2`` vs ``apollo-research/gpt2_noLN`` without th
 5. **Build and cache** (:mod:`.build`): :func:`build_pair` writes ``ln/``, ``noln/`` (ordinary HF
    GPT-2 checkpoints) and ``zoo.json``, keyed by :func:`settings_hash`.
 
-The analysis package never imports this subpackage; only ``normgrowth zoo build`` does. Recipe and
+6. **Norm-free twin of a trained model** (:mod:`.twin`, imported on its own): every norm of a GPT-2 or
+   Llama-architecture model removed one at a time, and a control fine-tuned on the same schedule.
+
+The analysis package never imports this subpackage; only ``normgrowth zoo build`` and ``zoo twin`` do. Recipe and
 measurements: docs/zoo.md.
 """
 
 from .build import build_pair, build_seeds, checkpoint_names, read_cache, recipe, seed_summary
-from .corpus import (BOS_TOKEN, batch_stream, docstrings_from_source, is_heldout, pack_sequences, split_docs,
-                     stdlib_docstrings, stdlib_files, train_tokenizer)
-from .ln_removal import (LN_FREE_EPS, LN_FREE_SCALE, FrozenLayerNorm, ln_free_storage_weight, ln_sites,
-                         measure_sigma_avg, measure_sigmas, remove_layernorm, special_mask, to_ln_free_storage,
-                         token_std)
-from .settings import ZOO_FORMAT_VERSION, ZooSettings, settings_hash
-from .train import (checkpoint_steps, cosine_lr, growth_per_layer, heldout_loss, make_config, make_optimizer,
+from .corpus import (BOS_TOKEN, batch_stream, docstrings_from_source, is_heldout, pack_sequences, pydoc_topics,
+                     split_docs, stdlib_docstrings, stdlib_files, train_tokenizer)
+from .layout import LAYOUTS, NormLayout, blocks_of, is_rms_norm, layout_of, norm_eps
+from .ln_removal import (LN_FREE_EPS, LN_FREE_SCALE, FrozenLayerNorm, ScheduleLog, ln_free_storage_weight, ln_sites,
+                         measure_sigma_avg, measure_sigmas, norm_sites, remove_layernorm, removal_order, special_mask,
+                         to_ln_free_storage, token_std)
+from .settings import ZOO_FORMAT_VERSION, RemovalSchedule, ZooSettings, settings_hash
+from .train import (checkpoint_steps, cosine_lr, evaluate, growth_per_layer, heldout_loss, make_config, make_optimizer,
                     resid_post_norms, resid_post_seq_norms, train_steps)
 
 __all__ = [
@@ -33,4 +37,6 @@ __all__ = [
     "is_heldout", "ln_free_storage_weight", "ln_sites", "make_config", "make_optimizer", "measure_sigma_avg",
     "pack_sequences", "read_cache", "remove_layernorm", "resid_post_norms", "settings_hash", "split_docs",
     "stdlib_docstrings", "stdlib_files", "to_ln_free_storage", "token_std", "train_steps", "train_tokenizer",
+    "LAYOUTS", "NormLayout", "blocks_of", "is_rms_norm", "layout_of", "norm_eps", "ScheduleLog", "norm_sites",
+    "removal_order", "RemovalSchedule", "evaluate", "pydoc_topics",
 ]

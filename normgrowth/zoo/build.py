@@ -29,8 +29,8 @@ from ..storage import atomic_write_json
 from .corpus import batch_stream, corpus_sha256, pack_sequences, split_docs, stdlib_docstrings, train_tokenizer
 from .ln_removal import ln_sites, remove_layernorm, to_ln_free_storage
 from .settings import ZOO_FORMAT_VERSION, ZooSettings, python_version, settings_hash
-from .train import (Progress, checkpoint_steps, cosine_lr, growth_per_layer, heldout_loss, make_config,
-                    make_optimizer, resid_post_norms, resid_post_seq_norms, train_steps)
+from .train import (Progress, checkpoint_steps, cosine_lr, evaluate, growth_per_layer, heldout_loss, make_config,
+                    make_optimizer, resid_post_norms, train_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,15 +191,25 @@ def recipe(settings: ZooSettings) -> dict:
     }
 
 
-def _trace_point(model: nn.Module, held: torch.Tensor, site: str, k: int) -> dict:
-    """Held-out loss and the resid_post growth fit (``normgrowth.fit.fit_growth`` of the per-sequence
-    curves, default window, 200 bootstrap resamples over sequences) of ``model`` after site ``k``."""
+def trace_point(model: nn.Module, held: torch.Tensor, site: str, k: int) -> dict:
+    """Held-out loss, the resid_post growth fit (``normgrowth.fit.fit_growth`` of the per-sequence curves,
+    default window, 200 bootstrap resamples over sequences) and the mean position-0 resid_post norm per block
+    of ``model`` after site ``k`` (one :func:`.train.evaluate` pass). A non-finite loss raises, naming the site."""
     from ..fit import fit_growth
 
-    seq = resid_post_seq_norms(model, held)
+    ev = evaluate(model, held)
+    if not math.isfinite(ev["loss"]):
+        raise NormgrowthError(f"the held-out loss became {ev['loss']} after site {k} ({site}): the fine-tuning "
+                              "diverged; lower the learning rate or add steps per site.")
+    seq = ev["seq_norms"]
+    bad = ~np.isfinite(seq).all(axis=0)
+    if bad.any():
+        raise NormgrowthError(f"the resid_post norm became non-finite at block {int(np.argmax(bad))} after site {k} "
+                              f"({site}): the fine-tuning diverged; lower the learning rate or add steps per site.")
     fit = fit_growth(seq, n_boot=200, seed=0).to_json() if seq.shape[1] >= 2 else None
-    return {"index": k, "site": site, "heldout_loss": heldout_loss(model, held), "fit": fit,
-            "resid_post_norm": [round(float(v), 5) for v in seq.mean(axis=0)]}
+    return {"index": k, "site": site, "heldout_loss": ev["loss"], "fit": fit,
+            "resid_post_norm": [round(float(v), 5) for v in seq.mean(axis=0)],
+            "pos0_norm": [round(float(v), 5) for v in ev["pos0_norms"]]}
 
 
 def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
@@ -263,11 +273,11 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
     ln_state = copy.deepcopy(model.state_dict())
     t = lap("train_ln", t)
 
-    start = _trace_point(model, held_data, "LN model", -1)
+    start = trace_point(model, held_data, "LN model", -1)
     trace: dict[str, list[dict]] = {"twin": [start], "control": [start]}
 
     def tracer(name: str):
-        return lambda k, site, m: trace[name].append(_trace_point(m, held_data, site, k))
+        return lambda k, site, m: trace[name].append(trace_point(m, held_data, site, k))
 
     sigmas_full = {}
     sigmas = remove_layernorm(model, batches, settings, say, special_id=bos_id, on_site=tracer("twin"),
@@ -280,7 +290,7 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
     noln_norms = resid_post_norms(stored, held_data)
     say(f"zoo: LN-free model held-out loss {noln_loss:.4f} (LN model {ln_loss:.4f})")
     noln_sha = _save_checkpoint(stored, tokenizer, tmp / "noln")
-    trace["twin"].append(_trace_point(stored, held_data, "recovery", len(ln_sites(settings.n_layer))))
+    trace["twin"].append(trace_point(stored, held_data, "recovery", len(ln_sites(settings.n_layer))))
     t = lap("remove_ln", t)
 
     control_loss, control_norms = None, None
@@ -297,7 +307,7 @@ def _build_into(tmp: Path, settings: ZooSettings, say: Progress) -> dict:
                          on_site=tracer("control"))
         control_loss = heldout_loss(control, held_data)
         control_norms = resid_post_norms(control, held_data)
-        trace["control"].append(_trace_point(control, held_data, "recovery", len(ln_sites(settings.n_layer))))
+        trace["control"].append(trace_point(control, held_data, "recovery", len(ln_sites(settings.n_layer))))
         say(f"zoo: control (LN kept, same schedule) held-out loss {control_loss:.4f}")
         shas["control"] = _save_checkpoint(control, tokenizer, tmp / "control")
         t = lap("control", t)

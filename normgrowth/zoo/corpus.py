@@ -101,6 +101,15 @@ def _stdlib_docstrings_cached(max_chars: Optional[int], min_chars: int,
     return tuple(docs), n_files
 
 
+def pydoc_topics(min_chars: int = 40) -> list[str]:
+    """The help texts of ``pydoc_data.topics`` (the interpreter's ``help()`` topics, shipped with Python), in
+    sorted topic order, stripped, at least ``min_chars`` long."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[key].strip() for key in sorted(topics)]
+    return [t for t in texts if len(t) >= min_chars]
+
+
 def is_heldout(doc: str, fraction: float) -> bool:
     """Deterministic split: held out when ``int(sha256(doc)[:12], 16) mod 10^6 < fraction * 10^6``."""
     return int(hashlib.sha256(doc.encode()).hexdigest()[:12], 16) % 1_000_000 < fraction * 1_000_000

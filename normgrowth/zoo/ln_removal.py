@@ -1,24 +1,28 @@
-"""LayerNorm removal by fine-tuning (Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning").
+"""Norm removal by fine-tuning (Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning"), for
+any pre-norm model of :data:`.layout.LAYOUTS` (GPT-2 with LayerNorm; Llama, Mistral, Qwen2 with RMSNorm).
 
-Each LayerNorm of a GPT-2 in turn (all ``ln_2`` layer by layer, then all ``ln_1``, then ``ln_f``) has
-its per-token standard deviation replaced by a frozen scalar ``sigma_avg`` measured on training data
-just before freezing, ``y = (x - mean(x)) / sigma_avg * w + b``, with fine-tuning steps after each
-freeze. The result is stored in the published LN-free format: ``layer_norm_epsilon = 1e12`` and
-``w_stored = w * 1e6 / sigma_avg``, so ``nn.LayerNorm`` computes
-``(x - mean) * w_stored / sqrt(var + 1e12) ~ (x - mean) * w / sigma_avg``. Details: docs/zoo.md.
+Each norm in turn (every block's MLP input norm layer by layer, then every attention input norm, then the
+final norm) has its per-token scale ``s(x)`` replaced by a frozen scalar ``sigma_avg`` measured on training
+data, with fine-tuning steps after each freeze: LayerNorm ``s(x) = sqrt(var(x) + eps)`` and
+``y = (x - mean(x)) / sigma_avg * w + b``; RMSNorm ``s(x) = sqrt(mean(x^2) + eps)`` and
+``y = x / sigma_avg * w``. The result is stored in the published LN-free format: eps = 1e12 and
+``w_stored = w * 1e6 / sigma_avg``, so the ordinary norm module computes
+``x_c * w_stored / sqrt(v + 1e12) ~ x_c * w / sigma_avg``. Details: docs/zoo.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import NormgrowthError
-from .settings import ZooSettings
+from .layout import GPT2_LAYOUT, NormLayout, blocks_of, is_rms_norm, layout_of, norm_eps
+from .settings import RemovalSchedule, ZooSettings
 from .train import Progress, cosine_lr, make_optimizer, train_steps
 
 LN_FREE_EPS = 1e12  # published LN-free storage: eps = 1e12, weights * 1e6 / sigma_avg
@@ -26,42 +30,65 @@ LN_FREE_SCALE = 1e6  # sqrt(LN_FREE_EPS)
 
 
 class FrozenLayerNorm(nn.Module):
-    """LayerNorm with a frozen scale: ``y = (x - mean(x)) / sigma * weight + bias``.
+    """A LayerNorm or RMSNorm with a frozen scale: ``y = (x - mean(x)) / sigma * weight + bias`` (LayerNorm) or
+    ``y = x / sigma * weight`` (RMSNorm: ``centre`` False, no bias).
 
-    ``sigma`` is ``sigma_avg`` at ordinary tokens and, at special tokens (``special`` mask: position 0 and
-    every BOS/EOS token), ``(1 - phase) sigma_special + phase sigma_avg``; ``phase`` (a buffer, 1 by default,
-    so that without a special sigma every token uses ``sigma_avg``) is raised to 1 during recovery, which
-    phases the special scale out. The output is affine in the centred input: nothing divides by a
-    token-dependent quantity. ``weight`` and ``bias`` are the original LN parameters (same Parameter
-    objects, so an optimiser holding them keeps training them).
+    ``sigma`` is ``sigma_avg`` at ordinary tokens. At special tokens (``special`` mask: position 0 and every
+    separator token) it is ``(1 - phase) sigma_special + phase sigma_avg`` (measured special scale), or, with
+    ``live`` (the twin of a trained model), ``s(x)^(1 - phase) sigma_avg^phase`` with ``s(x)`` the token's own
+    scale (:func:`token_std`); with ``outlier_ratio`` r, a token whose ``s(x) > r sigma_avg`` counts as special
+    too (live only: the massive activations of Llama-family models sit on tokens other than position 0).
+    ``phase`` (a buffer, 1 by default, so that without a special scale every token uses ``sigma_avg``) is
+    raised to 1 during recovery, which phases the special scale out; at phase 1 the output is affine in the
+    centred input and nothing divides by a token-dependent quantity. ``weight`` and ``bias`` are the original
+    norm parameters (same Parameter objects, so an optimiser holding them keeps training them).
     """
 
-    def __init__(self, ln: nn.LayerNorm, sigma_avg: float, sigma_special: Optional[float] = None):
+    def __init__(self, ln: nn.Module, sigma_avg: float, sigma_special: Optional[float] = None, *,
+                 live: bool = False, outlier_ratio: Optional[float] = None):
         super().__init__()
+        self.centre = not is_rms_norm(ln)
+        self.eps = norm_eps(ln)
         self.weight = ln.weight
-        self.bias = ln.bias
+        self.bias = getattr(ln, "bias", None)
+        self.live = live
+        self.outlier_ratio = outlier_ratio if live else None
         self.register_buffer("sigma_avg", torch.tensor(float(sigma_avg), dtype=torch.float32))
         special = sigma_avg if sigma_special is None else sigma_special
         self.register_buffer("sigma_special", torch.tensor(float(special), dtype=torch.float32))
-        self.register_buffer("phase", torch.tensor(1.0 if sigma_special is None else 0.0))
+        self.register_buffer("phase", torch.tensor(0.0 if live or sigma_special is not None else 1.0))
         self.special: Optional[torch.Tensor] = None  # [batch, pos] bool, set per forward pass
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
         """The scale per token, shaped to broadcast against ``x``."""
         avg = self.sigma_avg.to(x.dtype)
-        if self.special is None or float(self.phase) >= 1.0 or self.special.shape != x.shape[:-1]:
+        if float(self.phase) >= 1.0:
+            return avg
+        special = self.special if self.special is not None and self.special.shape == x.shape[:-1] else None
+        if self.live:
+            own = token_std(x, self.eps, self.centre).to(x.dtype)
+            mask = own > self.outlier_ratio * avg if self.outlier_ratio else torch.zeros_like(own, dtype=torch.bool)
+            if special is not None:
+                mask = mask | special
+            blended = torch.exp((1 - self.phase) * torch.log(own) + self.phase * torch.log(avg))
+            return torch.where(mask, blended, avg).unsqueeze(-1)
+        if special is None:
             return avg
         mixed = (1 - self.phase) * self.sigma_special + self.phase * self.sigma_avg
-        return torch.where(self.special.unsqueeze(-1), mixed.to(x.dtype), avg)
+        return torch.where(special.unsqueeze(-1), mixed.to(x.dtype), avg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x.mean(dim=-1, keepdim=True)
-        return centred / self.sigma(x) * self.weight + self.bias
+        centred = x - x.mean(dim=-1, keepdim=True) if self.centre else x
+        y = centred / self.sigma(x) * self.weight
+        return y if self.bias is None else y + self.bias
 
 
-def token_std(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-token LayerNorm scale ``sqrt(var(x) + eps)`` (biased variance over the last dim), float32."""
-    return torch.sqrt(x.float().var(dim=-1, unbiased=False) + eps)
+def token_std(x: torch.Tensor, eps: float, centre: bool = True) -> torch.Tensor:
+    """Per-token norm scale, float32: LayerNorm ``sqrt(var(x) + eps)`` (biased variance over the last dim);
+    RMSNorm (``centre`` False) ``sqrt(mean(x^2) + eps)``."""
+    x = x.float()
+    second = x.var(dim=-1, unbiased=False) if centre else x.pow(2).mean(dim=-1)
+    return torch.sqrt(second + eps)
 
 
 def ln_free_storage_weight(weight: torch.Tensor, sigma_avg: float) -> torch.Tensor:
@@ -69,30 +96,48 @@ def ln_free_storage_weight(weight: torch.Tensor, sigma_avg: float) -> torch.Tens
     return weight * (LN_FREE_SCALE / sigma_avg)
 
 
+def removal_order(layout: NormLayout, n_layer: int) -> list[str]:
+    """Removal order of the norms (names below ``model.<base>``): every block's MLP input norm, then every
+    attention input norm, then the final norm."""
+    b = layout.blocks
+    return ([f"{b}.{i}.{layout.mlp_norm}" for i in range(n_layer)]
+            + [f"{b}.{i}.{layout.attn_norm}" for i in range(n_layer)] + [layout.final_norm])
+
+
 def ln_sites(n_layer: int) -> list[str]:
-    """Removal order of the LayerNorms: ``h.i.ln_2`` for every layer, then ``h.i.ln_1``, then ``ln_f``."""
-    return [f"h.{i}.ln_2" for i in range(n_layer)] + [f"h.{i}.ln_1" for i in range(n_layer)] + ["ln_f"]
+    """Removal order of a GPT-2's LayerNorms: ``h.i.ln_2`` for every layer, then ``h.i.ln_1``, then ``ln_f``."""
+    return removal_order(GPT2_LAYOUT, n_layer)
+
+
+def norm_sites(model: nn.Module) -> list[str]:
+    """Removal order of the norms of ``model`` (:func:`removal_order` of its layout): 2 L + 1 sites."""
+    return removal_order(layout_of(model), len(blocks_of(model)))
 
 
 def _get_site(model: nn.Module, site: str) -> nn.Module:
-    return model.transformer.get_submodule(site)
+    return getattr(model, layout_of(model).base).get_submodule(site)
 
 
 def _set_site(model: nn.Module, site: str, module: nn.Module) -> None:
+    base = getattr(model, layout_of(model).base)
     parent, _, name = site.rpartition(".")
-    setattr(model.transformer.get_submodule(parent) if parent else model.transformer, name, module)
+    setattr(base.get_submodule(parent) if parent else base, name, module)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or is_rms_norm(module)
 
 
 def measure_sigma_avg(model: nn.Module, site: str, batches: list[torch.Tensor]) -> float:
-    """``sigma_avg`` of the LayerNorm at ``site``: mean over all tokens of ``batches`` of
-    ``sqrt(var(x) + eps)`` of its input ``x`` (every position, BOS included; float64 sum)."""
+    """``sigma_avg`` of the norm at ``site``: mean over all tokens of ``batches`` of :func:`token_std` of its
+    input ``x`` (every position, BOS included; float64 sum)."""
     ln = _get_site(model, site)
-    eps = float(getattr(ln, "eps", 0.0))
+    eps, centre = norm_eps(ln), not is_rms_norm(ln)
     total, count = 0.0, 0
 
     def hook(module: nn.Module, args: tuple) -> None:
         nonlocal total, count
-        std = token_std(args[0].detach(), eps)
+        std = token_std(args[0].detach(), eps, centre)
         total += float(std.sum(dtype=torch.float64))
         count += std.numel()
 
@@ -120,18 +165,18 @@ def special_mask(ids: torch.Tensor, special_id: Optional[int]) -> torch.Tensor:
 
 def measure_sigmas(model: nn.Module, sites: list[str], batches: list[torch.Tensor], special_id: Optional[int]
                    ) -> dict[str, tuple[float, float]]:
-    """``{site: (sigma_avg, sigma_special)}`` of every LayerNorm in ``sites`` from one set of passes over
-    ``batches``: the mean of ``sqrt(var(x) + eps)`` of the LN input over ordinary tokens, and over the
+    """``{site: (sigma_avg, sigma_special)}`` of every norm in ``sites`` from one set of passes over
+    ``batches``: the mean of :func:`token_std` of the norm's input over ordinary tokens, and over the
     special tokens of :func:`special_mask` (float64 sums)."""
     sums = {site: [0.0, 0, 0.0, 0] for site in sites}
     current: list[torch.Tensor] = []
     handles = []
     for site in sites:
         ln = _get_site(model, site)
-        eps = float(getattr(ln, "eps", 0.0))
+        eps, centre = norm_eps(ln), not is_rms_norm(ln)
 
-        def hook(module: nn.Module, args: tuple, site: str = site, eps: float = eps) -> None:
-            std = token_std(args[0].detach(), eps).double()
+        def hook(module: nn.Module, args: tuple, site: str = site, eps: float = eps, centre: bool = centre) -> None:
+            std = token_std(args[0].detach(), eps, centre).double()
             mask = current[0]
             acc = sums[site]
             acc[0] += float(std[~mask].sum())
@@ -165,33 +210,82 @@ def _set_phase(model: nn.Module, phase: float) -> None:
             m.phase.fill_(phase)
 
 
-def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor], settings: ZooSettings,
-                     progress: Optional[Progress] = None, *, special_id: Optional[int] = None,
-                     keep_ln: bool = False, on_site: Optional[Callable[[int, str, nn.Module], None]] = None,
-                     sigmas_out: Optional[dict] = None) -> dict[str, float]:
-    """Freeze every LayerNorm of a GPT-2 ``model`` in place, one site at a time (:func:`ln_sites`).
+class ScheduleLog:
+    """What one removal run consumed, in order: every batch drawn (first 16 hex digits of the sha256 of its
+    int64 token ids, with the phase that drew it: ``sigma``, ``site <k>`` or ``recovery``) and the
+    learning rate of every optimiser step. Twin and control must log the same lists."""
 
-    ``settings.sigma_before_removal``: every site's scale is measured once, on ``sigma_batches`` batches of
-    the unmodified model (else each just before its freeze, with earlier sites frozen, every token
-    counted). ``settings.special_sigma`` (with ``special_id``): position 0 and BOS/EOS tokens get their own
-    ``sigma_special``, phased out linearly over the recovery steps (ordinary ``sigma_avg`` at the end).
-    After each freeze ``ln_removal_steps_per_site`` AdamW steps at the constant ``ln_removal_lr``; after the
-    last site ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches,
-    steps, learning rates) without freezing anything: the control. ``on_site(k, site, model)`` is called
-    after each site's steps. Returns ``{site: sigma_avg}``; ``sigmas_out`` (a dict) receives
-    ``{site: (sigma_avg, sigma_special or None)}``.
+    def __init__(self) -> None:
+        self.phase = "sigma"
+        self.batches: list[list[str]] = []
+        self.lrs: list[list[Any]] = []
+
+    def batches_from(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for batch in batches:
+            digest = hashlib.sha256(batch.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+            self.batches.append([self.phase, digest])
+            yield batch
+
+    def lr(self, lr_at: Callable[[int], float]) -> Callable[[int], float]:
+        """``lr_at`` that also logs its value once per step (the training loop asks once per parameter group)."""
+        logged_steps: set[int] = set()
+
+        def logged(step: int) -> float:
+            value = lr_at(step)
+            if step not in logged_steps:
+                logged_steps.add(step)
+                self.lrs.append([self.phase, float(value)])
+            return value
+        return logged
+
+    def to_json(self) -> dict:
+        """``{"batches": [[phase, sha], ...], "lrs": [[phase, lr], ...], "n_steps", "sha256"}`` (``sha256``:
+        first 16 hex digits over both lists as JSON)."""
+        import json
+
+        body = {"batches": self.batches, "lrs": self.lrs}
+        digest = hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+        return {**body, "n_steps": len(self.lrs), "sha256": digest}
+
+
+def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
+                     settings: Union[RemovalSchedule, ZooSettings], progress: Optional[Progress] = None, *,
+                     special_id: Optional[int] = None, keep_ln: bool = False,
+                     on_site: Optional[Callable[[int, str, nn.Module], None]] = None,
+                     sigmas_out: Optional[dict] = None, log: Optional[ScheduleLog] = None) -> dict[str, float]:
+    """Freeze every norm of ``model`` (a layout of :data:`LAYOUTS`) in place, one site at a time
+    (:func:`norm_sites`).
+
+    ``settings`` is a :class:`RemovalSchedule` (or ``ZooSettings``, whose ``removal`` is used).
+    ``sigma_before_removal``: every site's scale is measured once, on ``sigma_batches`` batches of the
+    unmodified model (else each just before its freeze, with earlier sites frozen, every token counted).
+    ``special_sigma`` (with ``special_id``): position 0 and ``special_id`` tokens get their own
+    ``sigma_special``, phased out linearly over the recovery steps (ordinary ``sigma_avg`` at the end);
+    ``special_scale == "live"``: they (and, with ``outlier_ratio``, every token whose scale exceeds
+    ``outlier_ratio * sigma_avg``) keep their own per-token scale, phased out geometrically
+    (:class:`FrozenLayerNorm`).
+    After each freeze ``steps_per_site`` AdamW steps at the constant ``lr``; after the last site
+    ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches, steps,
+    learning rates) without freezing anything: the control. ``on_site(k, site, model)`` is called after
+    each site's steps; ``log`` records the batches and learning rates. Returns ``{site: sigma_avg}``;
+    ``sigmas_out`` (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``.
     """
-    opt = make_optimizer(model, settings.ln_removal_lr, settings.weight_decay)
-    sigmas: dict[str, float] = {}
-    sites = ln_sites(len(model.transformer.h))
+    schedule: RemovalSchedule = getattr(settings, "removal", settings)
+    log = log if log is not None else ScheduleLog()
+    batches = log.batches_from(batches)
+    sites = norm_sites(model)
     for site in sites:
-        if not isinstance(_get_site(model, site), nn.LayerNorm):
-            raise NormgrowthError(f"site {site} is not a LayerNorm ({type(_get_site(model, site)).__name__}): LN "
-                                  "removal needs an ordinary GPT-2 model.")
-    special = settings.special_sigma and special_id is not None
+        if not _is_norm(_get_site(model, site)):
+            kind = type(_get_site(model, site)).__name__
+            raise NormgrowthError(f"site {site} is not a LayerNorm or RMSNorm ({kind}):"
+                                  " norm removal needs a model whose norms are all unfrozen.")
+    opt = make_optimizer(model, schedule.lr, schedule.weight_decay)
+    sigmas: dict[str, float] = {}
+    special = schedule.special_sigma and special_id is not None
     measured: dict[str, tuple[float, float]] = {}
-    if settings.sigma_before_removal:
-        measured = measure_sigmas(model, sites, [next(batches) for _ in range(max(1, settings.sigma_batches))],
+    log.phase = "sigma"
+    if schedule.sigma_before_removal:
+        measured = measure_sigmas(model, sites, [next(batches) for _ in range(max(1, schedule.sigma_batches))],
                                   special_id if special else None)
     hook = None
     if special and not keep_ln:
@@ -201,32 +295,38 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor], settings
     try:
         for k, site in enumerate(sites):
             ln = _get_site(model, site)
-            if settings.sigma_before_removal:
+            log.phase = "sigma"
+            if schedule.sigma_before_removal:
                 sigma, sigma_special = measured[site]
             else:
-                sigma = measure_sigma_avg(model, site, [next(batches) for _ in range(max(1, settings.sigma_batches))])
+                sigma = measure_sigma_avg(model, site, [next(batches) for _ in range(max(1, schedule.sigma_batches))])
                 sigma_special = None
             sigmas[site] = sigma
             if sigmas_out is not None:
                 sigmas_out[site] = (sigma, sigma_special if special else None)
             if not keep_ln:
-                _set_site(model, site, FrozenLayerNorm(ln, sigma, sigma_special if special else None))
-            loss = train_steps(model, opt, batches, settings.ln_removal_steps_per_site,
-                               lambda s: settings.ln_removal_lr)
+                live = schedule.special_scale == "live"
+                frozen = FrozenLayerNorm(ln, sigma, sigma_special if special else None, live=live,
+                                         outlier_ratio=schedule.outlier_ratio)
+                _set_site(model, site, frozen.to(ln.weight.device))
+            log.phase = f"site {k}"
+            loss = train_steps(model, opt, batches, schedule.steps_per_site, log.lr(lambda s: schedule.lr),
+                               label=f"{'kept' if keep_ln else 'froze'} {site}")
             if progress is not None and (k % max(1, len(sites) // 6) == 0 or k == len(sites) - 1):
                 what = "kept" if keep_ln else "froze"
                 progress(f"zoo: {what} {site} ({k + 1}/{len(sites)}) sigma_avg={sigma:.3g} loss {loss:.3f}")
             if on_site is not None:
                 on_site(k, site, model)
-        if settings.recovery_steps:
-            n = settings.recovery_steps
+        if schedule.recovery_steps:
+            n = schedule.recovery_steps
 
             def lr_at(s: int) -> float:
                 _set_phase(model, (s + 1) / n)  # special scales reach sigma_avg at the last step
-                return cosine_lr(s, n, settings.ln_removal_lr, 0)
+                return cosine_lr(s, n, schedule.lr, 0)
 
-            train_steps(model, opt, batches, n, lr_at, progress, "control recovery" if keep_ln else
-                        "LN-free recovery", math.ceil(n / 2))
+            log.phase = "recovery"
+            train_steps(model, opt, batches, n, log.lr(lr_at), progress, "control recovery" if keep_ln else
+                        "norm-free recovery", math.ceil(n / 2))
         _set_phase(model, 1.0)
     finally:
         if hook is not None:
@@ -236,31 +336,33 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor], settings
 
 
 def to_ln_free_storage(model: nn.Module) -> nn.Module:
-    """A plain ``GPT2LMHeadModel`` equal to ``model`` (all LayerNorms frozen) in the published LN-free
-    format: config ``layer_norm_epsilon = 1e12`` and each gain ``w * 1e6 / sigma_avg`` (bias unchanged)."""
-    from transformers import GPT2LMHeadModel
-
-    frozen = {name: m for name, m in model.transformer.named_modules() if isinstance(m, FrozenLayerNorm)}
-    left = [name for name, m in model.transformer.named_modules() if isinstance(m, nn.LayerNorm)]
+    """A plain model of ``model``'s class equal to ``model`` (all norms frozen) in the published LN-free
+    format: the config's norm eps (``layer_norm_epsilon`` / ``rms_norm_eps``) = 1e12 and each gain
+    ``w * 1e6 / sigma_avg`` (bias unchanged)."""
+    layout = layout_of(model)
+    base = getattr(model, layout.base)
+    frozen = {name: m for name, m in base.named_modules() if isinstance(m, FrozenLayerNorm)}
+    left = [name for name, m in base.named_modules() if _is_norm(m)]
     if left:
-        raise NormgrowthError(f"LayerNorms {left} are not frozen yet: run remove_layernorm first.")
+        raise NormgrowthError(f"norms {left} are not frozen yet: run remove_layernorm first.")
     unphased = [name for name, m in frozen.items() if float(m.phase) < 1.0]
     if unphased:
-        raise NormgrowthError(f"LayerNorms {unphased} still use a special scale: finish remove_layernorm first.")
+        raise NormgrowthError(f"norms {unphased} still use a special scale: finish remove_layernorm first.")
     config = model.config.__class__.from_dict(model.config.to_dict())
-    config.layer_norm_epsilon = LN_FREE_EPS
+    setattr(config, layout.eps_field, LN_FREE_EPS)
     state = {}
+    head = layout.base + "."
     for key, value in model.state_dict().items():
         if key.endswith((".sigma_avg", ".sigma_special", ".phase")):
             continue
         prefix, _, leaf = key.rpartition(".")
-        sub = prefix[len("transformer."):] if prefix.startswith("transformer.") else None
+        sub = prefix[len(head):] if prefix.startswith(head) else None
         if sub in frozen and leaf == "weight":
             value = ln_free_storage_weight(value, float(frozen[sub].sigma_avg))
         state[key] = value.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stored = GPT2LMHeadModel(config)
+        stored = type(model)(config)
     stored.load_state_dict(state, strict=True)
     stored.eval()
     return stored

@@ -15,6 +15,30 @@ ZOO_FORMAT_VERSION = 2  # part of the cache key: a change of recipe must change 
 
 
 @dataclass(frozen=True)
+class RemovalSchedule:
+    """The fine-tuning schedule of a norm removal (twin) and of its control (docs/zoo.md).
+
+    ``steps_per_site`` AdamW steps at the constant ``lr`` after each frozen norm, then ``recovery_steps``
+    (cosine from ``lr`` to ``lr/10``) while the special scale is phased out; the scales come from
+    ``sigma_batches`` training batches (of the unmodified model when ``sigma_before_removal``); the special
+    tokens' scale is ``special_scale`` (see :class:`.ln_removal.FrozenLayerNorm`)."""
+
+    steps_per_site: int
+    lr: float
+    weight_decay: float
+    recovery_steps: int
+    sigma_batches: int
+    sigma_before_removal: bool = True
+    special_sigma: bool = True
+    special_scale: str = "measured"  # "measured" sigma_special, or "live": the token's own scale until phased out
+    outlier_ratio: Optional[float] = None  # live only: tokens above ratio * sigma_avg are special too
+
+    def fine_tuning_steps(self, n_sites: int) -> int:
+        """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""
+        return n_sites * self.steps_per_site + self.recovery_steps
+
+
+@dataclass(frozen=True)
 class ZooSettings:
     """Everything that determines the pair; its hash keys the cache (see :func:`settings_hash`)."""
 
@@ -42,6 +66,13 @@ class ZooSettings:
     min_doc_chars: int = 40  # shorter docstrings are dropped
     seed: int = 0
     threads: Optional[int] = 2  # torch threads during the build (None: leave torch's setting)
+
+    @property
+    def removal(self) -> RemovalSchedule:
+        """The LN removal schedule of the twin and the control."""
+        return RemovalSchedule(self.ln_removal_steps_per_site, self.ln_removal_lr, self.weight_decay,
+                               self.recovery_steps, self.sigma_batches, self.sigma_before_removal,
+                               self.special_sigma)
 
     @classmethod
     def tiny(cls) -> "ZooSettings":

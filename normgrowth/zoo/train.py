@@ -32,12 +32,14 @@ def make_config(settings: ZooSettings, bos_id: int, vocab_size: int) -> Any:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.95, eps 1e-8); weight decay on 2-D weight matrices only, not on the token
-    and position embeddings, biases or LayerNorm gains."""
+    and position embeddings (``wte``, ``wpe``, ``embed_tokens``; a tied output matrix is the embedding),
+    biases or norm gains."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() == 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+        embedding = any(key in name for key in ("wte", "wpe", "embed_tokens"))
+        (decay if p.dim() == 2 and not embedding else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -56,7 +58,7 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
                 report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
     ``lr_at(step)``); ``on_step(n)`` after the n-th step; return the mean loss of the last 10 steps (NaN
-    when ``n_steps`` is 0)."""
+    when ``n_steps`` is 0). A non-finite loss raises :class:`NormgrowthError` naming the step and ``label``."""
     model.train()
     recent: list[float] = []
     t0 = time.perf_counter()
@@ -65,6 +67,12 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
             group["lr"] = lr_at(step)
         batch = next(batches)
         loss = model(batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            from ..errors import NormgrowthError
+
+            raise NormgrowthError(f"the training loss became {float(loss)} at step {step + 1} of {n_steps}"
+                                  f"{' (' + label + ')' if label else ''}: the fine-tuning diverged; lower the "
+                                  "learning rate or add steps.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,19 +100,53 @@ def checkpoint_steps(total: int, n: int) -> list[int]:
     return sorted({0, total, *(int(round(v)) for v in inner)})
 
 
-def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted position of ``data`` [n, n_ctx]."""
+def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict[str, Any]:
+    """One pass over ``data`` [n, n_ctx] with forward hooks on every block (:func:`.layout.blocks_of`):
+
+    * ``loss``: mean next-token cross-entropy (nats) over every predicted position (float64 sum);
+    * ``seq_norms``: per sequence, the mean L2 norm of each block's output (resid_post) over positions >= 1,
+      float64 ``[n_seqs, n_layer]`` (every sequence has the same length, so token weights are equal);
+    * ``pos0_norms``: mean over sequences of the position-0 resid_post L2 norm per block, float64 [n_layer].
+    """
+    from .layout import blocks_of
+
+    blocks = blocks_of(model)
+    rows: list[np.ndarray] = []
+    pos0: list[np.ndarray] = []
+    current = [np.zeros(0), np.zeros(0)]
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(module: nn.Module, args: tuple, output: Any, i: int = i) -> None:
+            hidden = (output[0] if isinstance(output, tuple) else output).float()
+            current[0][:, i] = hidden[:, 1:].norm(dim=-1).double().mean(dim=1).cpu().numpy()
+            current[1][:, i] = hidden[:, 0].norm(dim=-1).double().cpu().numpy()
+        handles.append(block.register_forward_hook(hook))
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, data.shape[0], batch_size):
-            batch = data[start:start + batch_size]
-            logits = model(batch).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    batch[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
-            count += batch[:, 1:].numel()
-    return total / count
+    try:
+        with torch.no_grad():
+            for start in range(0, data.shape[0], batch_size):
+                batch = data[start:start + batch_size]
+                current[0] = np.zeros((batch.shape[0], len(blocks)))
+                current[1] = np.zeros((batch.shape[0], len(blocks)))
+                logits = model(batch).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                        batch[:, 1:].reshape(-1), reduction="sum")
+                total += float(nll.double())
+                count += batch[:, 1:].numel()
+                rows.append(current[0])
+                pos0.append(current[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {"loss": total / count, "seq_norms": np.concatenate(rows, axis=0),
+            "pos0_norms": np.concatenate(pos0, axis=0).mean(axis=0)}
+
+
+def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted position of ``data`` [n, n_ctx]
+    (:func:`evaluate`)."""
+    return evaluate(model, data, batch_size)["loss"]
 
 
 def resid_post_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -117,28 +159,8 @@ def resid_post_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16)
 
 def resid_post_seq_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """Per-sequence mean L2 norm of each block's output over positions >= 1, float64 ``[n_seqs, n_layer]``
-    (every sequence has the same length, so token weights are equal)."""
-    blocks = model.transformer.h
-    rows: list[np.ndarray] = []
-    current = [np.zeros(0)]
-    handles = []
-    for i, block in enumerate(blocks):
-        def hook(module: nn.Module, args: tuple, output: Any, i: int = i) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            current[0][:, i] = hidden[:, 1:].float().norm(dim=-1).double().mean(dim=1).numpy()
-        handles.append(block.register_forward_hook(hook))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, data.shape[0], batch_size):
-                batch = data[start:start + batch_size]
-                current[0] = np.zeros((batch.shape[0], len(blocks)))
-                model(batch)
-                rows.append(current[0])
-    finally:
-        for h in handles:
-            h.remove()
-    return np.concatenate(rows, axis=0)
+    (:func:`evaluate`)."""
+    return evaluate(model, data, batch_size)["seq_norms"]
 
 
 def growth_per_layer(norms: Any) -> float:

@@ -1,0 +1,132 @@
+"""A real model's norm-free twin against its same-schedule control: removal trace, norms, horizon.
+
+Reads ``R/real-twin/trace.json`` (``twin.json`` of ``normgrowth zoo twin``, copied by ``make real-twin``):
+
+* removal trace: after each norm is frozen and fine-tuned (MLP input norms, then attention input norms, then
+  the final norm) and after the recovery, the growth factor per layer of resid_post (log-linear fit of the
+  mean over traced held-out sequences of each sequence's mean ||resid_post|| at positions >= 1, default
+  window; band: 95 % percentile bootstrap over sequences) and the held-out loss (nats/token), twin and control;
+* norms: mean ||resid_post|| per block at positions >= 1 and at position 0 (held-out rows) of the base model,
+  the twin and the control;
+* horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): every per-layer numeric curve they
+  hold, twin and control side by side.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import PAGE_WIDTH, MissingInput, cli, new_figure, read_json, run_figure, save
+from fig_ln_removal import trace_arrays
+
+STEM = "fig_real_twin"
+RUNS = (("twin", "norm-free twin (norms frozen one by one)", "#d62728", "s"),
+        ("control", "control (norms kept, same schedule)", "#1f77b4", "o"))
+BASE = ("base", "base model", "0.4", "^")
+
+
+SHORT = (("layers.", ""), ("post_attention_layernorm", "MLP-in"), ("input_layernorm", "attn-in"))
+
+
+def short_site(site: str) -> str:
+    """``layers.3.post_attention_layernorm`` -> ``3.MLP-in`` (tick labels)."""
+    for old, new in SHORT:
+        site = site.replace(old, new)
+    return site
+
+
+def horizon_curves(doc: dict, n_layer: int) -> dict[str, np.ndarray]:
+    """Every top-level (or one level down) list of ``n_layer`` or ``n_layer + 1`` numbers in a horizon JSON,
+    by its key path."""
+    out: dict[str, np.ndarray] = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, list) and len(value) in (n_layer, n_layer + 1) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            out[prefix] = np.asarray(value, dtype=float)
+        elif isinstance(value, dict) and prefix.count(".") < 1:
+            for key, sub in value.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), sub)
+
+    visit("", doc)
+    return out
+
+
+def draw(results_dir: Path, out_dir: Path) -> list[Path]:
+    folder = Path(results_dir) / "real-twin"
+    record = read_json(folder / "trace.json")
+    trace = (record or {}).get("ln_removal_trace")
+    if not trace or not trace.get("twin"):
+        raise MissingInput(f"no real-twin/trace.json with a removal trace in {results_dir}")
+    horizons = {name: read_json(folder / name / "horizon.json") for name, *_ in RUNS}
+    n_layer = int(record["n_layer"])
+    curves = {name: horizon_curves(doc, n_layer) for name, doc in horizons.items() if doc}
+    keys = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(RUNS) else []
+    rows = 3 if keys else 2
+    fig = new_figure(PAGE_WIDTH, 3.2 * rows + 1.0)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    labels = [p["site"] for p in trace["twin"]]
+    x = np.arange(len(labels))
+    for name, label, color, marker in RUNS:
+        points = trace.get(name) or []
+        if len(points) < 2:
+            continue
+        a = trace_arrays(points)
+        xs = x[:len(points)]
+        axes[0, 0].plot(xs, a["g"], color=color, marker=marker, markersize=3, label=label)
+        ok = np.isfinite(a["lo"]) & np.isfinite(a["hi"])
+        if ok.any():
+            axes[0, 0].fill_between(xs[ok], a["lo"][ok], a["hi"][ok], color=color, alpha=0.2, linewidth=0)
+        axes[0, 1].plot(xs, a["loss"], color=color, marker=marker, markersize=3, label=label)
+    window = (trace["twin"][0].get("fit") or {}).get("window")
+    axes[0, 0].set_ylabel("resid_post growth factor per layer")
+    axes[0, 0].set_title("Growth as each norm is removed" + (f" (layers {window[0]}..{window[1]})" if window else ""))
+    axes[0, 1].set_ylabel("held-out loss (nats/token)")
+    axes[0, 1].set_title("Held-out loss as each norm is removed")
+    step = max(1, len(labels) // 12)
+    for ax in axes[0]:
+        ax.set_xticks(x[::step])
+        ax.set_xticklabels([short_site(labels[i]) for i in x[::step]], rotation=60, ha="right", fontsize=6)
+        ax.set_xlabel("after this norm and its fine-tuning steps")
+    axes[0, 0].legend(loc="best", fontsize=7)
+    for (name, label, color, marker) in (BASE,) + RUNS:
+        summary = record.get(name) or {}
+        if not summary.get("resid_post_norm"):
+            continue
+        loss = summary.get("heldout_loss")
+        tag = f"{label} (loss {loss:.3f})" if isinstance(loss, (int, float)) else label
+        layers = np.arange(len(summary["resid_post_norm"]))
+        axes[1, 0].plot(layers, summary["resid_post_norm"], color=color, marker=marker, markersize=3, label=tag)
+        axes[1, 1].plot(layers, summary["pos0_norm"], color=color, marker=marker, markersize=3, label=tag)
+    for ax, what in ((axes[1, 0], "positions >= 1"), (axes[1, 1], "position 0")):
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("mean ||resid_post||")
+        ax.set_title(f"Residual norm per block, {what} (held-out rows)")
+    axes[1, 0].legend(loc="best", fontsize=7)
+    if keys:
+        for ax, key in zip(axes[2], keys[:2]):
+            for name, label, color, marker in RUNS:
+                y = curves[name][key]
+                ax.plot(np.arange(y.size), y, color=color, marker=marker, markersize=3, label=label)
+            ax.set_title(f"horizon: {key}")
+            ax.set_xlabel("layer")
+        axes[2, 0].legend(loc="best", fontsize=7)
+        if len(keys) < 2:
+            axes[2, 1].set_visible(False)
+    steps = record.get("fine_tuning_steps")
+    fig.suptitle(f"{record.get('source', 'model')}: norm-free twin vs control, {len(record.get('sites', []))} norms "
+                 f"removed, {steps} fine-tuning steps per run", fontsize=9)
+    return save(fig, out_dir, STEM)
+
+
+def main(results_dir: str | Path = "results", out_dir: str | Path = "figures") -> list[Path]:
+    return run_figure(STEM, draw, results_dir, out_dir)
+
+
+if __name__ == "__main__":
+    cli(main, __doc__.splitlines()[0], sys.argv[1:])

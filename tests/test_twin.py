@@ -1,0 +1,238 @@
+"""Norm removal on a Llama-architecture model (RMSNorm): the stored twin, the control's schedule, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB, make_tiny
+from normgrowth.errors import NormgrowthError
+from normgrowth.zoo import batch_stream
+from normgrowth.zoo.twin import TwinSettings, run_twin
+
+SETTINGS = TwinSettings.tiny(steps_per_norm=2, recovery_steps=3)
+N_LAYERS = 2
+SEP = 0
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    """``n`` rows of SETTINGS.n_ctx random tokens starting with the separator, and a few separators inside."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, VOCAB, (n, SETTINGS.n_ctx), generator=gen)
+    rows[:, 0] = SEP
+    rows[::3, SETTINGS.n_ctx // 2] = SEP
+    return rows
+
+
+@pytest.fixture(scope="module")
+def twin_run():
+    model = make_tiny("llama", n_layers=N_LAYERS, tie_word_embeddings=True).eval()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train, held = _rows(24, 1), _rows(4, 2)
+    result = run_twin(model, train, held, SETTINGS, SEP)
+    return result, base, train, held
+
+
+def _rms_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
+
+
+def test_stored_rmsnorm_twin_equals_frozen_scale_model(twin_run):
+    """The stored LN-free checkpoint (plain LlamaForCausalLM, eps 1e12) gives the frozen-scale model's logits
+    within 1e-5, and each of its 2L + 1 RMSNorms divides by a constant: output = input * w_stored / 1e6
+    (checked in float64 numpy from forward hooks), unlike the control's ordinary RMSNorms."""
+    result, _, _, held = twin_run
+    twin, frozen = result["twin"], result["frozen"]
+    assert type(twin).__name__ == "LlamaForCausalLM" and twin.config.rms_norm_eps == 1e12
+    with torch.no_grad():
+        diff = (twin(held).logits - frozen(held).logits).abs().max()
+    assert float(diff) <= 1e-5
+    seen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(
+        name, (args[0].double().numpy(), out.double().numpy(), mod.weight.detach().double().numpy())))
+        for name, m in _rms_norms(twin)]
+    with torch.no_grad():
+        twin(held)
+    for h in handles:
+        h.remove()
+    assert len(seen) == 2 * N_LAYERS + 1
+    for name, (x, y, w) in seen.items():
+        np.testing.assert_allclose(y, x * w / 1e6, rtol=1e-5, atol=1e-6, err_msg=name)
+    # the control keeps dividing by each token's RMS: its final norm's output has unit RMS / w per token
+    ctrl_norm = result["control"].model.norm
+    scales = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(3, 1, 1)
+    x = torch.randn(3, 5, ctrl_norm.weight.shape[0], dtype=torch.float64) * scales
+    with torch.no_grad():
+        y = ctrl_norm.double()(x).numpy() / ctrl_norm.weight.double().numpy()
+    np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)
+
+
+def test_stored_weights_are_gains_times_1e6_over_sigma(twin_run):
+    """w_stored = w_frozen * 1e6 / sigma_avg for every site, sigma_avg from the record."""
+    result, _, _, _ = twin_run
+    record, twin, frozen = result["record"], result["twin"], result["frozen"]
+    for site in record["sites"]:
+        stored = twin.model.get_submodule(site).weight.detach().double()
+        gain = frozen.model.get_submodule(site).weight.detach().double()
+        torch.testing.assert_close(stored, gain * 1e6 / record["sigma_avg"][site], rtol=1e-6, atol=0.0)
+
+
+def test_sigma_avg_is_the_mean_rms_of_ordinary_tokens(twin_run):
+    """sigma_avg of the first block's attention input norm against numpy: the input is the token embedding,
+    so s = sqrt(mean(e^2) + eps) over the ordinary tokens (not position 0, not separators) of the first
+    sigma batch of the seeded stream."""
+    result, base, train, _ = twin_run
+    batch = next(batch_stream(train, SETTINGS.batch_size, SETTINGS.seed)).numpy()
+    emb = base["model.embed_tokens.weight"].double().numpy()[batch]
+    eps = make_tiny("llama", n_layers=N_LAYERS).config.rms_norm_eps
+    s = np.sqrt((emb ** 2).mean(-1) + eps)
+    ordinary = batch != SEP
+    ordinary[:, 0] = False
+    got = result["record"]["sigma_avg"]["layers.0.input_layernorm"]
+    assert got == pytest.approx(float(s[ordinary].mean()), rel=1e-5)
+    assert result["record"]["sigma_special"]["layers.0.input_layernorm"] == pytest.approx(float(s[~ordinary].mean()),
+                                                                                         rel=1e-5)
+
+
+def test_control_schedule_equals_twin_schedule_and_the_planned_one(twin_run):
+    """Twin and control drew the same batches in the same order with the same learning rates, and these are
+    the planned ones: the seeded stream's batches (sha256 of the int64 ids), ``steps_per_norm`` steps at the
+    constant lr per norm, then the recovery's cosine lr (0.1 + 0.45 (1 + cos(pi s / n))) lr."""
+    result, base, train, _ = twin_run
+    schedule = result["record"]["schedule"]
+    twin, control = schedule["twin"], schedule["control"]
+    assert twin["batches"] == control["batches"] and twin["lrs"] == control["lrs"]
+    n_sites = 2 * N_LAYERS + 1
+    n_rec = SETTINGS.recovery_steps
+    expected_lrs = [SETTINGS.lr] * (n_sites * SETTINGS.steps_per_norm) + [
+        SETTINGS.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * s / n_rec))) for s in range(n_rec)]
+    assert [lr for _, lr in twin["lrs"]] == pytest.approx(expected_lrs, rel=1e-12)
+    assert twin["n_steps"] == len(expected_lrs) == result["record"]["fine_tuning_steps"]
+    stream = batch_stream(train, SETTINGS.batch_size, SETTINGS.seed)
+    n_batches = SETTINGS.sigma_batches + len(expected_lrs)
+    planned = [hashlib.sha256(next(stream).to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+               for _ in range(n_batches)]
+    assert [h for _, h in twin["batches"]] == planned
+    assert [p for p, _ in twin["batches"][:SETTINGS.sigma_batches]] == ["sigma"] * SETTINGS.sigma_batches
+    # the control trained (its weights moved) and kept its norms
+    moved = max(float((v - base[k]).abs().max()) for k, v in result["control"].state_dict().items())
+    assert moved > 0
+    assert len(_rms_norms(result["control"])) == n_sites
+
+
+def test_removal_trace_has_a_point_per_norm(twin_run):
+    """Base model, one point per removed norm (in the recipe's order) and the recovery, for both runs; both
+    start from the same base point."""
+    record = twin_run[0]["record"]
+    trace = record["ln_removal_trace"]
+    sites = [p["site"] for p in trace["twin"]]
+    assert sites == ["base model"] + [f"layers.{i}.post_attention_layernorm" for i in range(N_LAYERS)] + [
+        f"layers.{i}.input_layernorm" for i in range(N_LAYERS)] + ["norm", "recovery"]
+    assert [p["site"] for p in trace["control"]] == sites
+    assert trace["twin"][0] == trace["control"][0]
+    assert all(math.isfinite(p["heldout_loss"]) and len(p["resid_post_norm"]) == N_LAYERS for p in trace["twin"])
+    assert trace["twin"][-1]["heldout_loss"] == pytest.approx(record["twin"]["heldout_loss"], rel=1e-6) or \
+        SETTINGS.trace_seqs < SETTINGS.max_heldout_seqs
+
+
+def test_stored_twin_is_detected_as_ln_free(twin_run, tmp_path):
+    """models.load_model on the saved twin: normalization 'none', ln_free, eps 1e12; its logits equal plain HF's."""
+    from normgrowth.models import load_model
+
+    result, _, _, held = twin_run
+    twin = result["twin"]
+    twin.save_pretrained(tmp_path / "twin")
+    loaded = load_model(str(tmp_path / "twin"))
+    assert loaded.ln_free and loaded.normalization == "none" and not loaded.centers
+    assert loaded.config.norm_eps == 1e12
+    with torch.no_grad():
+        ours = loaded.forward(held[:2]).float()
+        plain = twin(held[:2]).logits.float()
+    assert float((ours - plain).abs().max()) <= 1e-4
+
+
+def test_unsupported_architecture_is_refused():
+    model = make_tiny("neox", n_layers=1)
+    with pytest.raises(NormgrowthError, match="pre-norm architectures"):
+        run_twin(model, _rows(8, 3), _rows(2, 4), SETTINGS, SEP)
+
+
+def test_cli_refuses_a_missing_model_in_one_line(tmp_path):
+    """Bad input: one line on stderr, exit code 2, no traceback, nothing written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "normgrowth", "zoo", "twin", str(tmp_path / "nothing"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    assert "neither a local folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_fig_real_twin_draws_the_record_and_skips_without_it(twin_run, tmp_path, capsys):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from normgrowth.storage import atomic_write_json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
+    fig = importlib.import_module("fig_real_twin")
+    assert fig.main(tmp_path / "empty", tmp_path / "figs") == []
+    assert "fig_real_twin: skipped" in capsys.readouterr().out
+    atomic_write_json(tmp_path / "r" / "real-twin" / "trace.json", twin_run[0]["record"])
+    paths = fig.main(tmp_path / "r", tmp_path / "figs")
+    assert [p.name for p in paths] == ["fig_real_twin.png", "fig_real_twin.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_horizon_curves_finds_the_per_layer_lists():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
+    from fig_real_twin import horizon_curves
+
+    doc = {"model": "x", "live": [1.0, 2.0, 3.0], "frozen": {"curve": [3, 2, 1, 0], "n": 7},
+           "other": [1.0, 2.0], "flags": [True, False, True]}
+    got = horizon_curves(doc, 3)
+    assert sorted(got) == ["frozen.curve", "live"]
+    np.testing.assert_array_equal(got["frozen.curve"], [3.0, 2.0, 1.0, 0.0])
+
+
+def test_live_special_scale_keeps_outliers_normalised_until_phased_out():
+    """Live mode on an RMSNorm, against numpy: at phase 0 a special token (position 0) and an outlier (scale above
+    4 sigma_avg) are divided by their own sqrt(mean(x^2) + eps), ordinary tokens by sigma_avg; at phase 1 every
+    token by sigma_avg; at phase 1/2 the outlier by sqrt(s * sigma_avg)."""
+    from normgrowth.zoo.ln_removal import FrozenLayerNorm
+
+    norm = make_tiny("llama", n_layers=1).model.norm.double()
+    eps = norm.variance_epsilon
+    w = norm.weight.detach().numpy()
+    sigma = 2.0
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, w.size))
+    x[0, 2] *= 40.0  # an outlier: its RMS is about 40 > 4 * sigma
+    frozen = FrozenLayerNorm(norm, sigma_avg=sigma, sigma_special=sigma, live=True, outlier_ratio=4.0).double()
+    frozen.special = torch.tensor([[True, False, False, False]])
+    own = np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    with torch.no_grad():
+        y0 = frozen(torch.from_numpy(x)).numpy()
+        frozen.phase.fill_(0.5)
+        y_half = frozen(torch.from_numpy(x)).numpy()
+        frozen.phase.fill_(1.0)
+        y1 = frozen(torch.from_numpy(x)).numpy()
+    expect0 = np.where(np.array([True, False, True, False])[None, :, None], x / own, x / sigma) * w
+    np.testing.assert_allclose(y0, expect0, rtol=1e-6)  # the scale is computed in float32
+    np.testing.assert_allclose(y_half[0, 2], x[0, 2] / np.sqrt(own[0, 2] * sigma) * w, rtol=1e-6)
+    np.testing.assert_allclose(y1, x / sigma * w, rtol=1e-10)
