@@ -623,8 +623,9 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                     with torch.inference_mode():
                         logp = torch.log_softmax(_quiet_forward(model, tok, m, hooks), -1)
                     kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+                    kl = torch.where(valid.to(kl.device), kl, 0.0)
                     _check_finite(kl, f"KL after ablating {lab} ({mode} scales)")
-                    seq_kl[start:stop, i, w] = torch.where(valid.to(kl.device), kl, 0.0).double().sum(1).cpu().numpy()
+                    seq_kl[start:stop, i, w] = kl.double().sum(1).cpu().numpy()
                     seq_change[start:stop, i, w] = state["change"].numpy()
         _check_finite(torch.from_numpy(seq_loss[start:stop]), "horizon cross-entropy")
         if progress is not None:
