@@ -141,3 +141,12 @@ $(FIGURES)/.done: $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/compare.json $(R
 
 clean:
 	rm -rf $(RESULTS) $(FIGURES)/*.png $(FIGURES)/*.pdf $(FIGURES)/.done .pytest_cache
+
+# ---- effective layer horizon (live and frozen norm scales) and the causal mean-ablation check ----
+HORIZONS := $(addsuffix /horizon.json,$(MODEL_DIRS))
+
+$(RESULTS)/models/%/horizon.json: $(ZOO_DEP) | $(STAMP)
+	$(NG) horizon $(call unslug,$*) $(COMMON) --json $@
+
+results: $(HORIZONS)
+$(FIGURES)/.done: $(HORIZONS)

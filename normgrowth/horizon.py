@@ -14,6 +14,11 @@ mean over the calibration sequences' tokens at positions >= 1; position 0 is nev
 intervention: ``x_b`` is the stream of the ablated pass itself (every later write is recomputed from
 ablated inputs), only the readers' inputs are changed (the stream each later block adds to is not).
 
+Readers: the inputs of each block's attention norm and MLP norm (pre and peri placement, LN-free
+checkpoints; parallel blocks that share one norm have one reader), or, without input norms (post
+placement, OLMo 2), the attention's and the MLP's raw inputs, which no norm divides (there live and frozen
+differ only through the final norm).
+
 * **live**: each norm computes its scale ``s_L(t)`` from the modified input, as the model does;
 * **frozen**: each reader's scale is held at its clean value for that token (``hook_scale`` replaced),
   so the norm divides the modified, centred input by the clean ``s_L(t)``: the division is removed from
@@ -171,7 +176,8 @@ def causal_statistics(seq_kl: np.ndarray, seq_change: np.ndarray, seq_tokens: np
     tokens (positions >= 1) of the KL and of the relative reader change; seq_tokens ``[S]``. Means are
     ratios of sums. By distance ``d = layer(reader) - layer(write)`` (>= 1), the change is averaged over
     the (write, reader) pairs at ``d``. ``division_share = 1 - frozen / live`` of the pooled sums (KL:
-    summed over writes; change: over all pairs, and per distance).
+    summed over writes; change: over all pairs, and per distance), over the writes whose sums are finite in
+    both modes (``pooled_writes``; an ablation whose logits overflow has NaN sums).
     """
     kl = np.asarray(seq_kl, dtype=np.float64)
     ch = np.asarray(seq_change, dtype=np.float64)
@@ -179,7 +185,8 @@ def causal_statistics(seq_kl: np.ndarray, seq_change: np.ndarray, seq_tokens: np
     wl = np.asarray(write_layer, dtype=float)
     rl = np.asarray(reader_layer, dtype=float)
     dist = rl[None, :] - wl[:, None]  # [W, R]
-    later = dist >= 1
+    finite = np.isfinite(kl.sum(0)).all(0) & np.isfinite(ch.sum(0)).all((0, 2))  # [W]: both modes finite
+    later = (dist >= 1) & finite[:, None]
     distances = sorted({int(d) for d in dist[later]})
 
     def summarise(kl_m: np.ndarray, ch_m: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,9 +194,10 @@ def causal_statistics(seq_kl: np.ndarray, seq_change: np.ndarray, seq_tokens: np
         by_d = np.stack([np.where(later & (dist == d), ch_m, 0.0).sum((-1, -2)) / max((later & (dist == d)).sum(), 1)
                          for d in distances], -1) if distances else np.zeros(ch_m.shape[:-2] + (0,))
         pooled = np.where(later, ch_m, 0.0).sum((-1, -2))
+        kl_f = np.where(finite, kl_m, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             return {"kl": kl_m, "change": ch_m, "change_by_distance": by_d,
-                    "kl_division_share": 1.0 - kl_m[..., 1, :].sum(-1) / kl_m[..., 0, :].sum(-1),
+                    "kl_division_share": 1.0 - kl_f[..., 1, :].sum(-1) / kl_f[..., 0, :].sum(-1),
                     "change_division_share": 1.0 - pooled[..., 1] / pooled[..., 0],
                     "change_division_share_by_distance": 1.0 - by_d[..., 1, :] / by_d[..., 0, :]}
 
@@ -202,7 +210,7 @@ def causal_statistics(seq_kl: np.ndarray, seq_change: np.ndarray, seq_tokens: np
         ch_b = np.einsum("bs,s...->b...", counts, ch) / den[:, None, None, None]
         for k, v in summarise(kl_b, ch_b).items():
             reps[k].append(v)
-    out: dict[str, Any] = {"distance": distances}
+    out: dict[str, Any] = {"distance": distances, "pooled_writes": finite.tolist()}
     for k, v in point.items():
         out[k] = np.asarray(v).tolist()
         out[k + "_ci"] = percentile_ci(np.concatenate(reps[k])).as_array().tolist()
@@ -243,6 +251,8 @@ class HorizonResult(ResultProtocol):
     seq_kl_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seq_kl: np.ndarray = field(default_factory=lambda: np.zeros((0, 2, 0)))
     seq_change: np.ndarray = field(default_factory=lambda: np.zeros((0, 2, 0, 0)))
+    nonfinite_loss: np.ndarray = field(default_factory=lambda: np.zeros((2, 0), dtype=np.int64))
+    nonfinite_kl: np.ndarray = field(default_factory=lambda: np.zeros((2, 0), dtype=np.int64))
     data_source: str = ""
     seconds: float = float("nan")
     n_boot: int = DEFAULT_N_BOOT
@@ -282,14 +292,20 @@ class HorizonResult(ResultProtocol):
             "clean_loss": live["clean"], "clean_loss_ci": live["clean_ci"],
             "live": {k: v for k, v in live.items() if k not in ("clean", "clean_ci")},
             "frozen": {k: v for k, v in frozen.items() if k not in ("clean", "clean_ci")},
-            "gap": st["gap"], "causal": st["causal"], "data_source": self.data_source, "seconds": self.seconds,
+            "gap": st["gap"], "causal": st["causal"],
+            "nonfinite": {"predictions": {m: self.nonfinite_loss[i].tolist() for i, m in enumerate(MODES)},
+                          "kl_tokens": {m: self.nonfinite_kl[i].tolist() for i, m in enumerate(MODES)},
+                          "meaning": "tokens whose ablated logits overflowed (inf/NaN), per horizon / causal write; "
+                                     "their loss or KL is NaN"},
+            "data_source": self.data_source, "seconds": self.seconds,
             "n_boot": self.n_boot, "seed": self.seed, "ci": "95 % percentile bootstrap over evaluation sequences",
         }
         return json_safe(doc)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"seq_tokens": self.seq_tokens, "seq_clean": self.seq_clean, "seq_loss": self.seq_loss,
-                "seq_kl_tokens": self.seq_kl_tokens, "seq_kl": self.seq_kl, "seq_change": self.seq_change}
+                "seq_kl_tokens": self.seq_kl_tokens, "seq_kl": self.seq_kl, "seq_change": self.seq_change,
+                "nonfinite_loss": self.nonfinite_loss, "nonfinite_kl": self.nonfinite_kl}
 
     @classmethod
     def from_saved(cls, doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> "HorizonResult":
@@ -302,6 +318,7 @@ class HorizonResult(ResultProtocol):
                    causal_write_layer=[int(x) for x in causal.get("write_layer", [])],
                    readers=list(causal.get("readers", [])), reader_layer=[int(x) for x in causal.get("reader_layer", [])],
                    seq_kl_tokens=arrays["seq_kl_tokens"], seq_kl=arrays["seq_kl"], seq_change=arrays["seq_change"],
+                   nonfinite_loss=arrays["nonfinite_loss"], nonfinite_kl=arrays["nonfinite_kl"],
                    data_source=doc.get("data_source", ""), seconds=float(doc.get("seconds") or float("nan")),
                    n_boot=int(doc.get("n_boot", DEFAULT_N_BOOT)), seed=int(doc.get("seed", 0)))
 
@@ -363,6 +380,16 @@ def format_horizon(doc: dict[str, Any]) -> str:
         lines.append(f"horizon ({m} scales): " + ", ".join(
             f"within {k} of clean: n = {fmt_number(v['value'], 'g')} [{fmt_number(v['ci'][0], '.3g')}, "
             f"{fmt_number(v['ci'][1], '.3g')}]" for k, v in doc[m]["horizon"].items()))
+    bad = doc.get("nonfinite") or {}
+    for m in MODES:
+        counts = (bad.get("predictions") or {}).get(m) or []
+        for n, c in zip(doc["horizons"], counts):
+            if c:
+                lines.append(f"note: n = {n} ({m} scales): logits overflow (inf/NaN) at {c} predictions; loss undefined")
+        for w, c in zip((doc.get("causal") or {}).get("writes", []), (bad.get("kl_tokens") or {}).get(m) or []):
+            if c:
+                lines.append(f"note: ablating {w} ({m} scales): logits overflow at {c} tokens; KL undefined, "
+                             "left out of the pooled shares")
     causal = doc.get("causal")
     if causal:
         lines += ["", "causal check: mean-ablate one write; KL(clean || ablated) of the next-token distribution, "
@@ -397,13 +424,6 @@ def _prediction_mask(mask: torch.Tensor) -> torch.Tensor:
     pred = mask[:, :-1] & mask[:, 1:]
     pred[:, 0] = False
     return pred
-
-
-def _check_supported(model: Any) -> None:
-    if not model.input_norm:
-        raise NormgrowthError(f"model {model.spec!r} has no input norms (placement {model.norm_placement!r}): the "
-                              "horizon and its frozen-scale variant are defined for readers behind an input norm; "
-                              "use a pre-norm, peri-norm or LN-free model.")
 
 
 def split_calibration(n_seqs: int, n_calib: Optional[int] = None) -> int:
@@ -445,10 +465,16 @@ class _Readers:
     def __init__(self, model: Any):
         self.model = model
         self.n = int(model.n_layers)
-        self.scale_sites = [("ln1_scale", b) for b in range(self.n)]
-        if model.mlp_norm:
-            self.scale_sites += [("ln2_scale", b) for b in range(self.n)]
+        self.scale_sites = [(site, b) for site in ("ln1_scale", "ln2_scale") if model.has_site(site)
+                            for b in range(self.n)]
         self.scale_sites.append(("final_scale", None))
+
+    def input_sites(self) -> list[str]:
+        """Where each block's readers take the stream: their input norms' inputs (the MLP's own norm when it
+        has one), or, without input norms (post placement), the attention's and MLP's raw inputs."""
+        if self.model.input_norm:
+            return ["ln1_in"] + (["ln2_in"] if self.model.mlp_norm else [])
+        return ["attn_in", "mlp_in"]
 
     def record_scales(self, store: dict) -> list:
         def rec(key: tuple) -> Callable:
@@ -487,9 +513,8 @@ class _Readers:
 
         needed = sorted({old_blocks(L, n) for L in range(self.n + 1)} - {0})
         hooks = [("resid_pre", b, keep(b)) for b in needed]
-        hooks += [("ln1_in", L, reader(L)) for L in range(self.n)]
-        if self.model.mlp_norm:
-            hooks += [("ln2_in", L, reader(L)) for L in range(self.n)]
+        for site in self.input_sites():
+            hooks += [(site, L, reader(L)) for L in range(self.n)]
         hooks.append(("final_in", None, reader(self.n)))
         return hooks
 
@@ -502,11 +527,13 @@ def _quiet_forward(model: Any, tok: torch.Tensor, m: torch.Tensor, hooks: list) 
             return model.forward(tok, attention_mask=m).float()
 
 
-def _ce_sums(logits: torch.Tensor, tok: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums of ``-log p(token t+1)`` over the predictions ``pred`` ``[batch, pos - 1]`` (float64)."""
+def _ce_sums(logits: torch.Tensor, tok: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-sequence sums of ``-log p(token t+1)`` over the predictions ``pred`` ``[batch, pos - 1]`` (float64;
+    NaN for a sequence with non-finite logits) and the number of such predictions."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     nll = -logp.gather(-1, tok[:, 1:].to(logp.device)[..., None])[..., 0]
-    return torch.where(pred.to(nll.device), nll, 0.0).double().sum(1).cpu()
+    nll = torch.where(pred.to(nll.device), nll, 0.0)
+    return nll.double().sum(1).cpu(), int((~torch.isfinite(nll)).sum())
 
 
 def horizon_logits(model: Any, tokens: torch.Tensor, mask: torch.Tensor, n: int, means: torch.Tensor,
@@ -540,10 +567,13 @@ def _causal_readers(model: Any, state: dict) -> list:
 
     def hook(r: int, scale_key: tuple) -> Callable:
         def fn(x: torch.Tensor) -> None:
+            divides = r == n or bool(model.input_norm)
             if state["mode"] == "clean":
-                state["clean"][r] = normalize_input(x, model.centers, eps)
+                state["clean"][r] = normalize_input(x, model.centers, eps) if divides else x.float()
                 return
-            if state["mode"] == "frozen":
+            if not divides:
+                normed = x.float()
+            elif state["mode"] == "frozen":
                 p = x.float() - x.float().mean(-1, keepdim=True) if model.centers else x.float()
                 normed = p / state["scales"][scale_key].float().to(p.device)
             else:
@@ -570,7 +600,6 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
     """
     from .deletion import _ablation_hooks, _write_means, parse_ablate, stream_layout
 
-    _check_supported(model)
     started = time.perf_counter()
     tokens, mask = _tensors(batch, model)
     n_layers = int(model.n_layers)
@@ -591,6 +620,8 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
     seq_kl_tokens = np.zeros(n_eval)
     seq_kl = np.zeros((n_eval, 2, W))
     seq_change = np.zeros((n_eval, 2, W, R))
+    nonfinite_loss = np.zeros((2, H), dtype=np.int64)
+    nonfinite_kl = np.zeros((2, W), dtype=np.int64)
     readers = _Readers(model)
     state: dict[str, Any] = {}
     causal_hooks = _causal_readers(model, state) if labels else []
@@ -600,7 +631,10 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
         valid = _after_bos(m)
         state.update(mode="clean", clean={}, valid=valid)
         logits, scales = clean_pass(model, tok, m, causal_hooks)
-        clean_sum = _ce_sums(logits, tok, pred)
+        clean_sum, bad = _ce_sums(logits, tok, pred)
+        if bad:
+            raise NormgrowthError(f"the clean model's logits are not finite at {bad} predictions: check the "
+                                  "model's dtype (use --dtype float32).")
         seq_tokens[start:stop] = pred.sum(1).numpy()
         seq_clean[start:stop] = clean_sum.numpy()
         for h, n in enumerate(grid):
@@ -609,7 +643,9 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                 continue
             for i, frozen in enumerate((False, True)):
                 lg = horizon_logits(model, tok, m, n, means, frozen=frozen, clean_scales=scales)
-                seq_loss[start:stop, i, h] = _ce_sums(lg, tok, pred).numpy()
+                sums, bad = _ce_sums(lg, tok, pred)
+                seq_loss[start:stop, i, h] = sums.numpy()
+                nonfinite_loss[i, h] += bad
         if labels:
             clean_logp = torch.log_softmax(logits, -1)
             seq_kl_tokens[start:stop] = valid.sum(1).numpy()
@@ -624,10 +660,9 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                         logp = torch.log_softmax(_quiet_forward(model, tok, m, hooks), -1)
                     kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
                     kl = torch.where(valid.to(kl.device), kl, 0.0)
-                    _check_finite(kl, f"KL after ablating {lab} ({mode} scales)")
+                    nonfinite_kl[i, w] += int((~torch.isfinite(kl)).sum())
                     seq_kl[start:stop, i, w] = kl.double().sum(1).cpu().numpy()
                     seq_change[start:stop, i, w] = state["change"].numpy()
-        _check_finite(torch.from_numpy(seq_loss[start:stop]), "horizon cross-entropy")
         if progress is not None:
             progress(stop, n_eval)
     wl = [layout.write_layer[layout.writes.index(lab)] for lab in labels]
@@ -636,7 +671,7 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
         norm_placement=str(model.norm_placement), horizons=grid, n_calib=k, seq_tokens=seq_tokens,
         seq_clean=seq_clean, seq_loss=seq_loss, causal_writes=list(labels), causal_write_layer=wl,
         readers=list(layout.readers), reader_layer=list(layout.reader_layer), seq_kl_tokens=seq_kl_tokens,
-        seq_kl=seq_kl, seq_change=seq_change, data_source=str(getattr(batch, "source", "")),
+        seq_kl=seq_kl, seq_change=seq_change, nonfinite_loss=nonfinite_loss, nonfinite_kl=nonfinite_kl, data_source=str(getattr(batch, "source", "")),
         seconds=time.perf_counter() - started, n_boot=n_boot, seed=seed)
 
 
@@ -658,8 +693,3 @@ def _causal_labels(model: Any, causal_writes: Any, parse_ablate: Callable) -> li
         return default_causal_writes(model.n_layers)
     text = causal_writes if isinstance(causal_writes, str) else ",".join(str(w) for w in causal_writes)
     return parse_ablate(text, model)
-
-
-def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise NormgrowthError(f"{what} is not finite (inf or NaN): check the model's dtype (use --dtype float32).")
