@@ -320,3 +320,27 @@ def test_stories260k_live_and_frozen_curves_end_at_clean():
     assert doc["live"]["loss"][-1] == doc["clean_loss"] == doc["frozen"]["loss"][-1]
     # a trained model loses a lot when its blocks read only the previous block
     assert doc["live"]["excess"][0] > 0.1 and doc["frozen"]["excess"][0] > 0.1
+
+
+def test_cli_writes_json_and_reuses_the_cache(tiny, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from normgrowth.cli import app
+    from normgrowth.pipeline import run_horizon
+
+    data = tmp_path / "tokens.npy"
+    np.save(data, _tokens(5).numpy())
+    args = ["horizon", str(tiny["gpt2"]), "--data", str(data), "--horizons", "1", "--causal", "embed",
+            "--out", str(tmp_path / "cache")]
+    first = CliRunner().invoke(app, args + ["--json", str(tmp_path / "h.json")], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert doc["horizons"] == [1, 3] and doc["causal"]["writes"] == ["embed"]
+    assert "effective layer horizon" in first.output
+    again = run_horizon(str(tiny["gpt2"]), str(data), horizons="1", causal="embed", out=tmp_path / "cache")
+    assert again.cached and again.document()["live"]["loss"] == doc["live"]["loss"]
+    with pytest.raises(NormgrowthError, match="--horizons"):
+        run_horizon(str(tiny["gpt2"]), str(data), horizons="0", out=tmp_path / "cache2")
+    assert not (tmp_path / "cache2").exists() or not any((tmp_path / "cache2").glob("horizon-*.json"))
