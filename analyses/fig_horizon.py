@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (PAGE_WIDTH, MissingInput, arr, ci_band, cli, discover, fnum, legend_below, log_axis, new_figure,
-                    positive, read_json, run_figure, save)
+from common import (PAGE_WIDTH, MissingInput, ModelResults, arr, ci_band, cli, discover, display_name, fnum,
+                    legend_below, log_axis, new_figure, note, positive, read_json, run_figure, save)
 
 STEM = "fig_horizon"
 THRESHOLDS = ("1%", "10%")
@@ -29,8 +29,17 @@ THRESHOLDS = ("1%", "10%")
 
 def _models(results_dir: Path) -> list[tuple]:
     """(model results, horizon document) for every model directory with a horizon.json."""
-    found = [(m, read_json(m.path / "horizon.json")) for m in discover(results_dir)]
+    models = discover(results_dir)
+    root = Path(results_dir) / "models"
+    known = {m.slug for m in models}
+    extra = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in known) if root.is_dir() else []
+    for i, path in enumerate(extra):  # a model with a horizon.json only
+        models.append(ModelResults(slug=path.name, path=path, color=f"C{(len(models) + i) % 10}"))
+    found = [(m, read_json(m.path / "horizon.json")) for m in models]
     found = [(m, doc) for m, doc in found if doc is not None]
+    for m, doc in found:
+        if not m.doc:
+            m._name = display_name(doc.get("model") or m.slug, bool(doc.get("ln_free")))
     if not found:
         raise MissingInput(f"no horizon.json under {Path(results_dir) / 'models'}/*/")
     return found
@@ -95,8 +104,6 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax_c.set_title("causal check: mean-ablate one write")
         legend_below(ax_c, ncols=1)
     else:
-        from common import note
-
         note(ax_c, "no causal check in these results")
     fig.suptitle("Effective layer horizon: live vs frozen norm scales (positions ≥ 1; 95 % bootstrap CIs)")
     return save(fig, out_dir, STEM)
