@@ -53,11 +53,14 @@ def test_horizon_within_planted_curves():
 # plain-HF references
 # ----------------------------------------------------------------------------------------------
 def _parts(model: torch.nn.Module):
-    """(decoder layers, [(attention norm, MLP norm)] per layer, final norm) of a GPT-2 or Llama HF model."""
+    """(decoder layers, [(attention reader, MLP reader)] per layer, final norm) of a GPT-2, Llama or OLMo 2 HF
+    model: the input norms, or for OLMo 2 (norms after the sublayers) the attention and MLP modules."""
     if hasattr(model, "transformer"):
         h = model.transformer.h
         return list(h), [(b.ln_1, b.ln_2) for b in h], model.transformer.ln_f
     layers = model.model.layers
+    if type(model).__name__.startswith("Olmo2"):
+        return list(layers), [(b.self_attn, b.mlp) for b in layers], model.model.norm
     return list(layers), [(b.input_layernorm, b.post_attention_layernorm) for b in layers], model.model.norm
 
 
@@ -102,12 +105,14 @@ def _hf_reference_logits(model, tokens: torch.Tensor, n: int, means, frozen: boo
     handles, pre, clean_scale = [], {}, {}
     all_norms = [(L, which, norm) for L, pair in enumerate(norms) for which, norm in zip("am", pair)]
     all_norms.append((n_layers, "f", final))
+    divides = {(L, w) for L, w, norm in all_norms if "norm" in type(norm).__name__.lower()}
     if frozen:  # clean scales of every norm from a clean pass
         def record(key, norm):
             def hook(mod, args, kwargs):
                 clean_scale[key] = _norm_scale(norm, _first_arg(args, kwargs))
             return hook
-        handles = [norm.register_forward_pre_hook(record((L, w), norm), with_kwargs=True) for L, w, norm in all_norms]
+        handles = [norm.register_forward_pre_hook(record((L, w), norm), with_kwargs=True) for L, w, norm in all_norms
+                   if (L, w) in divides]
         with torch.no_grad():
             model(tokens)
         for h in handles:
@@ -140,7 +145,7 @@ def _hf_reference_logits(model, tokens: torch.Tensor, n: int, means, frozen: boo
         handles.append(layer.register_forward_pre_hook(keep(b), with_kwargs=True))
     for L, w, norm in all_norms:
         handles.append(norm.register_forward_pre_hook(modify(L), with_kwargs=True))
-        if frozen:
+        if frozen and (L, w) in divides:
             handles.append(norm.register_forward_hook(freeze((L, w), norm), with_kwargs=True))
     try:
         with torch.no_grad():
@@ -159,7 +164,7 @@ def _mean_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("horizon")
-    return {fam: build_tiny(fam, root / fam, seed=3, n_layers=3) for fam in ("llama", "gpt2")}
+    return {fam: build_tiny(fam, root / fam, seed=3, n_layers=3) for fam in ("llama", "gpt2", "olmo2")}
 
 
 def test_full_horizon_is_the_clean_model(tiny):
@@ -180,7 +185,7 @@ def test_full_horizon_is_the_clean_model(tiny):
     assert not torch.allclose(horizon_logits(model, tok, mask, 1, means), plain, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "olmo2"])
 def test_horizon_loss_matches_plain_hf(tiny, family):
     path = tiny[family]
     model = load_model(str(path))
@@ -199,7 +204,7 @@ def test_horizon_loss_matches_plain_hf(tiny, family):
             ref = _mean_loss(_hf_reference_logits(ref_model, ev, n, means, frozen=mode == "frozen"), ev)
             assert doc[mode]["loss"][i] == pytest.approx(ref, abs=1e-5), (mode, n)
         assert doc[mode]["loss"][-1] == doc["clean_loss"]
-    assert abs(doc["live"]["loss"][0] - doc["frozen"]["loss"][0]) > 1e-3  # the two curves differ here
+    assert abs(doc["live"]["loss"][0] - doc["frozen"]["loss"][0]) > 1e-4  # the two curves differ here
 
     # causal check: mean-ablate mlp_out.0 at positions >= 1 with an HF forward hook on the MLP
     mlp = _parts(ref_model)[0][0].mlp
