@@ -316,7 +316,8 @@ class HorizonResult(ResultProtocol):
                    seq_tokens=arrays["seq_tokens"], seq_clean=arrays["seq_clean"], seq_loss=arrays["seq_loss"],
                    causal_writes=list(causal.get("writes", [])),
                    causal_write_layer=[int(x) for x in causal.get("write_layer", [])],
-                   readers=list(causal.get("readers", [])), reader_layer=[int(x) for x in causal.get("reader_layer", [])],
+                   readers=list(causal.get("readers", [])),
+                   reader_layer=[int(x) for x in causal.get("reader_layer", [])],
                    seq_kl_tokens=arrays["seq_kl_tokens"], seq_kl=arrays["seq_kl"], seq_change=arrays["seq_change"],
                    nonfinite_loss=arrays["nonfinite_loss"], nonfinite_kl=arrays["nonfinite_kl"],
                    data_source=doc.get("data_source", ""), seconds=float(doc.get("seconds") or float("nan")),
@@ -385,7 +386,8 @@ def format_horizon(doc: dict[str, Any]) -> str:
         counts = (bad.get("predictions") or {}).get(m) or []
         for n, c in zip(doc["horizons"], counts):
             if c:
-                lines.append(f"note: n = {n} ({m} scales): logits overflow (inf/NaN) at {c} predictions; loss undefined")
+                lines.append(f"note: n = {n} ({m} scales): logits overflow (inf/NaN) at {c} predictions; "
+                             "loss undefined")
         for w, c in zip((doc.get("causal") or {}).get("writes", []), (bad.get("kl_tokens") or {}).get(m) or []):
             if c:
                 lines.append(f"note: ablating {w} ({m} scales): logits overflow at {c} tokens; KL undefined, "
@@ -671,8 +673,8 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
         norm_placement=str(model.norm_placement), horizons=grid, n_calib=k, seq_tokens=seq_tokens,
         seq_clean=seq_clean, seq_loss=seq_loss, causal_writes=list(labels), causal_write_layer=wl,
         readers=list(layout.readers), reader_layer=list(layout.reader_layer), seq_kl_tokens=seq_kl_tokens,
-        seq_kl=seq_kl, seq_change=seq_change, nonfinite_loss=nonfinite_loss, nonfinite_kl=nonfinite_kl, data_source=str(getattr(batch, "source", "")),
-        seconds=time.perf_counter() - started, n_boot=n_boot, seed=seed)
+        seq_kl=seq_kl, seq_change=seq_change, nonfinite_loss=nonfinite_loss, nonfinite_kl=nonfinite_kl,
+        data_source=str(getattr(batch, "source", "")), seconds=time.perf_counter() - started, n_boot=n_boot, seed=seed)
 
 
 def default_causal_writes(n_layers: int, n_writes: int = DEFAULT_CAUSAL_WRITES) -> list[str]:

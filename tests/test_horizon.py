@@ -257,7 +257,8 @@ def _planted(path, ln_free: bool, read_old: bool):
             p.zero_()
         emb = model.model.embed_tokens.weight
         emb[:, 8:12] = torch.randn(16, 4, generator=gen)
-        emb[:, 4:8] = torch.randn(16, 4, generator=gen) * torch.logspace(-1, 1, 16)[torch.randperm(16, generator=gen)][:, None]
+        magnitude = torch.logspace(-1, 1, 16)[torch.randperm(16, generator=gen)]  # 0.1 .. 10, token-varying
+        emb[:, 4:8] = torch.randn(16, 4, generator=gen) * magnitude[:, None]
         gain = 1e6 if ln_free else 1.0
         for layer in model.model.layers:
             layer.input_layernorm.weight.fill_(gain)
