@@ -66,8 +66,12 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         for mode, style in (("live", "-"), ("frozen", "--")):
             y = 100 * arr(doc[mode]["excess"])
             lo, hi = ci_band(doc[mode]["excess_ci"])
-            ax_h.plot(n, y, color=m.color, linestyle=style, marker=m.marker if mode == "live" else None,
-                      label=f"{m.name} ({mode}): within {_horizon_text(doc, mode)}")
+            label = f"{m.name} ({mode}): within {_horizon_text(doc, mode)}"
+            bad = [f"{h:g}" for h, c in zip(n, ((doc.get("nonfinite") or {}).get("predictions") or {}).get(mode) or [])
+                   if c]
+            if bad:
+                label += f"; overflow at n={','.join(bad)}"
+            ax_h.plot(n, y, color=m.color, linestyle=style, marker=m.marker if mode == "live" else None, label=label)
             if lo.size:
                 ax_h.fill_between(n, 100 * lo, 100 * hi, color=m.color, alpha=0.15 if mode == "live" else 0.08,
                                   linewidth=0)
