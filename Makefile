@@ -95,7 +95,7 @@ help:
 	@echo "               sweep over training (needs the hub); ZOO_SEEDS=n trains n offline triples"
 	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
 	@echo "make real-twin SmolLM2-135M's RMSNorm-free twin and its same-schedule control (reduced schedule,"
-	@echo "               about 40 min on 2 CPU cores; REAL_SCHEDULE=full on a GPU), then their analyses"
+	@echo "               about 40 min on 2 CPU cores; TWIN_SCHEDULE=full on a GPU), then their analyses"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
 	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
 
@@ -169,42 +169,58 @@ $(FIGURES)/.done: $(REAL_RESULTS) $(REPORTS) $(WEIGHTS) $(DELETIONS) $(RESULTS)/
 clean:
 	rm -rf $(RESULTS) $(FIGURES)/*.png $(FIGURES)/*.pdf $(FIGURES)/.done .pytest_cache
 
+# ---- effective layer horizon (live and frozen norm scales) and the causal mean-ablation check ----
+HORIZONS := $(addsuffix /horizon.json,$(MODEL_DIRS))
+
+$(RESULTS)/models/%/horizon.json: $(ZOO_DEP) $(SOURCE) | $(STAMP)
+	$(NG) horizon $(call unslug,$*) $(COMMON) --json $@
+
+ifneq ($(REAL_DIR),)
+# the real model's horizon: fewer sequences than its report (one forward pass per horizon and scale mode)
+REAL_HORIZON_N_SEQS ?= 16
+$(REAL_DIR)/horizon.json: $(SOURCE) | $(STAMP)
+	$(NG) horizon $(REAL) --data $(DATA) --n-seqs $(REAL_HORIZON_N_SEQS) --seq-len $(REAL_SEQ_LEN) \
+		--out $(RESULTS)/cache --json $@
+HORIZONS += $(REAL_DIR)/horizon.json
+endif
+
+results: $(HORIZONS)
+$(FIGURES)/.done: $(HORIZONS)
+
 # ---- the norm-free twin of a real model (normgrowth zoo twin) ---------------------------------
-# REAL_SCHEDULE=reduced fits 2 CPU cores (docs/zoo.md); full is the GPU schedule. The weights stay in
-# REAL_ZOO (not committed); the JSON goes to REAL_RESULTS. Analyses run on the twin's held-out rows.
-REAL_MODEL ?= smollm2-135m
-REAL_ZOO ?= zoo-real
-REAL_RESULTS ?= $(RESULTS)/real-twin
-REAL_SCHEDULE ?= reduced
-REAL_SEED ?= 0
-REAL_N_SEQS ?= 32
-REAL_COMMON := --data $(REAL_ZOO)/heldout.npy --n-seqs $(REAL_N_SEQS) --out $(REAL_RESULTS)/cache
-REAL_RUNS := twin control
-REAL_JSON := $(REAL_RESULTS)/trace.json $(foreach m,$(REAL_RUNS),$(REAL_RESULTS)/$(m)/report.json \
-	$(REAL_RESULTS)/$(m)/deletion.json $(REAL_RESULTS)/$(m)/horizon.json) $(REAL_RESULTS)/compare.json
+# TWIN_SCHEDULE=reduced fits 2 CPU cores (docs/zoo.md); full is the GPU schedule. The weights stay in
+# TWIN_ZOO (not committed); the JSON goes to TWIN_RESULTS. Analyses run on the twin's held-out rows.
+TWIN_MODEL ?= smollm2-135m
+TWIN_ZOO ?= zoo-real
+TWIN_RESULTS ?= $(RESULTS)/real-twin
+TWIN_SCHEDULE ?= reduced
+TWIN_SEED ?= 0
+TWIN_N_SEQS ?= 32
+TWIN_COMMON := --data $(TWIN_ZOO)/heldout.npy --n-seqs $(TWIN_N_SEQS) --out $(TWIN_RESULTS)/cache
+TWIN_RUNS := twin control
+TWIN_JSON := $(TWIN_RESULTS)/trace.json $(foreach m,$(TWIN_RUNS),$(TWIN_RESULTS)/$(m)/report.json \
+	$(TWIN_RESULTS)/$(m)/deletion.json $(TWIN_RESULTS)/$(m)/horizon.json) $(TWIN_RESULTS)/compare.json
 
-real-twin: $(REAL_JSON) $(FIGURES)/fig_real_twin.png
+real-twin: $(TWIN_JSON) $(FIGURES)/fig_real_twin.png
 
-$(REAL_ZOO)/twin.json: | $(STAMP)
-	$(NG) zoo twin $(REAL_MODEL) --out $(REAL_ZOO) --schedule $(REAL_SCHEDULE) --seed $(REAL_SEED)
+$(TWIN_ZOO)/twin.json: | $(STAMP)
+	$(NG) zoo twin $(TWIN_MODEL) --out $(TWIN_ZOO) --schedule $(TWIN_SCHEDULE) --seed $(TWIN_SEED)
 
-$(REAL_RESULTS)/trace.json: $(REAL_ZOO)/twin.json
-	mkdir -p $(REAL_RESULTS)
+$(TWIN_RESULTS)/trace.json: $(TWIN_ZOO)/twin.json
+	mkdir -p $(TWIN_RESULTS)
 	cp $< $@
 
-$(REAL_RESULTS)/%/report.json: $(REAL_ZOO)/twin.json
-	$(NG) report $(REAL_ZOO)/$* $(REAL_COMMON) --json $@
+$(TWIN_RESULTS)/%/report.json: $(TWIN_ZOO)/twin.json $(SOURCE) | $(STAMP)
+	$(NG) report $(TWIN_ZOO)/$* $(TWIN_COMMON) --json $@
 
-$(REAL_RESULTS)/%/deletion.json: $(REAL_ZOO)/twin.json
-	$(NG) deletion $(REAL_ZOO)/$* $(REAL_COMMON) --json $@
+$(TWIN_RESULTS)/%/deletion.json: $(TWIN_ZOO)/twin.json $(SOURCE) | $(STAMP)
+	$(NG) deletion $(TWIN_ZOO)/$* $(TWIN_COMMON) --json $@
 
-# the effective layer horizon, where this installation has `normgrowth horizon`
-$(REAL_RESULTS)/%/horizon.json: $(REAL_ZOO)/twin.json
-	if $(NG) horizon --help >/dev/null 2>&1; then $(NG) horizon $(REAL_ZOO)/$* $(REAL_COMMON) --json $@; \
-	else echo "normgrowth horizon is not available: $@ skipped"; fi
+$(TWIN_RESULTS)/%/horizon.json: $(TWIN_ZOO)/twin.json $(SOURCE) | $(STAMP)
+	$(NG) horizon $(TWIN_ZOO)/$* $(TWIN_COMMON) --json $@
 
-$(REAL_RESULTS)/compare.json: $(REAL_ZOO)/twin.json
-	$(NG) compare $(REAL_ZOO)/control $(REAL_ZOO)/twin $(REAL_COMMON) --json $@
+$(TWIN_RESULTS)/compare.json: $(TWIN_ZOO)/twin.json $(SOURCE) | $(STAMP)
+	$(NG) compare $(TWIN_ZOO)/control $(TWIN_ZOO)/twin $(TWIN_COMMON) --json $@
 
-$(FIGURES)/fig_real_twin.png: $(REAL_JSON) analyses/fig_real_twin.py | $(STAMP)
+$(FIGURES)/fig_real_twin.png: $(TWIN_JSON) analyses/fig_real_twin.py | $(STAMP)
 	$(PY) analyses/fig_real_twin.py --results $(RESULTS) --out $(FIGURES)

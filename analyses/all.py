@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 SCRIPTS = ("fig_norms", "fig_growth_ratio", "fig_position", "fig_components", "fig_weights", "fig_random_gains",
            "fig_deletion", "fig_reading", "fig_locality", "fig_compare", "fig_summary")
+SCRIPTS += ("fig_horizon",)  # the effective layer horizon (R/models/<slug>/horizon.json)
 # Figures of training runs: they read R/sweep*.json (normgrowth sweep), R/zoo.json (the zoo build's record) and
 # R/real-twin/trace.json (make real-twin; skipped when absent).
 TRAINING_SCRIPTS = ("fig_training", "fig_ln_removal", "fig_real_twin")

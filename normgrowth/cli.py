@@ -174,6 +174,30 @@ def deletion(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQ
 
 
 @app.command()
+def horizon(model: str = MODEL, data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,
+            batch_size: str = typer.Option("4", "--batch-size", help="Sequences per forward pass, or 'auto'."),
+            device: Optional[str] = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
+            json_path: Optional[Path] = JSON,
+            horizons: Optional[str] = typer.Option(None, "--horizons", help="Horizons n (layers) to measure, e.g. "
+                                                   "1,2,4,8 (default: 1,2,3,4,6,8,12,16,24,... below n_layers; "
+                                                   "n_layers, the clean model, is always added)."),
+            causal: str = typer.Option("default", "--causal", help="Writes to mean-ablate in the causal check: "
+                                       "'default' (8 spread over depth), labels (embed,mlp_out.3), block numbers, "
+                                       "'all' or 'none'."),
+            n_calib: Optional[int] = typer.Option(None, "--calib-seqs", help="Sequences for the means (default: a "
+                                                  "quarter); the rest are evaluated."),
+            revision: Optional[str] = typer.Option(None, "--revision"), device_map: Optional[str] = DEVICE_MAP):
+    """Effective layer horizon: loss when every reader sees only the last n layers, with live and frozen norm scales."""
+    from .pipeline import run_horizon
+
+    run = run_horizon(model, data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
+                      out=out, revision=revision, device_map=device_map, horizons=horizons, causal=causal,
+                      n_calib=n_calib, progress=_reporter())
+    _echo(run.text())
+    _write_json(json_path, run.document())
+
+
+@app.command()
 def compare(model_a: str = typer.Argument(..., help="Model A (e.g. with LayerNorm)."),
             model_b: str = typer.Argument(..., help="Model B (e.g. its LN-free twin)."),
             data: str = DATA, n_seqs: Optional[int] = N_SEQS, seq_len: Optional[int] = SEQ_LEN,

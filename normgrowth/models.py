@@ -59,6 +59,9 @@ SITE_HOOKS: dict[str, str] = {
     "ln1_in": "blocks.{layer}.ln1.hook_in",  # input of the attention's norm (not the stream)
     "ln2_in": "blocks.{layer}.ln2.hook_in",  # input of the MLP's norm (not the stream)
     "final_in": "ln_final.hook_in",  # final stream, before the final norm
+    "ln1_scale": "blocks.{layer}.ln1.hook_scale",  # the attention's norm scale s(t) [batch, pos, 1] (LN sigma, RMS)
+    "ln2_scale": "blocks.{layer}.ln2.hook_scale",  # the MLP's norm scale s(t) [batch, pos, 1]
+    "final_scale": "ln_final.hook_scale",  # the final norm's scale s(t) [batch, pos, 1]
 }
 PER_LAYER_SITES = {k for k, v in SITE_HOOKS.items() if "{layer}" in v}
 
@@ -68,6 +71,8 @@ SITE_REQUIRES: dict[str, str] = {
     "pos_embed": "has_pos_embed",  # rotary / ALiBi models write no position embedding
     "ln1_in": "input_norm",  # output-only normalisation has no input norm to hook
     "ln2_in": "mlp_norm",  # parallel blocks may share ln1
+    "ln1_scale": "input_norm",
+    "ln2_scale": "mlp_norm",
     "mlp_pre": "dense_mlp",  # a mixture of experts has no single pre-activation
 }
 

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .errors import NormgrowthError
-from .runs import (CompareRun, DeletionDocument, DeletionRun, ReportRun, RunProtocol, SweepRun,  # noqa: F401
-                   WeightsRun, fits_of)
+from .runs import (CompareRun, DeletionDocument, DeletionRun, HorizonRun, ReportRun, RunProtocol,  # noqa: F401
+                   SweepRun, WeightsRun, fits_of)
 
 if TYPE_CHECKING:
     from .results import Results
@@ -569,3 +569,40 @@ def run_sweep(checkpoints: Union[str, list[str]], data: Optional[str] = "builtin
         cached.append(was_cached)
     result = SweepResult(points=docs, settings=settings.to_json(), window=window or None)
     return SweepRun(result=result, cached=cached)
+
+
+# ----------------------------------------------------------------------------------------------
+# the effective layer horizon
+# ----------------------------------------------------------------------------------------------
+def run_horizon(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[int] = None,
+                seq_len: Optional[int] = None, batch_size: Union[int, str, None] = 4, device: Optional[str] = None,
+                dtype: str = "float32", out: Union[str, Path, None] = None, revision: Optional[str] = None,
+                device_map: Optional[str] = None, horizons: Optional[str] = None, causal: Optional[str] = "default",
+                n_calib: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+                checkpoint_every: Optional[int] = None) -> HorizonRun:
+    """Loss(n) with live and frozen norm scales for every horizon ``n`` of ``horizons`` ("1,2,4"; None: the
+    default grid) and the causal mean-ablation check of ``causal`` (``"default"``, write labels, or
+    ``"none"``); :func:`normgrowth.horizon.collect_horizon`. Cached under ``out`` (kind ``horizon``)."""
+    from .horizon import HorizonResult
+
+    settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
+                         checkpoint_every)
+    emit = _Emitter(progress)
+    extra = {"horizons": horizons or None, "causal": causal or None, "n_calib": n_calib}
+    entry = _entry("horizon", model, settings, extra)
+    base = None if entry is None else entry.base
+    result = _load_cached(HorizonResult, entry, emit)
+    if result is not None:
+        return HorizonRun(result=result, settings=settings, cache_path=base, cached=True)
+    from .batching import run_with_oom_guard
+    from .data import load_tokens
+    from .horizon import collect_horizon
+
+    loaded = _ModelHandle(model, settings).get()
+    batch = load_tokens(settings.data, loaded, n_seqs=settings.n_seqs, seq_len=settings.seq_len)
+    size = _batch_size(settings, loaded, batch.tokens.shape[1], emit)
+    result = emit.stream("horizon passes", lambda update: run_with_oom_guard(
+        lambda: collect_horizon(loaded, batch, horizons=horizons, causal_writes=causal, n_calib=n_calib,
+                                batch_size=size, progress=update), size))
+    _save(result, entry, emit)
+    return HorizonRun(result=result, settings=settings, cache_path=base, cached=False)

@@ -265,3 +265,23 @@ class SweepRun(RunProtocol):
 
         result = SweepResult.load(path)
         return cls(result=result, cached=[True] * len(result.points))
+
+
+@dataclass(repr=False)
+class HorizonRun(RunProtocol):
+    """``normgrowth horizon``: the :class:`~normgrowth.horizon.HorizonResult` and where it came from."""
+
+    result: Any  # HorizonResult
+    settings: RunSettings
+    cache_path: Optional[Path]
+    cached: bool
+
+    def text(self) -> str:
+        return self.result.text()
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "HorizonRun":
+        from .horizon import HorizonResult
+        from .protocol import result_base
+
+        return cls(result=HorizonResult.load(path), settings=_settings(), cache_path=result_base(path), cached=True)

@@ -71,6 +71,13 @@ def _write_model_results(ckpt: Path, root: Path, slug: str, batch) -> dict:
     if collect_deletion is not None:
         atomic_write_json(out / "deletion.json", collect_deletion(model, batch, n_boot=50).to_json())
         made["deletion"] = True
+    try:
+        from normgrowth.horizon import collect_horizon
+    except ImportError:
+        collect_horizon = None
+    if collect_horizon is not None:
+        atomic_write_json(out / "horizon.json", collect_horizon(model, batch, horizons="1,2", causal_writes="embed,mlp_out.1",
+                                                                n_boot=50).to_json())
     return made
 
 
