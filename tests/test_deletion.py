@@ -7,6 +7,7 @@ import math
 import types
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -166,16 +167,19 @@ def centred_tokens(writes: np.ndarray) -> np.ndarray:
     return writes - writes.mean(0, keepdims=True)
 
 
-def ratio_of_sums(wt: np.ndarray, reader_index) -> dict[str, np.ndarray]:
-    """rho, delta, R from token-centred writes [T, C, d], summing over tokens with explicit vectors."""
+def ratio_of_sums(wt: np.ndarray, reader_index, raw: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """rho, delta, R from token-centred writes [T, C, d], summing over tokens with explicit vectors; the dilution
+    divides by the stream of the writes before token-centring (``raw``, default ``wt``): what the norm sees."""
     T, C, _ = wt.shape
+    raw = wt if raw is None else raw
     out = {q: np.full((len(reader_index), C), np.nan) for q in ("retention", "dilution", "reading")}
     for r, k in enumerate(reader_index):
         stream = wt[:, :k].sum(1)
+        seen = raw[:, :k].sum(1)
         for c in range(k):
             w = wt[:, c]
             out["retention"][r, c] = np.sum(wt[:, c:k].sum(1) * w) / np.sum(w * w)
-            out["dilution"][r, c] = math.sqrt(np.sum(w * w) / np.sum(stream * stream))
+            out["dilution"][r, c] = math.sqrt(np.sum(w * w) / np.sum(seen * seen))
             out["reading"][r, c] = np.sum(w * stream) / np.sum(stream * stream)
     return out
 
@@ -201,18 +205,17 @@ def test_ratio_of_sums_equal_explicit_vectors_and_split_into_sequences():
     seq = np.repeat(np.arange(6), 10)
     sums = _sums_from_writes(P, seq, 6, lay.reader_index, eps=1e-5)
     summ = summarize_deletion(*sums, lay, n_boot=0)
-    want = ratio_of_sums(centred_tokens(P), lay.reader_index)
+    want = ratio_of_sums(centred_tokens(P), lay.reader_index, raw=P)
     for q in ("retention", "dilution", "reading"):
         np.testing.assert_allclose(summ["point"][f"matrix.{q}"], want[q], rtol=1e-9, err_msg=q)
-    # the null: every token-centred write rescaled to one RMS norm, directions kept
+    # the null: every token-centred write rescaled to one RMS norm, directions kept (its mean with it)
     wt = centred_tokens(P)
-    unit = wt / np.sqrt((wt**2).sum((0, 2)))[None, :, None]
-    np.testing.assert_allclose(summ["point"]["matrix.reading_null"],
-                               ratio_of_sums(unit, lay.reader_index)["reading"], rtol=1e-9)
-    np.testing.assert_allclose(summ["point"]["matrix.dilution_null"],
-                               ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
-    np.testing.assert_allclose(summ["point"]["matrix.excess_dilution"],
-                               want["dilution"] / ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
+    scale = np.sqrt((wt**2).sum((0, 2)))[None, :, None]
+    unit = ratio_of_sums(wt / scale, lay.reader_index, raw=P / scale)
+    np.testing.assert_allclose(summ["point"]["matrix.reading_null"], unit["reading"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.dilution_null"], unit["dilution"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.excess_dilution"], want["dilution"] / unit["dilution"],
+                               rtol=1e-9)
 
 
 def test_normalized_change_equals_explicit_vectors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..data import TokenBatch, as_token_batch, iter_batches
 from ..errors import NormgrowthError
 from ..numerics import DEFAULT_N_BOOT
 from .estimators import StreamLayout, project_writes, stream_layout, token_sums
+from .reads import read_terms, reader_factor
 from .results import DeletionResults
 
 _CHUNK_BYTES = 256 * 2**20  # working memory for one chunk of per-token quantities
@@ -113,88 +115,167 @@ def deletion_bytes_per_token(model: Any) -> int:
     return 4 * (n_c + 1) * d + 16 * n_c * d + 8 * n_r * d + 8 * (2 * n_c * n_c + 4 * n_r * n_c)
 
 
+@dataclass(frozen=True)
+class ReaderMaps:
+    """The reader sublayers of :mod:`.reads`: names, writes before each (``k``), whether each divides by the
+    stream's size, and each factor ``F_L`` ``[d, d]`` (:func:`.reads.reader_factor`)."""
+
+    names: tuple[str, ...]
+    k: tuple[int, ...]
+    normalises: tuple[bool, ...]
+    factors: tuple[torch.Tensor, ...]
+
+
+def reader_maps(model: Any) -> ReaderMaps:
+    """Per block: the attention (Q, K, V input weights, stored K/V heads, through ``ln1``) and the dense MLP
+    (gate and up, or the input weights, through ``ln2``); then the unembedding through the final norm.
+    Sublayers without an input norm (output-only placement) read the raw stream: gain 1. Mixture-of-experts
+    MLPs are left out (no single input matrix)."""
+    n, d = int(model.n_layers), int(model.d_model)
+    w = model.stacked_weights(["W_Q", "W_K_stored", "W_V_stored", "W_in", "W_gate", "ln1_w", "ln2_w", "lnf_w"])
+    offset = float(model.norm_gain_offset)
+    ones = torch.ones(d)
+    normalises = reader_normalises(model)
+
+    def gain(key: str, layer: int, norm: bool) -> torch.Tensor:
+        g = w.get(key)
+        return ones if (g is None or not norm) else g[layer].float() + offset
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [head, d, d_head] -> [d, head * d_head]
+        return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+
+    names, ks, norms, factors = [], [], [], []
+    for layer in range(n):
+        qkv = torch.cat([heads(w[key][layer].float()) for key in ("W_Q", "W_K_stored", "W_V_stored")], 1)
+        names.append(f"attn.{layer}")
+        ks.append(1 + 2 * layer)
+        norms.append(normalises[layer])
+        factors.append(reader_factor(qkv, gain("ln1_w", layer, normalises[layer])))
+        if w.get("W_in") is None:
+            continue
+        mlp_in = w["W_in"][layer].float()
+        if w.get("W_gate") is not None:
+            mlp_in = torch.cat([w["W_gate"][layer].float(), mlp_in], 1)
+        names.append(f"mlp.{layer}")
+        ks.append(1 + 2 * layer if model.parallel_blocks else 2 + 2 * layer)
+        norms.append(normalises[layer])
+        factors.append(reader_factor(mlp_in, gain("ln2_w", layer, normalises[layer])))
+    unembed = model.hf_model.get_output_embeddings().weight.detach().float().T  # [d, vocab]
+    names.append("unembed")
+    ks.append(2 * n + 1)
+    norms.append(True)
+    factors.append(reader_factor(unembed, gain("lnf_w", 0, True)))
+    return ReaderMaps(tuple(names), tuple(ks), tuple(norms), tuple(f.to(model.input_device) for f in factors))
+
+
 def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = None,
                      progress: Optional[Callable[[int, int], None]] = None, n_boot: int = DEFAULT_N_BOOT,
                      seed: int = 0, checkpoint: Any = None) -> DeletionResults:
     """Stream the deletion sums of ``model`` over ``batch`` (two passes: write means, then sums).
 
-    Position 0 and padding are excluded; per-token terms in float64 (:func:`token_sums`), sums in
-    float64. ``ablate``: None (no causal check), "default", or write labels / layer numbers for
-    :func:`ablation_check`. ``progress(n_done, n_total)`` is called after each batch of the second pass.
-    ``checkpoint`` (a :class:`normgrowth.checkpoint.Checkpoint`): the write means once the first pass
-    is done and the per-sequence sums every ``checkpoint.every`` batches of the second are saved, and a
-    saved state of the same run is resumed; removed at the end.
+    Position 0 and padding are excluded; per-token terms in float64 (:func:`token_sums`,
+    :func:`.reads.read_terms`), sums in float64. ``ablate``: None (no causal check), "default", or write labels /
+    layer numbers for :func:`ablation_check`. ``progress(n_done, n_total)`` is called after each batch of the
+    second pass with this process's counts. ``checkpoint`` (a :class:`normgrowth.checkpoint.Checkpoint`): the
+    write means once the first pass is done and the per-sequence sums every ``checkpoint.every`` batches of the
+    second are saved, and a saved state of the same run is resumed; removed at the end. Under ``torchrun`` each
+    rank collects a contiguous block of whole batches (:func:`normgrowth.distributed.shard_batches`); the write
+    sums and the per-sequence rows are merged exactly, and every rank returns the same result.
     """
+    from .. import distributed
+    from .ablation import ablation_check, resolve_ablation_writes
+
     tokens, mask = _batch_tensors(batch, model)
     layout = stream_layout(model.n_layers)
     n_seqs = tokens.shape[0]
     n_r, n_c, d = len(layout.readers), layout.n_writes, model.d_model
-    from .ablation import ablation_check, resolve_ablation_writes
-
     ablation_writes = resolve_ablation_writes(model, ablate) if ablate is not None else None
     eps = float(model.norm_eps)
-    resume = _DeletionCheckpoint(checkpoint, batch_size, n_seqs, (n_c, d))
-    raw_mean = resume.raw_mean
-    if raw_mean is None:
-        with torch.inference_mode():
-            means = _write_means(model, tokens, mask, layout.writes, batch_size)
-        raw_mean = torch.stack([means[w] for w in layout.writes])  # [C, d] float64
-        resume.save(raw_mean, 0, {})
-    write_mean = raw_mean - raw_mean.mean(-1, keepdim=True) if model.centers else raw_mean
-    mean_gram = (write_mean @ write_mean.T).numpy()
-    seq_gram = np.zeros((n_seqs, n_c, n_c))
-    seq_infl = np.zeros((n_seqs, n_r, n_c))
-    seq_fnorm = np.zeros((n_seqs, n_r))
+    rank, world_size = distributed.world()
+    lo, hi = distributed.shard_batches(n_seqs, batch_size, rank, world_size)
+    maps = reader_maps(model)
+    n_rs = len(maps.names)
+    resume = _DeletionCheckpoint(checkpoint, batch_size, n_seqs, (n_c, d), (lo, hi))
+    seq_gram = np.zeros((hi - lo, n_c, n_c))
+    seq_infl = np.zeros((hi - lo, n_r, n_c))
+    seq_fnorm = np.zeros((hi - lo, n_r))
+    seq_read = np.zeros((hi - lo, n_rs, n_c))
+    seq_read0 = np.zeros((hi - lo, n_rs, n_c))
     seq_n_tokens = _valid(mask).sum(1).numpy().astype(np.int64)
     collector = _WriteCollector(model, layout)
-    done = resume.restore(seq_gram, seq_infl, seq_fnorm, collector)
-    normalises = reader_normalises(model)
-    chunk = max(1, _CHUNK_BYTES // (8 * (3 * n_c * d + n_r * d + 2 * n_c * n_c + 4 * n_r * n_c)))
-    n_batches = 0
-    with torch.inference_mode(), model.hooks(collector.hooks()):
-        for start, tok, m in iter_batches(tokens[done:], mask[done:], batch_size):
-            start += done
-            valid = _valid(m)
-            collector.start_batch(valid)
-            model.forward(tok, attention_mask=m, logits=False)  # the stream only
-            if collector.done is None:
-                raise RuntimeError("the final_in hook did not fire: the writes were not all seen")
-            writes = collector.done
-            collector.done = None
-            dev = writes.device
-            acc_dev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
-            valid_d = valid.to(dev)
-            seq_id = torch.arange(tok.shape[0], device=dev)[:, None].expand_as(valid_d)[valid_d].to(acc_dev)
-            w_valid = writes[valid_d]  # [n_valid, C, d]
-            del writes
-            g_sum = torch.zeros(tok.shape[0], n_c, n_c, dtype=torch.float64, device=acc_dev)
-            i_sum = torch.zeros(tok.shape[0], n_r, n_c, dtype=torch.float64, device=acc_dev)
-            f_sum = torch.zeros(tok.shape[0], n_r, dtype=torch.float64, device=acc_dev)
-            for lo in range(0, w_valid.shape[0], chunk):
-                gram, change, size = token_sums(w_valid[lo:lo + chunk], write_mean, layout.reader_index, eps,
-                                                normalises)
-                ids = seq_id[lo:lo + chunk]
-                g_sum.index_add_(0, ids, gram.to(acc_dev))
-                i_sum.index_add_(0, ids, change.to(acc_dev))
-                f_sum.index_add_(0, ids, size.to(acc_dev))
-            stop = start + tok.shape[0]
-            seq_gram[start:stop] = g_sum.cpu().numpy()
-            seq_infl[start:stop] = i_sum.cpu().numpy()
-            seq_fnorm[start:stop] = f_sum.cpu().numpy()
-            n_batches += 1
-            if resume.due(n_batches) and stop < n_seqs:
-                resume.save(raw_mean, stop, {"seq_gram": seq_gram[:stop], "seq_infl": seq_infl[:stop],
-                                             "seq_fnorm": seq_fnorm[:stop],
-                                             "max_rel_error": np.float64(collector.max_rel_error)})
-            if progress is not None:
-                progress(stop, n_seqs)
+    error: Optional[BaseException] = None
+    try:
+        raw_mean = resume.raw_mean
+        if raw_mean is None:
+            with torch.inference_mode():
+                sums, count = _write_sums(model, tokens[lo:hi], mask[lo:hi], layout.writes, batch_size)
+            sums, count = distributed.sum_over_ranks(np.stack([sums[w].numpy() for w in layout.writes]), count)
+            raw_mean = torch.from_numpy(sums) / max(count, 1)  # [C, d] float64
+            resume.save(raw_mean, 0, {})
+        write_mean = raw_mean - raw_mean.mean(-1, keepdim=True) if model.centers else raw_mean
+        done = resume.restore({"seq_gram": seq_gram, "seq_infl": seq_infl, "seq_fnorm": seq_fnorm,
+                               "seq_read": seq_read, "seq_read0": seq_read0}, collector)
+        normalises = reader_normalises(model)
+        per_token = 3 * n_c * d + n_r * d + 2 * n_c * n_c + 4 * n_r * n_c + 3 * n_rs * n_c + n_c * d // 2
+        chunk = max(1, _CHUNK_BYTES // (8 * per_token))
+        n_batches = 0
+        with torch.inference_mode(), model.hooks(collector.hooks()):
+            for start, tok, m in iter_batches(tokens[lo + done:hi], mask[lo + done:hi], batch_size):
+                start += done  # row within this rank's block
+                valid = _valid(m)
+                collector.start_batch(valid)
+                model.forward(tok, attention_mask=m, logits=False)  # the stream only
+                if collector.done is None:
+                    raise RuntimeError("the final_in hook did not fire: the writes were not all seen")
+                writes = collector.done
+                collector.done = None
+                dev = writes.device
+                acc_dev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
+                valid_d = valid.to(dev)
+                seq_id = torch.arange(tok.shape[0], device=dev)[:, None].expand_as(valid_d)[valid_d].to(acc_dev)
+                w_valid = writes[valid_d]  # [n_valid, C, d]
+                del writes
+                sums_b = {key: torch.zeros((tok.shape[0],) + shape, dtype=torch.float64, device=acc_dev)
+                          for key, shape in (("gram", (n_c, n_c)), ("infl", (n_r, n_c)), ("fnorm", (n_r,)),
+                                             ("read", (n_rs, n_c)), ("read0", (n_rs, n_c)))}
+                for a in range(0, w_valid.shape[0], chunk):
+                    part = w_valid[a:a + chunk]
+                    gram, change, size = token_sums(part, write_mean, layout.reader_index, eps, normalises)
+                    read, read0 = read_terms(part, maps.factors, maps.k, maps.normalises, eps)
+                    ids = seq_id[a:a + chunk]
+                    for key, val in (("gram", gram), ("infl", change), ("fnorm", size), ("read", read),
+                                     ("read0", read0)):
+                        sums_b[key].index_add_(0, ids, val.to(acc_dev))
+                stop = start + tok.shape[0]
+                for arr, key in ((seq_gram, "gram"), (seq_infl, "infl"), (seq_fnorm, "fnorm"), (seq_read, "read"),
+                                 (seq_read0, "read0")):
+                    arr[start:stop] = sums_b[key].cpu().numpy()
+                n_batches += 1
+                if resume.due(n_batches) and lo + stop < hi:
+                    resume.save(raw_mean, stop, {"seq_gram": seq_gram[:stop], "seq_infl": seq_infl[:stop],
+                                                 "seq_fnorm": seq_fnorm[:stop], "seq_read": seq_read[:stop],
+                                                 "seq_read0": seq_read0[:stop],
+                                                 "max_rel_error": np.float64(collector.max_rel_error)})
+                if progress is not None:
+                    progress(stop, hi - lo)
+    except Exception as err:  # shared with the other ranks before raising (no rank left waiting)
+        error = err
+    if world_size > 1:
+        distributed.check_all(error)
+    elif error is not None:
+        raise error
+    seq_gram, seq_infl, seq_fnorm, seq_read, seq_read0 = distributed.gather_rows(
+        [seq_gram, seq_infl, seq_fnorm, seq_read, seq_read0])
+    max_rel_error = distributed.max_over_ranks(collector.max_rel_error)
     res = DeletionResults(
         model=str(model.spec), ln_free=bool(model.ln_free), normalization=str(model.normalization),
         centers=bool(model.centers), n_layers=int(model.n_layers), d_model=int(d), norm_eps=eps, layout=layout,
         norm_placement=str(model.norm_placement), parallel_blocks=bool(model.parallel_blocks),
-        seq_gram=seq_gram, seq_n_tokens=seq_n_tokens, seq_infl=seq_infl, seq_fnorm=seq_fnorm, mean_gram=mean_gram,
-        max_write_sum_rel_error=collector.max_rel_error, data_source=str(getattr(batch, "source", "")),
-        n_boot=n_boot, seed=seed)
+        seq_gram=seq_gram, seq_n_tokens=seq_n_tokens, seq_infl=seq_infl, seq_fnorm=seq_fnorm,
+        mean_gram=(write_mean @ write_mean.T).numpy(), max_write_sum_rel_error=max_rel_error,
+        data_source=str(getattr(batch, "source", "")), n_boot=n_boot, seed=seed, seq_read=seq_read,
+        seq_read0=seq_read0, read_readers=maps.names, read_reader_k=maps.k,
+        shards=distributed.all_gather([lo, hi]))
     if ablation_writes:
         res.ablation = ablation_check(model, batch, writes=ablation_writes, batch_size=batch_size)
     resume.remove()
@@ -203,9 +284,10 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
 
 class _DeletionCheckpoint:
     """Saving and resuming :func:`collect_deletion`'s state (:mod:`normgrowth.checkpoint`): the raw write
-    means ``[C, d]`` after the first pass, then the per-sequence sums of the sequences done."""
+    means ``[C, d]`` after the first pass, then the per-sequence sums of this rank's sequences done."""
 
-    def __init__(self, checkpoint: Any, batch_size: int, n_seqs: int, mean_shape: tuple[int, int]):
+    def __init__(self, checkpoint: Any, batch_size: int, n_seqs: int, mean_shape: tuple[int, int],
+                 block: tuple[int, int]):
         self.checkpoint, self.raw_mean, self.state, self.done = checkpoint, None, {}, 0
         self.every = None if checkpoint is None else checkpoint.every
         if checkpoint is None:
@@ -217,27 +299,27 @@ class _DeletionCheckpoint:
 
         self._ckpt, self._started = ckpt, time.perf_counter()
         self.path = checkpoint.path(*world())
-        self.ident = ckpt.identity(checkpoint.key, kind="deletion", batch_size=batch_size, n_sequences=n_seqs)
+        self.ident = ckpt.identity(checkpoint.key, kind="deletion", batch_size=batch_size, n_sequences=n_seqs,
+                                   block=list(block), estimator="reads")
         done, state, why = ckpt.load(self.path, self.ident)
         if state is not None and tuple(state.get("raw_mean", np.zeros(0)).shape) != mean_shape:
             state, why = None, "with other shapes"
         if state is not None:
             self.raw_mean, self.state, self.done = torch.from_numpy(state.pop("raw_mean")), state, done
-            checkpoint.say(f"resuming at sequence {done} of {n_seqs}" if done else
+            checkpoint.say(f"resuming at sequence {block[0] + done} of {n_seqs}" if done else
                            "resuming after the first pass (write means)")
         elif why:
             checkpoint.say(f"ignoring checkpoint {self.path} {why}; starting afresh")
 
-    def restore(self, seq_gram: np.ndarray, seq_infl: np.ndarray, seq_fnorm: np.ndarray, collector: Any) -> int:
-        """Put the saved per-sequence sums back; the number of sequences done (the second pass starts)."""
+    def restore(self, arrays: dict[str, np.ndarray], collector: Any) -> int:
+        """Put the saved per-sequence sums back into ``arrays``; the number of this rank's sequences done."""
         if self.checkpoint is not None:
             import time
 
             self._started = time.perf_counter()
         if self.done:
-            seq_gram[:self.done] = self.state["seq_gram"]
-            seq_infl[:self.done] = self.state["seq_infl"]
-            seq_fnorm[:self.done] = self.state["seq_fnorm"]
+            for key, arr in arrays.items():
+                arr[:self.done] = self.state[key]
             collector.max_rel_error = float(self.state["max_rel_error"])
         return self.done
 
@@ -262,9 +344,9 @@ class _DeletionCheckpoint:
             self._ckpt.remove(self.path)
 
 
-def _write_means(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: Sequence[str],
-                 batch_size: int) -> dict[str, torch.Tensor]:
-    """Mean vector of each write over real tokens at positions >= 1 (float64)."""
+def _write_sums(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: Sequence[str],
+                batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum of each write over real tokens at positions >= 1 (float64), and the number of those tokens."""
     sums = {lab: torch.zeros(model.d_model, dtype=torch.float64) for lab in labels}
     state: dict[str, torch.Tensor] = {}
 
@@ -289,4 +371,11 @@ def _write_means(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: S
             state["valid"] = _valid(m)
             n += int(state["valid"].sum())
             model.forward(tok, attention_mask=m, logits=False)
+    return sums, n
+
+
+def _write_means(model: Any, tokens: torch.Tensor, mask: torch.Tensor, labels: Sequence[str],
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean vector of each write over real tokens at positions >= 1 (float64)."""
+    sums, n = _write_sums(model, tokens, mask, labels, batch_size)
     return {lab: s / max(n, 1) for lab, s in sums.items()}

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from ..numerics import DEFAULT_N_BOOT, loglinear_slope, percentile_ci, polyfit_rows, resample_counts
+from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, front_share, innovation_factor, innovation_retention,
+                    locality_statistics, pooled_retention, read_distance)
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null", "dilution_null",
               "visibility_null", "excess_dilution")
@@ -47,9 +49,6 @@ MATRICES = QUANTITIES + ("influence",)
 SHARE_WITHIN = (1, 2, 4, 8)  # layers for the locality shares
 MIN_PAIRS = 3  # a distance enters pooled statistics only with at least this many (reader, write) pairs
 ZERO_WRITE_TOL = 1e-5  # a write whose centred RMS is below this fraction of its raw RMS counts as zero
-# verdict thresholds (documented in docs/deletion.md)
-RETENTION_KEPT = 0.8  # retention at distance >= 2 above this: kept; below: erased
-EXCESS_DECAY_MIN = 1.02  # excess-dilution decay per layer above this: dilution outpaces its equal-norm null
 _BOOT_BLOCK = 128  # bootstrap replicates evaluated together
 
 
@@ -112,7 +111,7 @@ def gram_from_writes(writes: torch.Tensor, center: bool) -> torch.Tensor:
     return p @ p.transpose(-1, -2)
 
 
-def deletion_quantities(gram: Any, reader_index: Sequence[int]) -> dict[str, torch.Tensor]:
+def deletion_quantities(gram: Any, reader_index: Sequence[int], stream_gram: Any = None) -> dict[str, torch.Tensor]:
     """Retention, dilution, visibility, reading share and their equal-norm nulls from a Gram matrix.
 
     gram: ``[..., C, C]`` (a per-token Gram matrix, or ``Gamma`` summed over tokens for the
@@ -122,10 +121,13 @@ def deletion_quantities(gram: Any, reader_index: Sequence[int]) -> dict[str, tor
     ``S_k = sum_{i,j<k} G_ij``: ``rho = sum_{c<=j<k} G_cj / G_cc``, ``delta = sqrt(G_cc / S_k)``,
     ``nu = rho delta``, ``R = sum_{j<k} G_cj / S_k``; ``R0, delta0, nu0`` are the same of
     ``G_ij / sqrt(G_ii G_jj)``; ``excess_dilution = delta / delta0``. A write with ``G_cc = 0`` has
-    NaN retention, visibility and excess dilution, dilution 0 and null share 0.
+    NaN retention, visibility and excess dilution, dilution 0 and null share 0. ``stream_gram`` (default
+    ``gram``): the Gram matrix whose sums ``S_k`` are the dilution's denominator (the token-centred Gram plus
+    ``n_tokens <mu_i, mu_j>``, so that it holds the shared mean direction the norm divides by too).
     """
     G = torch.as_tensor(gram)
     G = G if G.dtype == torch.float64 else G.float()
+    S = G if stream_gram is None else torch.as_tensor(stream_gram).to(G.dtype)
     n_writes = G.shape[-1]
     k = torch.as_tensor(list(reader_index), dtype=torch.long, device=G.device)
     if k.numel() == 0 or int(k.min()) < 1 or int(k.max()) > n_writes:
@@ -133,9 +135,10 @@ def deletion_quantities(gram: Any, reader_index: Sequence[int]) -> dict[str, tor
     before = torch.arange(n_writes, device=G.device)[None, :] < k[:, None]  # [R, C]
     nan = torch.tensor(float("nan"), dtype=G.dtype, device=G.device)
 
-    def core(gram_: torch.Tensor) -> dict[str, torch.Tensor]:
+    def core(gram_: torch.Tensor, stream_: torch.Tensor) -> dict[str, torch.Tensor]:
         to_reader = gram_.cumsum(-1)[..., :, k - 1].transpose(-1, -2)  # [..., R, C]: sum_{j<k} G_cj
-        stream_sq = torch.where(before, to_reader, 0.0).sum(-1)  # [..., R]: S_k
+        own_sq = torch.where(before, to_reader, 0.0).sum(-1)  # [..., R]: sum_{i,j<k} G_ij
+        stream_sq = torch.where(before, stream_.cumsum(-1)[..., :, k - 1].transpose(-1, -2), 0.0).sum(-1)
         from_write = torch.triu(gram_).cumsum(-1)[..., :, k - 1].transpose(-1, -2)  # sum_{c<=j<k} G_cj
         diag = gram_.diagonal(dim1=-2, dim2=-1)
         has_norm = (diag > 0)[..., None, :]
@@ -144,12 +147,13 @@ def deletion_quantities(gram: Any, reader_index: Sequence[int]) -> dict[str, tor
         return {"retention": torch.where(has_norm, from_write / diag[..., None, :], nan),
                 "dilution": write_norm / stream_norm,
                 "visibility": torch.where(has_norm, from_write / (write_norm * stream_norm), nan),
-                "reading": to_reader / stream_sq[..., :, None]}
+                "reading": to_reader / own_sq[..., :, None]}
 
-    q = core(G)
+    q = core(G, S)
     diag = G.diagonal(dim1=-2, dim2=-1)
     inv_norm = torch.where(diag > 0, diag.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 0.0)
-    null = core(G * inv_norm[..., :, None] * inv_norm[..., None, :])
+    scale = inv_norm[..., :, None] * inv_norm[..., None, :]
+    null = core(G * scale, S * scale)
     q["reading_null"] = null["reading"]
     q["dilution_null"] = null["dilution"]
     q["visibility_null"] = null["visibility"]
@@ -274,51 +278,6 @@ def locality(reading: np.ndarray, reading_null: np.ndarray, distance: np.ndarray
     return out
 
 
-def deletion_verdict(retention_far: float, retention_far_ci: Sequence[float], excess_decay: float,
-                     excess_decay_ci: Sequence[float], kept_min: float = RETENTION_KEPT,
-                     excess_min: float = EXCESS_DECAY_MIN) -> dict[str, Any]:
-    """Label from two CIs: retention at distance >= 2 and the excess-dilution decay per layer.
-
-    kept: CI of retention entirely >= ``kept_min``; erased: entirely < ``kept_min``. Dilution outpaces
-    its equal-norm null: CI of the excess decay entirely > ``excess_min``; does not: entirely <=.
-    magnitude = kept and outpaced; erasure = erased and not outpaced; mixed = erased and outpaced;
-    neither = kept and not outpaced (nothing is deleted); inconclusive = a CI straddles its threshold
-    or is missing.
-    """
-    def side(ci: Sequence[float], thr: float, strict_above: bool) -> Optional[bool]:
-        lo, hi = (float("nan") if v is None else float(v) for v in ci)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return None
-        if (lo > thr) if strict_above else (lo >= thr):
-            return True
-        if (hi <= thr) if strict_above else (hi < thr):
-            return False
-        return None
-
-    kept = side(retention_far_ci, kept_min, strict_above=False)
-    outpaced = side(excess_decay_ci, excess_min, strict_above=True)
-    if kept is None or outpaced is None:
-        label = "inconclusive"
-        why = []
-        if kept is None:
-            why.append(f"the CI of retention at distance >= 2 does not lie on one side of {kept_min}")
-        if outpaced is None:
-            why.append(f"the CI of the excess-dilution decay does not lie on one side of {excess_min}")
-        reason = "; ".join(why)
-    else:
-        label = {(True, True): "magnitude", (False, False): "erasure", (False, True): "mixed",
-                 (True, False): "neither"}[(kept, outpaced)]
-        reason = {"magnitude": "earlier writes are kept but outgrown: dilution falls faster than its equal-norm null",
-                  "erasure": "later writes remove earlier ones, and dilution does not outpace its null",
-                  "mixed": "later writes remove earlier ones, and dilution also outpaces its null",
-                  "neither": "earlier writes are kept and dilution does not outpace its null"}[label]
-    return {"label": label, "reason": reason,
-            "retention_far": {"value": retention_far, "ci95": list(retention_far_ci), "kept": kept},
-            "excess_dilution_decay_per_layer": {"value": excess_decay, "ci95": list(excess_decay_ci),
-                                                "outpaces_null": outpaced},
-            "thresholds": {"retention_kept_min": kept_min, "excess_decay_min": excess_min}}
-
-
 def stream_parts(gamma: np.ndarray, mean_gram: np.ndarray, n_tokens: int, reader_index: Sequence[int]
                  ) -> dict[str, np.ndarray]:
     """Split each reader's mean squared projected norm into the token-mean part and the rest.
@@ -360,13 +319,20 @@ def _design(layout: StreamLayout, zero: np.ndarray) -> _Design:
 
 
 def _statistics(gamma: np.ndarray, infl_num: np.ndarray, infl_den: np.ndarray, n_tokens: np.ndarray,
-                des: _Design, summary_writes: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+                des: _Design, summary_writes: Optional[np.ndarray], mean_gram: Optional[np.ndarray] = None
+                ) -> dict[str, np.ndarray]:
     """Every estimate for a stack of summed Gram matrices ``gamma [B, C, C]`` (one per replicate)."""
     lay = des.layout
     g = gamma.copy()
     g[:, des.zero, :] = 0.0
     g[:, :, des.zero] = 0.0
-    q = {k: v.numpy() for k, v in deletion_quantities(torch.from_numpy(g), lay.reader_index).items()}
+    stream = None
+    if mean_gram is not None:
+        m = np.asarray(mean_gram, dtype=np.float64).copy()
+        m[des.zero, :] = 0.0
+        m[:, des.zero] = 0.0
+        stream = torch.from_numpy(g + n_tokens[:, None, None] * m[None])
+    q = {k: v.numpy() for k, v in deletion_quantities(torch.from_numpy(g), lay.reader_index, stream).items()}
     with np.errstate(invalid="ignore", divide="ignore"):
         q["influence"] = np.where(np.isfinite(des.distance), infl_num / infl_den[..., None], np.nan)
     for k in q:
@@ -402,14 +368,85 @@ def _summary_writes(point_slopes: dict[str, np.ndarray], des: _Design) -> np.nda
     return ok
 
 
+@dataclass(frozen=True)
+class _ReadDesign:
+    """Which pairs and writes enter the read and innovation statistics (fixed from the full sample)."""
+
+    readers: tuple[str, ...]  # reader sublayers (attn.l, mlp.l, unembed)
+    reader_k: tuple[int, ...]
+    distance: np.ndarray  # [Rs, C] (k - c) / 2, NaN where c >= k
+    fit_pairs: np.ndarray  # [Rs, C] block reader sublayers (not the unembedding) with I, I0 > 0
+    fit_writes: np.ndarray  # [C] writes with >= 2 fit pairs and finite slopes
+    curve_d: np.ndarray  # distances of the by-distance curves
+    far_pairs: np.ndarray  # [R, C] stream readers >= FAR_DISTANCE layers after a non-zero write
+    retention_writes: np.ndarray  # [C] non-zero writes with innovation and far readers
+    no_innovation: np.ndarray  # [C] non-zero writes without innovation (counted, skipped)
+    front: np.ndarray  # [C] the embedding and block 0's writes
+
+
+def _read_design(gamma: np.ndarray, mean_gram: np.ndarray, n_tokens: float, read: Optional[np.ndarray],
+                 read0: Optional[np.ndarray], readers: Sequence[str], reader_k: Sequence[int], des: _Design
+                 ) -> _ReadDesign:
+    lay = des.layout
+    n_c = lay.n_writes
+    raw = np.diag(gamma) + n_tokens * np.diag(mean_gram)
+    if read is None:
+        dist = np.zeros((0, n_c))
+        fit_pairs = np.zeros((0, n_c), dtype=bool)
+        fit_writes = np.zeros(n_c, dtype=bool)
+        curve_d = np.zeros(0)
+    else:
+        dist = read_distance(reader_k, n_c)
+        block = np.array([r != "unembed" for r in readers])[:, None]
+        fit_pairs = np.isfinite(dist) & block & (raw > 0)[None, :] & (read > 0) & (read0 > 0)
+        probe = locality_statistics(read[None], read0[None], raw[None], dist, fit_pairs,
+                                    fit_pairs.sum(0) >= 2, np.zeros(0))
+        fit_writes = (fit_pairs.sum(0) >= 2) & np.isfinite(probe["write_locality_slope"][0]) \
+            & np.isfinite(probe["write_magnitude_slope"][0])
+        curve_d = np.unique(dist[fit_pairs & fit_writes[None, :]])
+    _, innov = innovation_factor(gamma, des.zero)
+    has = innov >= NO_INNOVATION_TOL * np.diag(gamma)
+    stream_dist = des.distance
+    far = np.isfinite(stream_dist) & (np.nan_to_num(stream_dist, nan=0.0) >= FAR_DISTANCE) & ~des.zero[None, :]
+    front = np.array([w == "embed" or w.endswith(".0") for w in lay.writes])
+    return _ReadDesign(tuple(readers), tuple(reader_k), dist, fit_pairs, fit_writes, curve_d, far,
+                       ~des.zero & has & far.any(0), ~des.zero & ~has, front)
+
+
+def _read_statistics(gamma: np.ndarray, n_tokens: np.ndarray, mean_gram: np.ndarray, read: Optional[np.ndarray],
+                     read0: Optional[np.ndarray], rdes: _ReadDesign, des: _Design) -> dict[str, np.ndarray]:
+    """Reads, locality, magnitude share, innovation retention and the front share for ``[B, ...]`` stacks."""
+    lay = des.layout
+    out: dict[str, np.ndarray] = {}
+    raw = np.diagonal(gamma, axis1=-2, axis2=-1) + n_tokens[:, None] * np.diag(mean_gram)[None, :]
+    if read is not None:
+        loc = locality_statistics(read, read0, raw, rdes.distance, rdes.fit_pairs, rdes.fit_writes, rdes.curve_d)
+        out.update({f"read.{k}": v for k, v in loc.items()})
+        out["matrix.read"] = np.where(np.isfinite(rdes.distance), read, np.nan)
+        out["matrix.read_no_growth"] = np.where(np.isfinite(rdes.distance), read0, np.nan)
+    lower, innov = innovation_factor(gamma, des.zero | rdes.no_innovation)
+    rho = innovation_retention(lower, lay.reader_index)
+    out["matrix.innovation_retention"] = np.where(rdes.retention_writes[None, :], rho, np.nan)
+    pooled = pooled_retention(rho, rdes.far_pairs, innov, np.diagonal(gamma, axis1=-2, axis2=-1),
+                              rdes.retention_writes)
+    out.update({f"retention.{k}": v for k, v in pooled.items()})
+    out["innovation_share"] = np.where(rdes.retention_writes, innov, np.nan) / np.diagonal(gamma, axis1=-2, axis2=-1)
+    raw_gram = gamma + n_tokens[:, None, None] * mean_gram[None]
+    out["front_share"] = front_share(raw_gram, rdes.front, lay.reader_index[-1])
+    return out
+
+
 def summarize_deletion(seq_gram: np.ndarray, seq_n_tokens: np.ndarray, seq_infl: np.ndarray, seq_fnorm: np.ndarray,
-                       mean_gram: np.ndarray, layout: StreamLayout, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
-                       ) -> dict[str, Any]:
+                       mean_gram: np.ndarray, layout: StreamLayout, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                       seq_read: Optional[np.ndarray] = None, seq_read0: Optional[np.ndarray] = None,
+                       readers: Sequence[str] = (), reader_k: Sequence[int] = ()) -> dict[str, Any]:
     """All summaries of a deletion run from its per-sequence sums.
 
     seq_gram ``[S, C, C]``: per sequence, ``sum_t <w~_i, w~_j>`` over its tokens; seq_n_tokens ``[S]``;
     seq_infl ``[S, R, C]`` / seq_fnorm ``[S, R]``: sums of ``||N(r) - N(r - w~_c)||`` and ``||N(r)||``;
-    mean_gram ``[C, C]``: ``<mu_i, mu_j>`` of the write means. CIs: percentile bootstrap over sequences
+    mean_gram ``[C, C]``: ``<mu_i, mu_j>`` of the write means; seq_read / seq_read0 ``[S, Rs, C]``: the reads
+    ``I`` and ``I0`` of the reader sublayers ``readers`` (``reader_k`` writes before each;
+    :mod:`normgrowth.deletion.reads`). CIs: percentile bootstrap over sequences
     (:func:`normgrowth.numerics.resample_counts`); a replicate's estimate is the same function of the
     resampled sums; replicates that give NaN are counted (``nonfinite``), never dropped silently.
     """
@@ -418,31 +455,46 @@ def summarize_deletion(seq_gram: np.ndarray, seq_n_tokens: np.ndarray, seq_infl:
     infl = np.asarray(seq_infl, dtype=np.float64)
     fnorm = np.asarray(seq_fnorm, dtype=np.float64)
     mean_gram = np.asarray(mean_gram, dtype=np.float64)
+    has_read = seq_read is not None and len(readers) > 0
+    rd = np.asarray(seq_read, dtype=np.float64) if has_read else None
+    rd0 = np.asarray(seq_read0, dtype=np.float64) if has_read else None
     gamma = seq_gram.sum(0)
     N = float(n_tok.sum())
     raw_energy = np.diag(gamma) + N * np.diag(mean_gram)
     zero = zero_write_mask(np.diag(gamma), raw_energy)
     des = _design(layout, zero)
-    probe = _statistics(gamma[None], infl.sum(0)[None], fnorm.sum(0)[None], np.array([N]), des, None)
+    rdes = _read_design(gamma, mean_gram, N, None if rd is None else rd.sum(0), None if rd0 is None else rd0.sum(0),
+                        readers, reader_k, des)
+
+    def stats(g: np.ndarray, i_num: np.ndarray, i_den: np.ndarray, n: np.ndarray, r: Optional[np.ndarray],
+              r0: Optional[np.ndarray], sel_: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        out = _statistics(g, i_num, i_den, n, des, sel_, mean_gram)
+        out.update(_read_statistics(g, n, mean_gram, r, r0, rdes, des))
+        return out
+
+    probe = _statistics(gamma[None], infl.sum(0)[None], fnorm.sum(0)[None], np.array([N]), des, None, mean_gram)
     sel = _summary_writes({k: probe[f"write_slope.{k}"][0] for k in ("dilution", "visibility", "excess_dilution")},
                           des)
-    point = {k: v[0] for k, v in _statistics(gamma[None], infl.sum(0)[None], fnorm.sum(0)[None], np.array([N]),
-                                             des, sel).items()}
+    point = {k: v[0] for k, v in stats(gamma[None], infl.sum(0)[None], fnorm.sum(0)[None], np.array([N]),
+                                       None if rd is None else rd.sum(0)[None],
+                                       None if rd0 is None else rd0.sum(0)[None], sel).items()}
     n_seqs = int(seq_gram.shape[0])
     boot: dict[str, list] = {}
     if n_boot > 0 and n_seqs >= 2:
         for chunk in resample_counts(n_seqs, n_boot, seed):
             for lo in range(0, chunk.shape[0], _BOOT_BLOCK):  # bounded memory: [block, R, C] per matrix
                 counts = chunk[lo:lo + _BOOT_BLOCK]
-                st = _statistics(np.einsum("bs,sij->bij", counts, seq_gram), np.einsum("bs,src->brc", counts, infl),
-                                 counts @ fnorm, counts @ n_tok, des, sel)
+                st = stats(np.einsum("bs,sij->bij", counts, seq_gram), np.einsum("bs,src->brc", counts, infl),
+                           counts @ fnorm, counts @ n_tok,
+                           None if rd is None else np.einsum("bs,src->brc", counts, rd),
+                           None if rd0 is None else np.einsum("bs,src->brc", counts, rd0), sel)
                 for k, v in st.items():
                     if not k.startswith("matrix."):
                         boot.setdefault(k, []).append(v)
     cis = {k: percentile_ci(np.concatenate(v, 0)) for k, v in boot.items()}
-    return {"point": point, "ci": cis, "design": des, "summary_writes": sel, "n_seqs": n_seqs,
+    return {"point": point, "ci": cis, "design": des, "read_design": rdes, "summary_writes": sel, "n_seqs": n_seqs,
             "n_boot": n_boot if cis else 0, "parts": stream_parts(gamma, mean_gram, int(N), layout.reader_index),
-            "n_tokens": int(N)}
+            "n_tokens": int(N), "raw_energy": raw_energy}
 
 
 def _ci_pair(ci: Optional[Any], index: Any = ()) -> list:

@@ -14,10 +14,82 @@ from ..protocol import ResultProtocol
 from ..storage import json_safe
 from ..tables import fmt_number
 from .estimators import (MATRICES, MIN_PAIRS, StreamLayout, _ci_array, _ci_pair, _growth_over_depth,
-                         deletion_verdict, distance_matrix, locality, pair_average_by_distance, stream_layout,
-                         summarize_deletion)
+                         distance_matrix, locality, pair_average_by_distance, stream_layout, summarize_deletion)
+from .reads import ERASED_BELOW, FAR_DISTANCE, FRONT_LOADED_MIN, deletion_verdict
 
 MIN_BOOT_SEQS = 30  # fewer sequences than this make a bootstrap CI unreliable (a warning is recorded)
+
+
+def _read_document(summ: dict[str, Any]) -> dict[str, Any]:
+    """``read``, ``read_no_growth``, the new ``locality`` keys, ``magnitude_share``, ``innovation_retention``
+    and ``front_loaded`` (:mod:`normgrowth.deletion.reads`)."""
+    point, cis, des, rdes = summ["point"], summ["ci"], summ["design"], summ["read_design"]
+    lay = des.layout
+    out: dict[str, Any] = {}
+
+    def val_ci(key: str, index: Any = ()) -> tuple[Any, list]:
+        v = point.get(key)
+        return (None if v is None else np.asarray(v)[index]), _ci_pair(cis.get(key), index)
+
+    has_read = "matrix.read" in point
+    out["read_readers"] = list(rdes.readers)
+    out["read_reader_k"] = list(rdes.reader_k)
+    out["read"] = point["matrix.read"] if has_read else None
+    out["read_no_growth"] = point["matrix.read_no_growth"] if has_read else None
+    out["read_distance"] = rdes.distance if has_read else None
+    loc: dict[str, Any] = {"fit": "per write over the block reader sublayers (not the unembedding); pooled with "
+                                  "weights ||w_c||^2 as a ratio of sums; slopes of log I per layer of distance",
+                           "n_writes": int(rdes.fit_writes.sum())}
+    share: dict[str, Any] = {}
+    if has_read:
+        loc["slope"], loc["slope_ci95"] = val_ci("read.locality_slope")
+        loc["magnitude_slope"], loc["magnitude_slope_ci95"] = val_ci("read.magnitude_slope")
+        share["value"], share["value_ci95"] = val_ci("read.magnitude_share")
+        d = rdes.curve_d
+        by = {"distance": d, "read": point["read.curve_read"], "read_no_growth": point["read.curve_read_no_growth"],
+              "share": point["read.curve_share"]}
+        for key in ("read", "read_no_growth", "share"):
+            by[key + "_ci95"] = _ci_array(cis.get(f"read.curve_{key}"), (len(d),))
+        loc["by_distance"] = {k: by[k] for k in ("distance", "read", "read_ci95", "read_no_growth",
+                                                 "read_no_growth_ci95")}
+        share["by_distance"] = {"distance": d, "share": by["share"], "share_ci95": by["share_ci95"]}
+        per = []
+        for c, w in enumerate(lay.writes):
+            row: dict[str, Any] = {"write": w, "in_fit": bool(rdes.fit_writes[c]), "weight": summ["raw_energy"][c]}
+            for key, name in (("read.write_locality_slope", "locality_slope"),
+                              ("read.write_magnitude_slope", "magnitude_slope")):
+                row[name], row[name + "_ci95"] = val_ci(key, c)
+            per.append(row)
+        loc["per_write"] = per
+    else:
+        loc.update(slope=None, slope_ci95=[None, None], magnitude_slope=None, magnitude_slope_ci95=[None, None])
+        share.update(value=None, value_ci95=[None, None])
+    share["definition"] = "pooled magnitude slope / pooled locality slope (slopes of log(I/I0) and log I)"
+    out["locality_fit"] = loc
+    out["magnitude_share"] = share
+    ir: dict[str, Any] = {}
+    ir["pooled"], ir["pooled_ci95"] = val_ci("retention.innovation_weighted")
+    ir["pooled_write_weighted"], ir["pooled_write_weighted_ci95"] = val_ci("retention.write_weighted")
+    ir["median"], ir["median_ci95"] = val_ci("retention.median")
+    ir["share_below"], ir["share_below_ci95"] = val_ci("retention.share_below")
+    ir["below"] = ERASED_BELOW
+    ir["far_distance"] = FAR_DISTANCE
+    ir["n_writes"] = int(rdes.retention_writes.sum())
+    ir["no_innovation_writes"] = [w for w, z in zip(lay.writes, rdes.no_innovation) if z]
+    ir["n_no_innovation"] = len(ir["no_innovation_writes"])
+    ir["matrix"] = point["matrix.innovation_retention"]
+    per = []
+    for c, w in enumerate(lay.writes):
+        row = {"write": w, "in_pool": bool(rdes.retention_writes[c])}
+        row["retention"], row["retention_ci95"] = val_ci("retention.write_retention", c)
+        row["innovation_share"], row["innovation_share_ci95"] = val_ci("innovation_share", c)
+        per.append(row)
+    ir["per_write"] = per
+    out["innovation_retention"] = ir
+    fs, fs_ci = val_ci("front_share")
+    out["front_loaded"] = {"share": fs, "share_ci95": fs_ci, "writes": [w for w, f in zip(lay.writes, rdes.front) if f],
+                           "min": FRONT_LOADED_MIN}
+    return out
 
 
 def deletion_document(summ: dict[str, Any]) -> dict[str, Any]:
@@ -57,13 +129,19 @@ def deletion_document(summ: dict[str, Any]) -> dict[str, Any]:
         per_write.append(row)
     out["per_write"] = per_write
     out["zero_writes"] = [w for w, z in zip(lay.writes, des.zero) if z]
-    out["verdict"] = deletion_verdict(point["retention_far"], by["retention_far_ci95"],
-                                      point["excess_dilution_decay_per_layer"],
-                                      by["excess_dilution_decay_per_layer_ci95"])
-    out["verdict"]["n_writes_in_summary"] = int(sel.sum())
-    out["verdict"]["n_far_pairs"] = int(des.far_pairs.sum())
     out["locality"] = locality(point["matrix.reading"], point["matrix.reading_null"], des.distance,
                                influence=point["matrix.influence"])
+    reads = _read_document(summ)
+    out["locality"].update(reads.pop("locality_fit"))
+    out.update(reads)
+    ir, loc_new, share = out["innovation_retention"], out["locality"], out["magnitude_share"]
+    out["verdict"] = deletion_verdict(ir["pooled_ci95"], loc_new["slope_ci95"], share["value_ci95"],
+                                      out["front_loaded"]["share"])
+    out["verdict"]["evidence"] = {
+        "innovation_retention": {"value": ir["pooled"], "ci95": ir["pooled_ci95"]},
+        "locality_slope": {"value": loc_new["slope"], "ci95": loc_new["slope_ci95"]},
+        "magnitude_share": {"value": share["value"], "ci95": share["value_ci95"]},
+        "front_share": {"value": out["front_loaded"]["share"], "ci95": out["front_loaded"]["share_ci95"]}}
     parts = summ["parts"]
     depth = list(lay.reader_layer)
     centred_ci = cis.get("stream_centred_rms")
@@ -106,8 +184,10 @@ class DeletionResults(ResultProtocol):
 
     ``seq_gram[s]``: ``sum_t <w~_i, w~_j>`` over sequence ``s``'s tokens (token-centred projected
     writes, ``[C, C]``); ``seq_infl[s, r, c]`` / ``seq_fnorm[s, r]``: sums of ``||N(r_L) - N(r_L - w~_c)||``
-    and ``||N(r_L)||``; ``mean_gram``: ``<mu_i, mu_j>`` of the write means. Every statistic is a function
-    of these sums (:func:`summarize_deletion`).
+    and ``||N(r_L)||``; ``mean_gram``: ``<mu_i, mu_j>`` of the write means; ``seq_read[s, L, c]`` /
+    ``seq_read0[s, L, c]``: the reads ``I`` and ``I0`` of the reader sublayers ``read_readers`` (``read_reader_k``
+    writes before each). Every statistic is a function of these sums (:func:`summarize_deletion`). ``shards``:
+    the sequences ``[lo, hi)`` each rank collected (one block in a single process).
     """
 
     kind = "deletion"
@@ -132,6 +212,11 @@ class DeletionResults(ResultProtocol):
     seed: int = 0
     norm_placement: str = "pre"  # "post": block readers see the raw stream (see reader_normalises)
     parallel_blocks: bool = False
+    seq_read: Optional[np.ndarray] = None
+    seq_read0: Optional[np.ndarray] = None
+    read_readers: tuple = ()
+    read_reader_k: tuple = ()
+    shards: Optional[list] = None
     _doc: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -145,7 +230,8 @@ class DeletionResults(ResultProtocol):
     def statistics(self) -> dict[str, Any]:
         """:func:`summarize_deletion` of the stored sums."""
         return summarize_deletion(self.seq_gram, self.seq_n_tokens, self.seq_infl, self.seq_fnorm, self.mean_gram,
-                                  self.layout, n_boot=self.n_boot, seed=self.seed)
+                                  self.layout, n_boot=self.n_boot, seed=self.seed, seq_read=self.seq_read,
+                                  seq_read0=self.seq_read0, readers=self.read_readers, reader_k=self.read_reader_k)
 
     @property
     def mean(self) -> dict[str, np.ndarray]:
@@ -166,7 +252,9 @@ class DeletionResults(ResultProtocol):
                 "writes": list(lay.writes), "write_layer": list(lay.write_layer),
                 "readers": list(lay.readers), "reader_layer": list(lay.reader_layer),
                 "n_boot_requested": self.n_boot, "seed": self.seed,
-                "estimator": "ratio of sums over tokens (positions >= 1) of token-centred projected writes",
+                "estimator": "ratio of sums over tokens (positions >= 1) of token-centred projected writes; reads "
+                             "I(c, L) of every reader sublayer; innovation retention",
+                "shards": self.shards or [[0, self.n_seqs]],
                 "shared_component": {"write_mean_norm": np.sqrt(np.clip(np.diag(self.mean_gram), 0, None))},
             }
             out.update(deletion_document(self.statistics()))
@@ -183,8 +271,11 @@ class DeletionResults(ResultProtocol):
         return self._doc
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"seq_gram": self.seq_gram, "seq_n_tokens": np.asarray(self.seq_n_tokens), "seq_infl": self.seq_infl,
-                "seq_fnorm": self.seq_fnorm, "mean_gram": self.mean_gram}
+        out = {"seq_gram": self.seq_gram, "seq_n_tokens": np.asarray(self.seq_n_tokens), "seq_infl": self.seq_infl,
+               "seq_fnorm": self.seq_fnorm, "mean_gram": self.mean_gram}
+        if self.seq_read is not None:
+            out.update(seq_read=self.seq_read, seq_read0=self.seq_read0)
+        return out
 
     @classmethod
     def from_saved(cls, doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> "DeletionResults":
@@ -199,7 +290,9 @@ class DeletionResults(ResultProtocol):
                    parallel_blocks=bool(doc.get("parallel_blocks", False)),
                    ablation=doc.get("ablation") if (doc.get("ablation") or {}).get("writes") else None,
                    n_boot=int(doc.get("n_boot_requested", boot.get("n_boot", DEFAULT_N_BOOT))),
-                   seed=int(doc.get("seed", 0)))
+                   seed=int(doc.get("seed", 0)), seq_read=arrays.get("seq_read"), seq_read0=arrays.get("seq_read0"),
+                   read_readers=tuple(doc.get("read_readers") or ()), read_reader_k=tuple(doc.get("read_reader_k") or ()),
+                   shards=doc.get("shards"))
 
     def frame_rows(self) -> Iterable[dict[str, Any]]:
         doc = self.to_json()
@@ -218,6 +311,16 @@ class DeletionResults(ResultProtocol):
             lo, hi = by.get(key + "_ci95") or [None, None]
             yield {"model": self.model, "site": "all writes", "layer": None, "statistic": key, "value": by[key],
                    "ci_lo": lo, "ci_hi": hi}
+        for q in ("read", "read_no_growth"):
+            for r, reader in enumerate(doc.get("read_readers") or []):
+                for c, write in enumerate(lay.writes):
+                    v = doc[q][r][c]
+                    if v is not None:
+                        yield {"model": self.model, "site": write, "layer": None, "statistic": q, "value": float(v),
+                               "reader": reader, "distance": float(doc["read_distance"][r][c])}
+        for name, (value, ci) in _pooled(doc).items():
+            yield {"model": self.model, "site": "all writes", "layer": None, "statistic": name, "value": value,
+                   "ci_lo": ci[0], "ci_hi": ci[1]}
 
     def text(self) -> str:
         """The plain-text report (:func:`format_deletion_json` of :meth:`to_json`)."""
@@ -226,10 +329,9 @@ class DeletionResults(ResultProtocol):
     def summary(self) -> str:
         doc = self.to_json()
         v = doc["verdict"]
-        rf, ex = v["retention_far"], v["excess_dilution_decay_per_layer"]
-        return (f"deletion of {self.model}: {v['label']} ({self.n_seqs} sequences, {self.n_tokens} tokens)\n"
-                f"retention at distance >= 2: {_with_ci(rf['value'], rf['ci95'])}\n"
-                f"excess-dilution decay per layer: {_with_ci(ex['value'], ex['ci95'], '.4f')}")
+        flags = f" (flags: {', '.join(v['flags'])})" if v["flags"] else ""
+        return (f"deletion of {self.model}: {v['label']}{flags} ({self.n_seqs} sequences, {self.n_tokens} tokens)\n"
+                + "\n".join(f"{name.replace('_', ' ')}: {_with_ci(value, ci)}" for name, (value, ci) in _pooled(doc).items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +348,19 @@ def _with_ci(x: Any, ci: Any, spec: str = ".3f") -> str:
     return _f(x, spec)
 
 
+def _pooled(doc: dict) -> dict[str, tuple[Any, Any]]:
+    """The pooled numbers behind the verdict: ``{name: (value, ci95)}``."""
+    ir, loc, share, front = doc["innovation_retention"], doc["locality"], doc["magnitude_share"], doc["front_loaded"]
+    return {"locality_slope": (loc.get("slope"), loc.get("slope_ci95")),
+            "magnitude_slope": (loc.get("magnitude_slope"), loc.get("magnitude_slope_ci95")),
+            "magnitude_share": (share.get("value"), share.get("value_ci95")),
+            "innovation_retention": (ir["pooled"], ir["pooled_ci95"]),
+            "innovation_retention_write_weighted": (ir["pooled_write_weighted"], ir["pooled_write_weighted_ci95"]),
+            "innovation_retention_median": (ir["median"], ir["median_ci95"]),
+            "innovation_retention_share_below": (ir["share_below"], ir["share_below_ci95"]),
+            "front_share": (front["share"], front["share_ci95"])}
+
+
 def format_deletion_report(res: DeletionResults) -> str:
     """Plain-text report: verdict with its evidence, distance table, per-write decay, locality, ablation."""
     return res.text()
@@ -253,7 +368,7 @@ def format_deletion_report(res: DeletionResults) -> str:
 
 def format_deletion_json(doc: dict) -> str:
     """The report of :func:`format_deletion_report` from a :meth:`DeletionResults.to_json` document."""
-    if "verdict" not in doc or "per_write" not in doc:
+    if "verdict" not in doc or "innovation_retention" not in doc:
         raise NormgrowthError(f"the deletion result for {doc.get('model', '?')!r} was computed by an older normgrowth "
                               "(no verdict): delete the cached file and run `normgrowth deletion` again.")
     by, loc, v = doc["by_distance"], doc["locality"], doc["verdict"]
@@ -269,14 +384,33 @@ def format_deletion_json(doc: dict) -> str:
         lines.append(f"check: the writes sum to every reader's stream within {err:.1e} (relative)")
     for w in doc.get("warnings", []):
         lines.append(f"warning: {w}")
-    rf, ex = v["retention_far"], v["excess_dilution_decay_per_layer"]
     th = v["thresholds"]
+    ir, lo_, sh, fr = doc["innovation_retention"], doc["locality"], doc["magnitude_share"], doc["front_loaded"]
     lines += ["", f"VERDICT: {v['label']} - {v['reason']}" + (f" ({v['note']})" if v.get("note") else ""),
-              f"  retention at distance >= 2 (mean over {v.get('n_far_pairs', '?')} pairs of attn/MLP writes): "
-              f"{_with_ci(rf['value'], rf['ci95'])}  (kept if the CI is >= {th['retention_kept_min']}, erased if < it)",
-              f"  excess-dilution decay per layer, delta/delta0 (mean slope over {v.get('n_writes_in_summary', '?')} "
-              f"writes): {_with_ci(ex['value'], ex['ci95'], '.4f')}  (outpaces the equal-norm null if the CI is > "
-              f"{th['excess_decay_min']})"]
+              f"  flags: {', '.join(v['flags']) if v['flags'] else 'none'}",
+              f"  locality slope (d log I / d layer, {lo_.get('n_writes', '?')} writes pooled with ||w||^2 weights): "
+              f"{_with_ci(lo_.get('slope'), lo_.get('slope_ci95'), '.4f')}  (locality if the CI is below 0)",
+              f"  magnitude slope (d log(I/I0) / d layer): {_with_ci(lo_.get('magnitude_slope'), lo_.get('magnitude_slope_ci95'), '.4f')}",
+              f"  magnitude share: {_with_ci(sh.get('value'), sh.get('value_ci95'))}  (magnitude if the CI is above "
+              f"{th['share_split']}, direction if below)",
+              f"  innovation retention at d >= {th['far_distance']} ({ir['n_writes']} writes, ||u||^2 weights): "
+              f"{_with_ci(ir['pooled'], ir['pooled_ci95'])}  (erasure below {th['erased_below']}, reinforced above "
+              f"{th['reinforced_above']}); ||w||^2 weights {_with_ci(ir['pooled_write_weighted'], ir['pooled_write_weighted_ci95'])}, "
+              f"median {_with_ci(ir['median'], ir['median_ci95'])}, share below {ir['below']} "
+              f"{_with_ci(ir['share_below'], ir['share_below_ci95'])}; writes without innovation: {ir['n_no_innovation']}"
+              + (f" ({', '.join(ir['no_innovation_writes'])})" if ir["no_innovation_writes"] else ""),
+              f"  front share (embedding + block 0 of the last reader's squared input): "
+              f"{_with_ci(fr['share'], fr['share_ci95'])}  (front-loaded at >= {fr['min']})"]
+    bd = lo_.get("by_distance")
+    if bd:
+        lines += ["", "reads by distance (layers): sum_c I(c, c+d) / sum_c I(c, c+1/2), the same for I0, and the "
+                  "magnitude share by distance",
+                  f"{'d':>5}  {'read I':<26}{'no growth I0':<26}{'share':<26}"]
+        sb = sh["by_distance"]
+        for i, d in enumerate(bd["distance"]):
+            lines.append(f"{d:>5.1f}  {_with_ci(bd['read'][i], bd['read_ci95'][i], '.4g'):<26}"
+                         f"{_with_ci(bd['read_no_growth'][i], bd['read_no_growth_ci95'][i], '.4g'):<26}"
+                         f"{_with_ci(sb['share'][i], sb['share_ci95'][i]):<26}")
     lines += ["",
               "by distance d = layer(reader) - layer(write); mean over the (reader, attn/MLP write) pairs at that "
               "distance; * = fewer than 3 pairs (not pooled)",
