@@ -185,6 +185,8 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     from .. import distributed
     from .ablation import ablation_check, resolve_ablation_writes
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise NormgrowthError(f"batch size must be a positive integer, got {batch_size!r}.")
     tokens, mask = _batch_tensors(batch, model)
     layout = stream_layout(model.n_layers)
     n_seqs = tokens.shape[0]

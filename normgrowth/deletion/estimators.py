@@ -430,7 +430,9 @@ def _read_statistics(gamma: np.ndarray, n_tokens: np.ndarray, mean_gram: np.ndar
     pooled = pooled_retention(rho, rdes.far_pairs, innov, np.diagonal(gamma, axis1=-2, axis2=-1),
                               rdes.retention_writes)
     out.update({f"retention.{k}": v for k, v in pooled.items()})
-    out["innovation_share"] = np.where(rdes.retention_writes, innov, np.nan) / np.diagonal(gamma, axis1=-2, axis2=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["innovation_share"] = np.where(rdes.retention_writes, innov, np.nan) / np.diagonal(gamma, axis1=-2,
+                                                                                                axis2=-1)
     raw_gram = gamma + n_tokens[:, None, None] * mean_gram[None]
     out["front_share"] = front_share(raw_gram, rdes.front, lay.reader_index[-1])
     return out

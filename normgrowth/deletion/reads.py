@@ -106,7 +106,8 @@ def _slopes(log_y: np.ndarray, distance: np.ndarray, pairs: np.ndarray) -> np.nd
         x = distance[rows, c]
         xc = x - x.mean()
         y = log_y[..., rows, c]
-        out[..., c] = (y * xc).sum(-1) / (xc * xc).sum()
+        if (xc * xc).sum() > 0:  # readers at two distances at least
+            out[..., c] = (y * xc).sum(-1) / (xc * xc).sum()
     return out
 
 
