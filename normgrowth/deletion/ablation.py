@@ -9,7 +9,7 @@ import torch
 
 from ..data import iter_batches
 from ..errors import NormgrowthError
-from .collection import _batch_tensors, _site_of, _valid, _write_means, reader_normalises
+from .collection import _batch_tensors, _site_of, _valid, _write_sums, reader_normalises
 from .estimators import stream_layout
 
 DEFAULT_ABLATION_LAYERS = 6  # number of blocks in the default ablation spread
@@ -103,7 +103,12 @@ def ablation_check(model: Any, batch: Any, writes: Any = None, batch_size: int =
     ``distance`` (1 .. n_layers+1), ``normalized_input_change [write][distance]`` (None where no reader
     lies that far), ``final_kl [write]``, plus ``readers`` and ``reader_change [write][reader]``.
     """
+    from .. import distributed
+
     tokens, mask = _batch_tensors(batch, model)
+    rank, world_size = distributed.world()
+    lo, hi = distributed.shard_batches(tokens.shape[0], batch_size, rank, world_size)
+    tokens, mask = tokens[lo:hi], mask[lo:hi]
     layout = stream_layout(model.n_layers)
     labels = resolve_ablation_writes(model, writes)
     n_r = len(layout.readers)
@@ -113,7 +118,9 @@ def ablation_check(model: Any, batch: Any, writes: Any = None, batch_size: int =
     kl_sum = np.zeros(len(labels))
     n_valid = 0
     with torch.inference_mode():
-        means = _write_means(model, tokens, mask, labels, batch_size)
+        sums, count = _write_sums(model, tokens, mask, labels, batch_size)
+        total, count = distributed.sum_over_ranks(np.stack([sums[lab].numpy() for lab in labels]), count)
+        means = {lab: torch.from_numpy(total[i]) / max(count, 1) for i, lab in enumerate(labels)}
         state: dict[str, Any] = {}
 
         normalises = reader_normalises(model)
@@ -148,6 +155,8 @@ def ablation_check(model: Any, batch: Any, writes: Any = None, batch_size: int =
             done += tok.shape[0]
             if progress is not None:
                 progress(done, tokens.shape[0])
+    merged, n_valid = distributed.sum_over_ranks(np.concatenate([change_sum.ravel(), kl_sum]), n_valid)
+    change_sum, kl_sum = merged[:change_sum.size].reshape(change_sum.shape), merged[change_sum.size:]
     reader_change = change_sum / max(n_valid, 1)
     max_d = model.n_layers + 1
     distances = list(range(1, max_d + 1))
