@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -129,17 +130,22 @@ class ReaderMaps:
 def reader_maps(model: Any) -> ReaderMaps:
     """Per block: the attention (Q, K, V input weights, stored K/V heads, through ``ln1``) and the dense MLP
     (gate and up, or the input weights, through ``ln2``); then the unembedding through the final norm.
-    Sublayers without an input norm (output-only placement) read the raw stream: gain 1. Mixture-of-experts
-    MLPs are left out (no single input matrix)."""
+    Sublayers without an input norm (output-only placement) read the raw stream: gain 1. LN-free checkpoints
+    divide by the constant ``sqrt(eps)``: their readers read the raw stream (``s = 1``) with gain
+    ``stored / sqrt(eps)``. Mixture-of-experts MLPs are left out (no single input matrix)."""
     n, d = int(model.n_layers), int(model.d_model)
     w = model.stacked_weights(["W_Q", "W_K_stored", "W_V_stored", "W_in", "W_gate", "ln1_w", "ln2_w", "lnf_w"])
     offset = float(model.norm_gain_offset)
     ones = torch.ones(d)
-    normalises = reader_normalises(model)
+    ln_free = bool(model.ln_free)
+    normalises = [False] * (n + 1) if ln_free else reader_normalises(model)
+    divisor = math.sqrt(float(model.norm_eps)) if ln_free else 1.0
 
     def gain(key: str, layer: int, norm: bool) -> torch.Tensor:
         g = w.get(key)
-        return ones if (g is None or not norm) else g[layer].float() + offset
+        if g is None or not (norm or ln_free):
+            return ones
+        return (g[layer].float() + offset) / divisor
 
     def heads(x: torch.Tensor) -> torch.Tensor:  # [head, d, d_head] -> [d, head * d_head]
         return x.permute(1, 0, 2).reshape(x.shape[1], -1)
@@ -163,7 +169,7 @@ def reader_maps(model: Any) -> ReaderMaps:
     unembed = model.hf_model.get_output_embeddings().weight.detach().float().T  # [d, vocab]
     names.append("unembed")
     ks.append(2 * n + 1)
-    norms.append(True)
+    norms.append(normalises[n])
     factors.append(reader_factor(unembed, gain("lnf_w", 0, True)))
     return ReaderMaps(tuple(names), tuple(ks), tuple(norms), tuple(f.to(model.input_device) for f in factors))
 

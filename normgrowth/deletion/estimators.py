@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..numerics import DEFAULT_N_BOOT, loglinear_slope, percentile_ci, polyfit_rows, resample_counts
-from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, front_share, innovation_factor, innovation_retention,
+from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, READ_ZERO_TOL, front_share, innovation_factor, innovation_retention,
                     locality_statistics, pooled_retention, read_distance)
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null", "dilution_null",
@@ -398,7 +398,9 @@ def _read_design(gamma: np.ndarray, mean_gram: np.ndarray, n_tokens: float, read
     else:
         dist = read_distance(reader_k, n_c)
         block = np.array([r != "unembed" for r in readers])[:, None]
-        fit_pairs = np.isfinite(dist) & block & (raw > 0)[None, :] & (read > 0) & (read0 > 0)
+        top = np.nanmax(np.where(np.isfinite(dist), read, np.nan), 0, initial=0.0)  # [C]: the write's largest read
+        seen = (read > READ_ZERO_TOL * top[None, :]) & (read0 > 0)
+        fit_pairs = np.isfinite(dist) & block & (raw > 0)[None, :] & seen
         probe = locality_statistics(read[None], read0[None], raw[None], dist, fit_pairs,
                                     fit_pairs.sum(0) >= 2, np.zeros(0))
         fit_writes = (fit_pairs.sum(0) >= 2) & np.isfinite(probe["write_locality_slope"][0]) \

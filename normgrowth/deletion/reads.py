@@ -12,7 +12,8 @@ LayerNorm sigma when ``P`` centres, the RMS for RMSNorm), which is exactly
 where ``s_c(t)`` is the scale of the stream write ``c`` was added to (the stream of its own sublayer; the
 embedding's own stream for the embedding). ``||M_L x||^2 = x^T H_L x`` with ``H_L = M_L^T M_L``, evaluated as
 ``||F_L x||^2`` with a ``d x d`` factor ``F_L^T F_L = H_L`` (:func:`reader_factor`). A reader that reads the raw
-stream (output-only placement) has ``s = 1`` and ``gamma = 1``: ``I = I0``.
+stream has ``s = 1``, so ``I = I0``: output-only placement (gain 1) and LN-free checkpoints (gain
+``stored / sqrt(eps)``, the constant their norms divide by).
 
 **Distance** in layers between write ``c`` (forward index) and a reader of ``k`` writes: ``d = (k - c) / 2``
 (two writes per block, ``1/2`` for the first reader after a write).
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 NO_INNOVATION_TOL = 1e-6  # ||u_c||^2 below this fraction of ||w~_c||^2: no innovation (counted, skipped)
+READ_ZERO_TOL = 1e-9  # a read below this fraction of the write's largest read: the reader does not see the write
 FAR_DISTANCE = 2  # innovation retention is pooled over readers at least this many layers after the write
 # verdict thresholds (documented in docs/deletion.md)
 ERASED_BELOW = 0.8  # pooled innovation retention CI below this: erasure
@@ -137,7 +139,7 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
         wm = np.where(fit_writes, w * mc, 0.0).sum(-1)
         tot = w.sum(-1)
         out = {"write_locality_slope": lc, "write_magnitude_slope": mc, "locality_slope": wl / tot,
-               "magnitude_slope": wm / tot, "magnitude_share": wm / wl}
+               "magnitude_slope": wm / tot, "magnitude_share": np.where(wm == 0, 0.0, wm / wl)}
     first = np.where(fit_pairs & (distance == 0.5), read, 0.0).sum(-2)  # [..., C]: I(c, c + 1/2)
     curves = {"read": [], "read_no_growth": [], "share": []}
     for d in curve_d:
