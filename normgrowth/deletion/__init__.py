@@ -17,7 +17,8 @@ from .estimators import (MATRICES, MIN_PAIRS, QUANTITIES, SHARE_WITHIN, ZERO_WRI
                          token_sums, write_slopes, zero_write_mask)
 from .reads import (ERASED_BELOW, FAR_DISTANCE, FRONT_LOADED_MIN, LABELS, NO_INNOVATION_TOL, REINFORCED_ABOVE,
                     SHARE_SPLIT, deletion_verdict, front_share, innovation_factor, innovation_retention,
-                    locality_statistics, pooled_retention, read_distance, read_terms, reader_factor, stream_scales)
+                    locality_statistics, pooled_retention, read_distance, read_terms, reader_factor, reader_groups,
+                    stream_scales)
 from .results import (MIN_BOOT_SEQS, DeletionResults, deletion_document, format_deletion_json,
                       format_deletion_report)
 
@@ -30,6 +31,6 @@ __all__ = [
     "front_share", "gram_from_writes", "innovation_factor", "innovation_retention", "locality",
     "locality_statistics", "normalize_input", "normalized_change", "pair_average_by_distance", "parse_ablate",
     "pooled_retention", "project_writes", "read_distance", "read_terms", "reader_factor", "reader_maps",
-    "reader_normalises", "resolve_ablation_writes", "stream_layout", "stream_parts", "stream_scales",
+    "reader_groups", "reader_normalises", "resolve_ablation_writes", "stream_layout", "stream_parts", "stream_scales",
     "summarize_deletion", "token_sums", "write_slopes", "zero_write_mask",
 ]

@@ -41,7 +41,7 @@ import torch
 
 from ..numerics import DEFAULT_N_BOOT, loglinear_slope, percentile_ci, polyfit_rows, resample_counts
 from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, READ_ZERO_TOL, front_share, innovation_factor, innovation_retention,
-                    locality_statistics, pooled_retention, read_distance)
+                    locality_statistics, pooled_retention, read_distance, reader_groups)
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null", "dilution_null",
               "visibility_null", "excess_dilution")
@@ -402,7 +402,7 @@ def _read_design(gamma: np.ndarray, mean_gram: np.ndarray, n_tokens: float, read
         seen = (read > READ_ZERO_TOL * top[None, :]) & (read0 > 0)
         fit_pairs = np.isfinite(dist) & block & (raw > 0)[None, :] & seen
         probe = locality_statistics(read[None], read0[None], raw[None], dist, fit_pairs,
-                                    fit_pairs.sum(0) >= 2, np.zeros(0))
+                                    fit_pairs.sum(0) >= 2, np.zeros(0), reader_groups(readers))
         fit_writes = (fit_pairs.sum(0) >= 2) & np.isfinite(probe["write_locality_slope"][0]) \
             & np.isfinite(probe["write_magnitude_slope"][0])
         curve_d = np.unique(dist[fit_pairs & fit_writes[None, :]])
@@ -422,7 +422,8 @@ def _read_statistics(gamma: np.ndarray, n_tokens: np.ndarray, mean_gram: np.ndar
     out: dict[str, np.ndarray] = {}
     raw = np.diagonal(gamma, axis1=-2, axis2=-1) + n_tokens[:, None] * np.diag(mean_gram)[None, :]
     if read is not None:
-        loc = locality_statistics(read, read0, raw, rdes.distance, rdes.fit_pairs, rdes.fit_writes, rdes.curve_d)
+        loc = locality_statistics(read, read0, raw, rdes.distance, rdes.fit_pairs, rdes.fit_writes, rdes.curve_d,
+                                  reader_groups(rdes.readers))
         out.update({f"read.{k}": v for k, v in loc.items()})
         out["matrix.read"] = np.where(np.isfinite(rdes.distance), read, np.nan)
         out["matrix.read_no_growth"] = np.where(np.isfinite(rdes.distance), read0, np.nan)

@@ -98,18 +98,29 @@ def read_distance(reader_k: Sequence[int], n_writes: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # locality and magnitude share
 # ----------------------------------------------------------------------------------------------
-def _slopes(log_y: np.ndarray, distance: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Least-squares slope of ``log_y[..., L, c]`` on ``distance[L, c]`` over the pairs of each write."""
+def reader_groups(readers: Sequence[str]) -> np.ndarray:
+    """Reader kind per reader sublayer: 0 attention, 1 MLP, 2 the unembedding (slopes compare like with like)."""
+    return np.array([0 if r.startswith("attn") else 1 if r.startswith("mlp") else 2 for r in readers])
+
+
+def _slopes(log_y: np.ndarray, distance: np.ndarray, pairs: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Least-squares slope of ``log_y[..., L, c]`` on ``distance[L, c]`` over the pairs of each write, with one
+    intercept per reader kind (``groups``): ``x`` and ``y`` are centred within each kind, so that attention and MLP
+    weights of different sizes do not pass for distance. NaN without two distances within one kind."""
     out = np.full(log_y.shape[:-2] + (log_y.shape[-1],), np.nan)
     for c in range(log_y.shape[-1]):
         rows = np.flatnonzero(pairs[:, c])
         if rows.size < 2:
             continue
-        x = distance[rows, c]
-        xc = x - x.mean()
+        x = distance[rows, c].astype(float)
         y = log_y[..., rows, c]
-        if (xc * xc).sum() > 0:  # readers at two distances at least
-            out[..., c] = (y * xc).sum(-1) / (xc * xc).sum()
+        xc, yc = np.zeros_like(x), np.zeros_like(y)
+        for g in np.unique(groups[rows]):
+            at = groups[rows] == g
+            xc[at] = x[at] - x[at].mean()
+            yc[..., at] = y[..., at] - y[..., at].mean(-1, keepdims=True)
+        if (xc * xc).sum() > 0:  # two distances within one kind at least
+            out[..., c] = (yc * xc).sum(-1) / (xc * xc).sum()
     return out
 
 
@@ -119,11 +130,12 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray, distance: np.ndarray,
-                        fit_pairs: np.ndarray, fit_writes: np.ndarray, curve_d: np.ndarray) -> dict[str, np.ndarray]:
+                        fit_pairs: np.ndarray, fit_writes: np.ndarray, curve_d: np.ndarray, groups: np.ndarray
+                        ) -> dict[str, np.ndarray]:
     """Locality slope, magnitude slope and magnitude share from read matrices ``[..., R, C]``.
 
-    Per write ``c`` (over its ``fit_pairs``): ``l_c`` = slope of ``log I(c, L)`` on ``d``, ``m_c`` = slope of
-    ``log(I / I0)``. Pooled over ``fit_writes`` with weights ``omega_c = ||w_c||^2`` (``weight [..., C]``) as
+    Per write ``c`` (over its ``fit_pairs``, one intercept per reader kind ``groups``): ``l_c`` = slope of
+    ``log I(c, L)`` on ``d``, ``m_c`` = slope of ``log(I / I0)``. Pooled over ``fit_writes`` with weights ``omega_c = ||w_c||^2`` (``weight [..., C]``) as
     ratios of sums: ``locality = sum omega l / sum omega``, ``magnitude = sum omega m / sum omega``,
     ``share = sum omega m / sum omega l``. By distance ``d`` in ``curve_d`` (pairs of ``fit_writes`` with a
     fit reader at ``d`` and at ``1/2``): ``read(d) = sum I(c, c+d) / sum I(c, c+1/2)`` and
@@ -131,8 +143,8 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
     log read0(1/2)) / log read(d)`` (NaN at ``d = 1/2``).
     """
     log_i, log_ratio = _log(read), _log(read) - _log(read0)
-    lc = _slopes(log_i, distance, fit_pairs)
-    mc = _slopes(log_ratio, distance, fit_pairs)
+    lc = _slopes(log_i, distance, fit_pairs, groups)
+    mc = _slopes(log_ratio, distance, fit_pairs, groups)
     w = np.where(fit_writes, weight, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         wl = np.where(fit_writes, w * lc, 0.0).sum(-1)
