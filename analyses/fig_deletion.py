@@ -94,8 +94,8 @@ def draw_retention(ax, m) -> None:
         ax.axhspan(min(vals), max(vals), color="0.5", alpha=0.2, linewidth=0)
     ax.axhline(0.8, color="0.4", linestyle=":", linewidth=0.8)
     ax.set_xticks(x, [r["write"] for r in rows], rotation=90, fontsize=5)
-    ax.set_title(f"innovation retention at d ≥ {ir.get('far_distance', 2)} "
-                 f"({ir.get('n_no_innovation', 0)} writes without innovation)", fontsize=8)
+    ax.set_title(f"innovation retention, d ≥ {ir.get('far_distance', 2)} "
+                 f"({ir.get('n_no_innovation', 0)} without innovation)", fontsize=8)
     ax.set_ylabel("kept share of the write's innovation")
     ax.legend(fontsize=6)
 

@@ -1,8 +1,9 @@
 """Figure 6c: the reader x write matrix of reads for one model (the real model when present).
 
 Left: log10 of I(c, L) = sum_t ||W_in,L (gamma_L * P(w_c(t)) / s_L(t))||^2, each write's column divided by its largest
-read (so every write's fall with distance is visible on one scale), for every reader sublayer L (attention Q, K, V
-inputs; MLP input; the unembedding last) and every write c before it. Right: log10 of I / I0, the part of the read
+read by a block sublayer (so every write's fall with distance is visible on one scale), for every reader sublayer L
+(attention Q, K, V inputs; MLP input) and every write c before it; the unembedding's row (last; its input matrix is
+vocabulary-wide) is divided by its own largest read. Right: log10 of I / I0, the part of the read
 that the growth of the reader's scale since the write removes (I0: the same read at the scale of the stream the write
 was added to). The model is ``results/models/smollm2-135m`` when it has a deletion.json, else the first model.
 """
@@ -33,14 +34,17 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     m = pick(models)
     doc = m.deletion
     read, read0 = arr(doc["read"]), arr(doc["read_no_growth"])
+    block = np.array([r != "unembed" for r in doc["read_readers"]])
     with np.errstate(invalid="ignore", divide="ignore"):
-        top = np.nanmax(np.where(read > 0, read, np.nan), 0)
-        rel = np.log10(np.where(read > 0, read / top[None, :], np.nan))
+        pos = np.where(read > 0, read, np.nan)
+        scale = np.where(block[:, None], np.nanmax(np.where(block[:, None], pos, np.nan), 0)[None, :],
+                         np.nanmax(pos[~block]) if (~block).any() else np.nan)
+        rel = np.log10(pos / scale)
         ratio = np.log10(np.where((read > 0) & (read0 > 0), read / read0, np.nan))
     readers, writes = doc["read_readers"], doc["writes"]
     fig = new_figure(PAGE_WIDTH + 1.5, 5.0)
     axes = fig.subplots(1, 2)
-    for ax, mat, title, cmap in ((axes[0], rel, "log10 I(c, L) / max_L I(c, L)", "viridis"),
+    for ax, mat, title, cmap in ((axes[0], rel, "log10 I(c, L) / largest block read of c", "viridis"),
                                  (axes[1], ratio, "log10 I / I₀ (growth since the write)", "magma")):
         finite = mat[np.isfinite(mat)]
         lo = float(np.percentile(finite, 1)) if finite.size else -1.0
