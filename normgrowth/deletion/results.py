@@ -259,12 +259,11 @@ class DeletionResults(ResultProtocol):
             }
             out.update(deletion_document(self.statistics()))
             if self.ln_free:
-                out["verdict"]["note"] = ("LN-free model: nothing divides by the stream's size, so dilution does not "
-                                          "reduce a write's influence here; the label describes geometry only")
+                out["verdict"]["note"] = ("LN-free model: nothing divides by the stream's size, so I = I0 and the "
+                                          "magnitude share is 0 by construction")
             elif self.norm_placement == "post":
-                out["verdict"]["note"] = ("output-only normalisation: the sublayers read the raw stream, so dilution "
-                                          "reduces a write's influence only at the final norm; the label describes "
-                                          "geometry at the block readers")
+                out["verdict"]["note"] = ("output-only normalisation: the block sublayers read the raw stream, so "
+                                          "I = I0 there and the magnitude share is 0 by construction")
             out["ablation"] = self.ablation if self.ablation is not None else {
                 "writes": [], "distance": [], "normalized_input_change": [], "final_kl": [], "run": False}
             self._doc = json_safe(out)
