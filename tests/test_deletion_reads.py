@@ -175,8 +175,9 @@ def _run(path):
 # ----------------------------------------------------------------------------------------------
 # plain-HF reference
 # ----------------------------------------------------------------------------------------------
-def hf_reference(path):
-    """Writes, reader inputs and reader matrices from plain HF forward hooks (float64), and the reads."""
+def hf_reference(path, stride: int = 1):
+    """Writes, reader inputs and reader matrices from plain HF forward hooks (float64), and the reads (over the
+    positions p >= 1 with (p - 1) % stride == 0)."""
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(path).eval().double()
@@ -211,15 +212,17 @@ def hf_reference(path):
     readers.append(("unembed", 2 * N_LAYERS + 1, cap["in.lnf"], hf.transformer.ln_f.weight, hf.lm_head.weight.T))
     C = len(writes)
     read, read0 = np.full((len(readers), C), np.nan), np.full((len(readers), C), np.nan)
+    sub = ((np.arange(valid.shape[1]) - 1) % stride == 0)[None, :] & valid
+    Pr = (lambda a: a - a.mean(-1, keepdims=True))(np.stack([w.numpy()[sub] for w in writes], 1))
     for r, (name, k, x, gain, w_in) in enumerate(readers):
-        x = x.numpy()[valid]
+        x = x.numpy()[sub]
         g, w_in = gain.detach().numpy(), w_in.detach().numpy()
         s_L = np.ones(len(x)) if ln_free else np.sqrt(x.var(-1) + eps)
         if ln_free:
             g = g / np.sqrt(eps)
         for c in range(k):
-            q = ((g * P[:, c]) @ w_in) ** 2
-            prev = P[:, :c].sum(1) if c > 0 else P[:, 0]  # the stream write c was added to (the embedding: itself)
+            q = ((g * Pr[:, c]) @ w_in) ** 2
+            prev = Pr[:, :c].sum(1) if c > 0 else Pr[:, 0]  # the stream write c was added to (the embedding: itself)
             s_c = np.ones(len(x)) if ln_free else np.sqrt((prev**2).mean(-1) + eps)
             read[r, c] = (q.sum(-1) / s_L**2).sum()
             read0[r, c] = (q.sum(-1) / s_c**2).sum()
@@ -396,3 +399,18 @@ def test_common_cause_is_not_reinforcement(runs):
     assert per["retention"] == pytest.approx(1.0, abs=1e-6)  # its innovation z G is kept, exactly once
     assert "mlp_out.1" in doc["innovation_retention"]["no_innovation_writes"]
     assert doc["verdict"]["label"] != "reinforced"
+
+
+def test_reads_on_a_fixed_token_subsample(runs, monkeypatch):
+    """Models whose reads cost more than 1e8 multiply-adds per token read every 4th position; forced here."""
+    from normgrowth.deletion import collection
+
+    assert collection.read_token_stride([1, 2, 3], 32) == 1
+    assert collection.read_token_stride([1 + l for l in range(61)], 576) == 4  # SmolLM2-135M's size
+    monkeypatch.setattr(collection, "read_token_stride", lambda k, d: 3)
+    path = runs["magnitude"]["path"]
+    doc = _run(path)
+    assert doc["read_token_stride"] == 3
+    ref = hf_reference(path, stride=3)
+    _close(doc["read"], ref["read"])
+    _close(doc["read_no_growth"], ref["read0"])

@@ -174,6 +174,15 @@ def reader_maps(model: Any) -> ReaderMaps:
     return ReaderMaps(tuple(names), tuple(ks), tuple(norms), tuple(f.to(model.input_device) for f in factors))
 
 
+READ_COST_FULL = 1e8  # multiply-adds per token up to which the reads use every token
+
+
+def read_token_stride(reader_k: Sequence[int], d_model: int) -> int:
+    """The reads' fixed token subsample: every token (1) when they cost at most :data:`READ_COST_FULL`
+    multiply-adds per token (``sum_L k_L d^2``), else every 4th position (1, 5, 9, ...)."""
+    return 1 if sum(reader_k) * d_model**2 <= READ_COST_FULL else 4
+
+
 def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = None,
                      progress: Optional[Callable[[int, int], None]] = None, n_boot: int = DEFAULT_N_BOOT,
                      seed: int = 0, checkpoint: Any = None) -> DeletionResults:
@@ -203,6 +212,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
     lo, hi = distributed.shard_batches(n_seqs, batch_size, rank, world_size)
     maps = reader_maps(model)
     n_rs = len(maps.names)
+    stride = read_token_stride(maps.k, d)
     resume = _DeletionCheckpoint(checkpoint, batch_size, n_seqs, (n_c, d), (lo, hi))
     seq_gram = np.zeros((hi - lo, n_c, n_c))
     seq_infl = np.zeros((hi - lo, n_r, n_c))
@@ -241,6 +251,8 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
                 acc_dev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
                 valid_d = valid.to(dev)
                 seq_id = torch.arange(tok.shape[0], device=dev)[:, None].expand_as(valid_d)[valid_d].to(acc_dev)
+                pos = torch.arange(tok.shape[1], device=dev)[None, :].expand_as(valid_d)[valid_d]
+                read_rows = ((pos - 1) % stride == 0).to(acc_dev)  # the reads' fixed token subsample
                 w_valid = writes[valid_d]  # [n_valid, C, d]
                 del writes
                 sums_b = {key: torch.zeros((tok.shape[0],) + shape, dtype=torch.float64, device=acc_dev)
@@ -249,11 +261,14 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
                 for a in range(0, w_valid.shape[0], chunk):
                     part = w_valid[a:a + chunk]
                     gram, change, size = token_sums(part, write_mean, layout.reader_index, eps, normalises)
-                    read, read0 = read_terms(part, maps.factors, maps.k, maps.normalises, eps)
                     ids = seq_id[a:a + chunk]
-                    for key, val in (("gram", gram), ("infl", change), ("fnorm", size), ("read", read),
-                                     ("read0", read0)):
+                    for key, val in (("gram", gram), ("infl", change), ("fnorm", size)):
                         sums_b[key].index_add_(0, ids, val.to(acc_dev))
+                    sel = read_rows[a:a + chunk]
+                    if bool(sel.any()):
+                        read, read0 = read_terms(part[sel.to(part.device)], maps.factors, maps.k, maps.normalises, eps)
+                        sums_b["read"].index_add_(0, ids[sel], read.to(acc_dev))
+                        sums_b["read0"].index_add_(0, ids[sel], read0.to(acc_dev))
                 stop = start + tok.shape[0]
                 for arr, key in ((seq_gram, "gram"), (seq_infl, "infl"), (seq_fnorm, "fnorm"), (seq_read, "read"),
                                  (seq_read0, "read0")):
@@ -282,7 +297,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
         seq_gram=seq_gram, seq_n_tokens=seq_n_tokens, seq_infl=seq_infl, seq_fnorm=seq_fnorm,
         mean_gram=(write_mean @ write_mean.T).numpy(), max_write_sum_rel_error=max_rel_error,
         data_source=str(getattr(batch, "source", "")), n_boot=n_boot, seed=seed, seq_read=seq_read,
-        seq_read0=seq_read0, read_readers=maps.names, read_reader_k=maps.k,
+        seq_read0=seq_read0, read_readers=maps.names, read_reader_k=maps.k, read_token_stride=stride,
         shards=distributed.all_gather([lo, hi]))
     if ablation_writes:
         res.ablation = ablation_check(model, batch, writes=ablation_writes, batch_size=batch_size)

@@ -216,6 +216,7 @@ class DeletionResults(ResultProtocol):
     seq_read0: Optional[np.ndarray] = None
     read_readers: tuple = ()
     read_reader_k: tuple = ()
+    read_token_stride: int = 1  # the reads sum over positions p with (p - 1) % stride == 0
     shards: Optional[list] = None
     _doc: Optional[dict] = field(default=None, repr=False)
 
@@ -255,6 +256,7 @@ class DeletionResults(ResultProtocol):
                 "estimator": "ratio of sums over tokens (positions >= 1) of token-centred projected writes; reads "
                              "I(c, L) of every reader sublayer; innovation retention",
                 "shards": self.shards or [[0, self.n_seqs]],
+                "read_token_stride": int(self.read_token_stride),
                 "shared_component": {"write_mean_norm": np.sqrt(np.clip(np.diag(self.mean_gram), 0, None))},
             }
             out.update(deletion_document(self.statistics()))
@@ -291,7 +293,7 @@ class DeletionResults(ResultProtocol):
                    n_boot=int(doc.get("n_boot_requested", boot.get("n_boot", DEFAULT_N_BOOT))),
                    seed=int(doc.get("seed", 0)), seq_read=arrays.get("seq_read"), seq_read0=arrays.get("seq_read0"),
                    read_readers=tuple(doc.get("read_readers") or ()), read_reader_k=tuple(doc.get("read_reader_k") or ()),
-                   shards=doc.get("shards"))
+                   shards=doc.get("shards"), read_token_stride=int(doc.get("read_token_stride", 1)))
 
     def frame_rows(self) -> Iterable[dict[str, Any]]:
         doc = self.to_json()
@@ -400,6 +402,9 @@ def format_deletion_json(doc: dict) -> str:
               + (f" ({', '.join(ir['no_innovation_writes'])})" if ir["no_innovation_writes"] else ""),
               f"  front share (embedding + block 0 of the last reader's squared input): "
               f"{_with_ci(fr['share'], fr['share_ci95'])}  (front-loaded at >= {fr['min']})"]
+    if int(doc.get("read_token_stride") or 1) > 1:
+        lines.append(f"  reads I, I0 summed over every {doc['read_token_stride']}th position (1, "
+                     f"{1 + doc['read_token_stride']}, ...): a fixed token subsample")
     bd = lo_.get("by_distance")
     if bd:
         lines += ["", "reads by distance (layers): sum_c I(c, c+d) / sum_c I(c, c+1/2), the same for I0, and the "
