@@ -188,10 +188,13 @@ def hf_reference(path, stride: int = 1):
             cap[name] = (args[0] if name.startswith("in.") else (out[0] if isinstance(out, tuple) else out)).detach()
         return hook
 
-    hooks = [hf.transformer.wte.register_forward_hook(keep("wte")), hf.transformer.wpe.register_forward_hook(keep("wpe"))]
+    hooks = [hf.transformer.wte.register_forward_hook(keep("wte")),
+             hf.transformer.wpe.register_forward_hook(keep("wpe"))]
     for l, blk in enumerate(hf.transformer.h):
-        hooks += [blk.attn.register_forward_hook(keep(f"attn_out.{l}")), blk.mlp.register_forward_hook(keep(f"mlp_out.{l}")),
-                  blk.ln_1.register_forward_hook(keep(f"in.ln1.{l}")), blk.ln_2.register_forward_hook(keep(f"in.ln2.{l}"))]
+        hooks += [blk.attn.register_forward_hook(keep(f"attn_out.{l}")),
+                  blk.mlp.register_forward_hook(keep(f"mlp_out.{l}")),
+                  blk.ln_1.register_forward_hook(keep(f"in.ln1.{l}")),
+                  blk.ln_2.register_forward_hook(keep(f"in.ln2.{l}"))]
     hooks.append(hf.transformer.ln_f.register_forward_hook(keep("in.lnf")))
     with torch.no_grad():
         hf(BATCH.tokens)
@@ -361,7 +364,8 @@ def test_innovation_retention_equals_least_squares_on_token_vectors(runs, name):
     lay = stream_layout(N_LAYERS)
     wt = ref["P"] - ref["P"].mean(0, keepdims=True)
     energy = (wt**2).sum((0, 2))
-    expect_none = [w for c, w in enumerate(lay.writes) if energy[c] > 1e-10 * energy.max() and innov[c] <= 1e-6 * energy[c]]
+    expect_none = [w for c, w in enumerate(lay.writes)
+                   if energy[c] > 1e-10 * energy.max() and innov[c] <= 1e-6 * energy[c]]
     assert ir["no_innovation_writes"] == expect_none
 
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from ..numerics import DEFAULT_N_BOOT, loglinear_slope, percentile_ci, polyfit_rows, resample_counts
-from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, READ_ZERO_TOL, front_share, innovation_factor, innovation_retention,
-                    locality_statistics, pooled_retention, read_distance, reader_groups)
+from .reads import (FAR_DISTANCE, NO_INNOVATION_TOL, READ_ZERO_TOL, front_share, innovation_factor,
+                    innovation_retention, locality_statistics, pooled_retention, read_distance, reader_groups)
 
 QUANTITIES = ("retention", "dilution", "visibility", "reading", "reading_null", "dilution_null",
               "visibility_null", "excess_dilution")

@@ -135,7 +135,8 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
     """Locality slope, magnitude slope and magnitude share from read matrices ``[..., R, C]``.
 
     Per write ``c`` (over its ``fit_pairs``, one intercept per reader kind ``groups``): ``l_c`` = slope of
-    ``log I(c, L)`` on ``d``, ``m_c`` = slope of ``log(I / I0)``. Pooled over ``fit_writes`` with weights ``omega_c = ||w_c||^2`` (``weight [..., C]``) as
+    ``log I(c, L)`` on ``d``, ``m_c`` = slope of ``log(I / I0)``. Pooled over ``fit_writes`` with weights
+    ``omega_c = ||w_c||^2`` (``weight [..., C]``) as
     ratios of sums: ``locality = sum omega l / sum omega``, ``magnitude = sum omega m / sum omega``,
     ``share = sum omega m / sum omega l``. By distance ``d`` in ``curve_d`` (pairs of ``fit_writes`` with a
     fit reader at ``d`` and at ``1/2``): ``read(d) = sum I(c, c+d) / sum I(c, c+1/2)`` and
@@ -165,7 +166,8 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
         out[f"curve_{key}"] = np.stack(curves[key], -1) if curves[key] else np.zeros(read.shape[:-2] + (0,))
     r0_first = out["curve_read_no_growth"][..., :1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share_d = (_log(out["curve_read"]) - _log(out["curve_read_no_growth"]) + _log(r0_first)) / _log(out["curve_read"])
+        log_read = _log(out["curve_read"])
+        share_d = (log_read - _log(out["curve_read_no_growth"]) + _log(r0_first)) / log_read
     out["curve_share"] = np.where(np.asarray(curve_d) > 0.5, share_d, np.nan)
     return out
 

@@ -292,7 +292,8 @@ class DeletionResults(ResultProtocol):
                    ablation=doc.get("ablation") if (doc.get("ablation") or {}).get("writes") else None,
                    n_boot=int(doc.get("n_boot_requested", boot.get("n_boot", DEFAULT_N_BOOT))),
                    seed=int(doc.get("seed", 0)), seq_read=arrays.get("seq_read"), seq_read0=arrays.get("seq_read0"),
-                   read_readers=tuple(doc.get("read_readers") or ()), read_reader_k=tuple(doc.get("read_reader_k") or ()),
+                   read_readers=tuple(doc.get("read_readers") or ()),
+                   read_reader_k=tuple(doc.get("read_reader_k") or ()),
                    shards=doc.get("shards"), read_token_stride=int(doc.get("read_token_stride", 1)))
 
     def frame_rows(self) -> Iterable[dict[str, Any]]:
@@ -332,7 +333,8 @@ class DeletionResults(ResultProtocol):
         v = doc["verdict"]
         flags = f" (flags: {', '.join(v['flags'])})" if v["flags"] else ""
         return (f"deletion of {self.model}: {v['label']}{flags} ({self.n_seqs} sequences, {self.n_tokens} tokens)\n"
-                + "\n".join(f"{name.replace('_', ' ')}: {_with_ci(value, ci)}" for name, (value, ci) in _pooled(doc).items()))
+                + "\n".join(f"{name.replace('_', ' ')}: {_with_ci(value, ci)}"
+                            for name, (value, ci) in _pooled(doc).items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,14 +393,17 @@ def format_deletion_json(doc: dict) -> str:
               f"  flags: {', '.join(v['flags']) if v['flags'] else 'none'}",
               f"  locality slope (d log I / d layer, {lo_.get('n_writes', '?')} writes pooled with ||w||^2 weights): "
               f"{_with_ci(lo_.get('slope'), lo_.get('slope_ci95'), '.4f')}  (locality if the CI is below 0)",
-              f"  magnitude slope (d log(I/I0) / d layer): {_with_ci(lo_.get('magnitude_slope'), lo_.get('magnitude_slope_ci95'), '.4f')}",
+              "  magnitude slope (d log(I/I0) / d layer): "
+              f"{_with_ci(lo_.get('magnitude_slope'), lo_.get('magnitude_slope_ci95'), '.4f')}",
               f"  magnitude share: {_with_ci(sh.get('value'), sh.get('value_ci95'))}  (magnitude if the CI is above "
               f"{th['share_split']}, direction if below)",
               f"  innovation retention at d >= {th['far_distance']} ({ir['n_writes']} writes, ||u||^2 weights): "
               f"{_with_ci(ir['pooled'], ir['pooled_ci95'])}  (erasure below {th['erased_below']}, reinforced above "
-              f"{th['reinforced_above']}); ||w||^2 weights {_with_ci(ir['pooled_write_weighted'], ir['pooled_write_weighted_ci95'])}, "
+              f"{th['reinforced_above']}); ||w||^2 weights "
+              f"{_with_ci(ir['pooled_write_weighted'], ir['pooled_write_weighted_ci95'])}, "
               f"median {_with_ci(ir['median'], ir['median_ci95'])}, share below {ir['below']} "
-              f"{_with_ci(ir['share_below'], ir['share_below_ci95'])}; writes without innovation: {ir['n_no_innovation']}"
+              f"{_with_ci(ir['share_below'], ir['share_below_ci95'])}; writes without innovation: "
+              f"{ir['n_no_innovation']}"
               + (f" ({', '.join(ir['no_innovation_writes'])})" if ir["no_innovation_writes"] else ""),
               f"  front share (embedding + block 0 of the last reader's squared input): "
               f"{_with_ci(fr['share'], fr['share_ci95'])}  (front-loaded at >= {fr['min']})"]
