@@ -305,6 +305,7 @@ def test_magnitude_share_is_one_when_only_the_scale_changes(runs):
     doc = runs["magnitude"]["doc"]
     share = doc["magnitude_share"]
     assert share["value"] == pytest.approx(1.0, abs=1e-6)
+    assert share["equal_weights"] == pytest.approx(1.0, abs=1e-6)  # every write's own share is 1
     assert share["value_ci95"][0] > 0.5
     assert doc["locality"]["slope_ci95"][1] < 0
     # the stream's RMS grows by a known factor per layer: the magnitude slope of a write is -2 log of that growth

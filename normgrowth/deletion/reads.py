@@ -138,7 +138,8 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
     ``log I(c, L)`` on ``d``, ``m_c`` = slope of ``log(I / I0)``. Pooled over ``fit_writes`` with weights
     ``omega_c = ||w_c||^2`` (``weight [..., C]``) as
     ratios of sums: ``locality = sum omega l / sum omega``, ``magnitude = sum omega m / sum omega``,
-    ``share = sum omega m / sum omega l``. By distance ``d`` in ``curve_d`` (pairs of ``fit_writes`` with a
+    ``share = sum omega m / sum omega l`` (0 when every ``I = I0``: no reader divides by the stream); the same with
+    every write weighted alike (``*_equal_weights``) shows how much the weighting matters. By distance ``d`` in ``curve_d`` (pairs of ``fit_writes`` with a
     fit reader at ``d`` and at ``1/2``): ``read(d) = sum I(c, c+d) / sum I(c, c+1/2)`` and
     ``read_no_growth(d) = sum I0(c, c+d) / sum I(c, c+1/2)``; ``share(d) = (log read(d) - log read0(d) +
     log read0(1/2)) / log read(d)`` (NaN at ``d = 1/2``).
@@ -153,6 +154,12 @@ def locality_statistics(read: np.ndarray, read0: np.ndarray, weight: np.ndarray,
         tot = w.sum(-1)
         out = {"write_locality_slope": lc, "write_magnitude_slope": mc, "locality_slope": wl / tot,
                "magnitude_slope": wm / tot, "magnitude_share": np.where(wm == 0, 0.0, wm / wl)}
+        # sensitivity to the weighting: every write alike (a NaN slope makes the replicate NaN: counted by the CI)
+        n_fit = max(int(fit_writes.sum()), 1)
+        mean_l = np.where(fit_writes, lc, 0.0).sum(-1) / n_fit
+        mean_m = np.where(fit_writes, mc, 0.0).sum(-1) / n_fit
+        out["locality_slope_equal_weights"] = np.where(fit_writes.any(), mean_l, np.nan)
+        out["magnitude_share_equal_weights"] = np.where(fit_writes.any() & (mean_m != 0), mean_m / mean_l, 0.0)
     first = np.where(fit_pairs & (distance == 0.5), read, 0.0).sum(-2)  # [..., C]: I(c, c + 1/2)
     curves = {"read": [], "read_no_growth": [], "share": []}
     for d in curve_d:

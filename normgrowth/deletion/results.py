@@ -45,6 +45,8 @@ def _read_document(summ: dict[str, Any]) -> dict[str, Any]:
         loc["slope"], loc["slope_ci95"] = val_ci("read.locality_slope")
         loc["magnitude_slope"], loc["magnitude_slope_ci95"] = val_ci("read.magnitude_slope")
         share["value"], share["value_ci95"] = val_ci("read.magnitude_share")
+        loc["slope_equal_weights"], loc["slope_equal_weights_ci95"] = val_ci("read.locality_slope_equal_weights")
+        share["equal_weights"], share["equal_weights_ci95"] = val_ci("read.magnitude_share_equal_weights")
         d = rdes.curve_d
         by = {"distance": d, "read": point["read.curve_read"], "read_no_growth": point["read.curve_read_no_growth"],
               "share": point["read.curve_share"]}
@@ -397,6 +399,9 @@ def format_deletion_json(doc: dict) -> str:
               f"{_with_ci(lo_.get('magnitude_slope'), lo_.get('magnitude_slope_ci95'), '.4f')}",
               f"  magnitude share: {_with_ci(sh.get('value'), sh.get('value_ci95'))}  (magnitude if the CI is above "
               f"{th['share_split']}, direction if below)",
+              "  weighting sensitivity, every write alike: locality slope "
+              f"{_with_ci(lo_.get('slope_equal_weights'), lo_.get('slope_equal_weights_ci95'), '.4f')}, magnitude share "
+              f"{_with_ci(sh.get('equal_weights'), sh.get('equal_weights_ci95'))}",
               f"  innovation retention at d >= {th['far_distance']} ({ir['n_writes']} writes, ||u||^2 weights): "
               f"{_with_ci(ir['pooled'], ir['pooled_ci95'])}  (erasure below {th['erased_below']}, reinforced above "
               f"{th['reinforced_above']}); ||w||^2 weights "
