@@ -11,6 +11,7 @@ was added to). The model is ``results/models/smollm2-135m`` when it has a deleti
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     doc = m.deletion
     read, read0 = arr(doc["read"]), arr(doc["read_no_growth"])
     block = np.array([r != "unembed" for r in doc["read_readers"]])
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a write no block reads (a zero write): an all-NaN column
         pos = np.where(read > 0, read, np.nan)
         scale = np.where(block[:, None], np.nanmax(np.where(block[:, None], pos, np.nan), 0)[None, :],
                          np.nanmax(pos[~block]) if (~block).any() else np.nan)
