@@ -142,6 +142,34 @@ def merge_token_stats(stats: Any) -> None:
         stats.load_state_dict({**merged.state_dict(), "hist": hist.cpu().numpy()})
 
 
+def sum_over_ranks(array: Any, count: int) -> tuple[Any, int]:
+    """Every rank's float64 ``array`` and integer ``count`` summed in rank order (the same on every rank);
+    ``(array, count)`` in a single process."""
+    if world()[1] == 1:
+        return array, count
+    parts = _group_objects((array, int(count)))
+    total = parts[0][0].copy()
+    for arr, _ in parts[1:]:
+        total += arr
+    return total, sum(n for _, n in parts)
+
+
+def gather_rows(arrays: list) -> list:
+    """Each array's rows from every rank, concatenated in rank order (each rank holds a contiguous block of
+    sequences, :func:`shard_batches`); the arrays themselves in a single process."""
+    if world()[1] == 1:
+        return list(arrays)
+    import numpy as np
+
+    parts = _group_objects(list(arrays))
+    return [np.concatenate([p[i] for p in parts], 0) for i in range(len(arrays))]
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's ``value``."""
+    return float(max(all_gather(float(value))))
+
+
 def close() -> None:
     """Leave the process group (at the end of a torchrun command)."""
     if not launched():

@@ -26,7 +26,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def with_ci(value: Any, ci: Any, spec: str, missing: str = "nan") -> str:
+def with_ci(value: Any, ci: Any, spec: str = ".3f", missing: str = "nan") -> str:
     """``"value [lo, hi]"`` with every number formatted by ``spec``; the bracket is left out when either end
     of ``ci`` is missing or not finite."""
     lo, hi = (None, None) if ci is None else ci

@@ -7,6 +7,7 @@ import math
 import types
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -166,16 +167,19 @@ def centred_tokens(writes: np.ndarray) -> np.ndarray:
     return writes - writes.mean(0, keepdims=True)
 
 
-def ratio_of_sums(wt: np.ndarray, reader_index) -> dict[str, np.ndarray]:
-    """rho, delta, R from token-centred writes [T, C, d], summing over tokens with explicit vectors."""
+def ratio_of_sums(wt: np.ndarray, reader_index, raw: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """rho, delta, R from token-centred writes [T, C, d], summing over tokens with explicit vectors; the dilution
+    divides by the stream of the writes before token-centring (``raw``, default ``wt``): what the norm sees."""
     T, C, _ = wt.shape
+    raw = wt if raw is None else raw
     out = {q: np.full((len(reader_index), C), np.nan) for q in ("retention", "dilution", "reading")}
     for r, k in enumerate(reader_index):
         stream = wt[:, :k].sum(1)
+        seen = raw[:, :k].sum(1)
         for c in range(k):
             w = wt[:, c]
             out["retention"][r, c] = np.sum(wt[:, c:k].sum(1) * w) / np.sum(w * w)
-            out["dilution"][r, c] = math.sqrt(np.sum(w * w) / np.sum(stream * stream))
+            out["dilution"][r, c] = math.sqrt(np.sum(w * w) / np.sum(seen * seen))
             out["reading"][r, c] = np.sum(w * stream) / np.sum(stream * stream)
     return out
 
@@ -201,18 +205,17 @@ def test_ratio_of_sums_equal_explicit_vectors_and_split_into_sequences():
     seq = np.repeat(np.arange(6), 10)
     sums = _sums_from_writes(P, seq, 6, lay.reader_index, eps=1e-5)
     summ = summarize_deletion(*sums, lay, n_boot=0)
-    want = ratio_of_sums(centred_tokens(P), lay.reader_index)
+    want = ratio_of_sums(centred_tokens(P), lay.reader_index, raw=P)
     for q in ("retention", "dilution", "reading"):
         np.testing.assert_allclose(summ["point"][f"matrix.{q}"], want[q], rtol=1e-9, err_msg=q)
-    # the null: every token-centred write rescaled to one RMS norm, directions kept
+    # the null: every token-centred write rescaled to one RMS norm, directions kept (its mean with it)
     wt = centred_tokens(P)
-    unit = wt / np.sqrt((wt**2).sum((0, 2)))[None, :, None]
-    np.testing.assert_allclose(summ["point"]["matrix.reading_null"],
-                               ratio_of_sums(unit, lay.reader_index)["reading"], rtol=1e-9)
-    np.testing.assert_allclose(summ["point"]["matrix.dilution_null"],
-                               ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
-    np.testing.assert_allclose(summ["point"]["matrix.excess_dilution"],
-                               want["dilution"] / ratio_of_sums(unit, lay.reader_index)["dilution"], rtol=1e-9)
+    scale = np.sqrt((wt**2).sum((0, 2)))[None, :, None]
+    unit = ratio_of_sums(wt / scale, lay.reader_index, raw=P / scale)
+    np.testing.assert_allclose(summ["point"]["matrix.reading_null"], unit["reading"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.dilution_null"], unit["dilution"], rtol=1e-9)
+    np.testing.assert_allclose(summ["point"]["matrix.excess_dilution"], want["dilution"] / unit["dilution"],
+                               rtol=1e-9)
 
 
 def test_normalized_change_equals_explicit_vectors():
@@ -260,19 +263,29 @@ def test_orthogonal_growing_writes_dilution_decays_at_the_growth_rate():
     assert final[mlp4] / final[mlp4 + 2] == pytest.approx(1 / growth, rel=1e-9)
     far = [r for r in doc["per_write"] if r["write"] == "mlp_out.0"][0]
     assert far["dilution_decay_per_layer"] == pytest.approx(growth, rel=0.05)
-    assert doc["verdict"]["label"] == "magnitude"
+    ir = doc["innovation_retention"]  # orthogonal writes: every write is all innovation, and all of it is kept
+    assert ir["pooled"] == pytest.approx(1.0, abs=1e-9) and ir["n_no_innovation"] == 0
+    assert ir["n_writes"] == lay.n_writes - 2  # writes with a reader >= 2 layers on: all but the last block's
     assert [bool(u) for u in doc["by_distance"]["used"]] == [n >= 3 for n in doc["by_distance"]["n_pairs"]]
     assert not doc["by_distance"]["used"][-1]  # the largest distance has 2 pairs: never pooled
 
 
-def test_verdict_labels_and_thresholds():
-    v = deletion_verdict(1.0, [0.95, 1.05], 1.2, [1.1, 1.3])
-    assert v["label"] == "magnitude" and v["thresholds"] == {"retention_kept_min": 0.8, "excess_decay_min": 1.02}
-    assert deletion_verdict(0.3, [0.2, 0.4], 1.0, [0.99, 1.01])["label"] == "erasure"
-    assert deletion_verdict(0.3, [0.2, 0.4], 1.2, [1.1, 1.3])["label"] == "mixed"
-    assert deletion_verdict(1.0, [0.9, 1.1], 1.0, [0.99, 1.01])["label"] == "neither"
-    assert deletion_verdict(0.8, [0.7, 0.9], 1.2, [1.1, 1.3])["label"] == "inconclusive"
-    assert deletion_verdict(1.0, [None, None], 1.2, [1.1, 1.3])["label"] == "inconclusive"
+def test_verdict_labels_precedence_and_flags():
+    kept, local, mag, direc, flat = [0.95, 1.05], [-0.3, -0.2], [0.6, 0.9], [0.1, 0.3], [-0.05, 0.02]
+    v = deletion_verdict(kept, local, mag, 0.1)
+    assert v["label"] == "magnitude" and v["flags"] == []
+    assert deletion_verdict(kept, local, direc, 0.1)["label"] == "direction"
+    assert deletion_verdict(kept, flat, mag, 0.1)["label"] == "no locality"
+    assert deletion_verdict(kept, [0.1, 0.3], mag, 0.1)["label"] == "no locality"  # reads grow with distance
+    assert deletion_verdict(kept, local, [0.4, 0.6], 0.1)["label"] == "inconclusive"  # share straddles 0.5
+    assert deletion_verdict(kept, [None, None], mag, 0.1)["label"] == "inconclusive"
+    erased = deletion_verdict([0.4, 0.6], local, mag, 0.1)
+    assert erased["label"] == "erasure" and erased["flags"] == ["magnitude"]  # erasure first, the rest flagged
+    both = deletion_verdict([1.3, 1.5], local, direc, 0.7)
+    assert both["label"] == "reinforced" and both["flags"] == ["direction", "front-loaded"]
+    front = deletion_verdict(kept, flat, mag, 0.5)
+    assert front["label"] == "no locality" and front["flags"] == ["front-loaded"]  # never the label
+    assert deletion_verdict([0.79, 0.81], flat, mag, None)["flags"] == []  # retention CI straddles 0.8
 
 
 def test_bootstrap_ci_is_exact_for_identical_sequences_and_counts_nothing():
@@ -451,7 +464,7 @@ def _explicit(model, batch):
         P = P - P.mean(-1, keepdims=True)
     lay = stream_layout(model.n_layers)
     wt = centred_tokens(P)
-    out = ratio_of_sums(wt, lay.reader_index)
+    out = ratio_of_sums(wt, lay.reader_index, raw=P)
     eps = float(model.norm_eps)
     N = lambda x: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)  # noqa: E731
     infl = np.full((len(lay.readers), lay.n_writes), np.nan)
@@ -505,8 +518,13 @@ def test_to_json_schema_report_save_load_and_frame(model_dirs, tmp_path):
         assert len(M) == 4 and all(len(row) == 7 for row in M)
         for r, k in enumerate(lay.reader_index):
             assert all(v is None for v in M[r][k:]) and all(isinstance(v, float) for v in M[r][:k])
-    assert out["verdict"]["label"] in ("magnitude", "erasure", "mixed", "neither", "inconclusive")
-    assert set(out["verdict"]) >= {"retention_far", "excess_dilution_decay_per_layer", "thresholds", "reason"}
+    assert set(out["verdict"]) >= {"label", "flags", "evidence", "thresholds", "reason"}
+    for key in ("read", "read_no_growth", "locality", "magnitude_share", "innovation_retention", "front_loaded"):
+        assert key in out, key
+    assert out["read_readers"] == ["attn.0", "mlp.0", "attn.1", "mlp.1", "attn.2", "mlp.2", "unembed"]
+    assert out["read_reader_k"] == [1, 1, 3, 3, 5, 5, 7]  # parallel blocks: the MLP reads resid_pre too
+    assert len(out["read"]) == 7 and all(len(row) == 7 for row in out["read"])
+    assert out["read"][0][1] is None and isinstance(out["read"][0][0], float)
     by = out["by_distance"]
     for key in ("retention", "dilution", "visibility", "reading", "excess_dilution", "influence"):
         assert len(by[key]) == len(by["distance"]) and len(by[key + "_ci95"]) == len(by["distance"])
@@ -517,7 +535,8 @@ def test_to_json_schema_report_save_load_and_frame(model_dirs, tmp_path):
     assert ab["writes"] == ["attn_out.1", "mlp_out.1"] and ab["distance"] == [1, 2, 3, 4]
     assert ab["normalized_input_change"][0][2] is None  # block 1 writes at layer 2; no reader 3 layers later
     report = format_deletion_report(res)
-    for needle in ("VERDICT", "retention", "excess", "influence", "locality", "causal check", "mlp_out.1", "warning"):
+    for needle in ("VERDICT", "flags", "locality slope", "magnitude share", "innovation retention", "excess",
+                   "influence", "causal check", "mlp_out.1", "warning"):
         assert needle in report
     path = res.save(tmp_path / "del")
     back = DeletionResults.load(path)

@@ -278,3 +278,42 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert errors == ["error: rank 1: non-finite norm (inf or NaN) at site resid_post, layer 1, in 3 token(s) with "
                       "dtype float32: the model overflowed; rerun with --dtype float32 or bfloat16."]
     assert not list((tmp_path / "out").glob("*.json"))  # nothing written
+
+
+def test_torchrun_deletion_two_cpu_processes_equal_one_and_split_the_work(tmp_path):
+    """``torchrun ... deletion``: each rank collects half the batches; the merged sums give the one-process numbers
+    within 1e-9 relative (the write means are summed in another order: the only difference is rounding)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import VOCAB, build_tiny
+
+    repo = Path(__file__).resolve().parents[1]
+    model = build_tiny("llama", tmp_path / "llama", seed=5, n_layers=3)
+    data = tmp_path / "ids.npy"
+    np.save(data, np.random.RandomState(7).randint(1, VOCAB, size=(11, 12)))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    common = ["deletion", str(model), "--data", str(data), "--batch-size", "2", "--ablate", "1"]
+    single = subprocess.run([sys.executable, "-m", "normgrowth", *common, "--out", "one", "--json", "one.json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "normgrowth", *common, "--out", "two", "--json", "two.json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert a["shards"] == [[0, 11]]
+    assert b["shards"] == [[0, 6], [6, 11]]  # 6 batches of 2: three per rank
+    a.pop("shards"), b.pop("shards")
+    fa, fb = list(_floats(a)), list(_floats(b))
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    assert len(fa) > 500
+    for (path, x), (_, y) in zip(fa, fb):
+        assert abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-12), (path, x, y)
+    assert a["verdict"] == b["verdict"]
