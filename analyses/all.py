@@ -14,7 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-SCRIPTS = ("fig_norms", "fig_growth_ratio", "fig_position", "fig_components", "fig_weights", "fig_random_gains",
+SCRIPTS = ("fig_real_model",  # the real pretrained model (R/models/smollm2-135m/) first
+           "fig_norms", "fig_growth_ratio", "fig_position", "fig_components", "fig_weights", "fig_random_gains",
            "fig_deletion", "fig_reading", "fig_locality", "fig_compare", "fig_summary")
 SCRIPTS += ("fig_horizon",)  # the effective layer horizon (R/models/<slug>/horizon.json)
 # Figures of training runs: they read R/sweep*.json (normgrowth sweep), R/zoo.json (the zoo build's record) and

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
+from matplotlib.figure import Figure
 
 from normgrowth.sources import NAMED_MODELS
 from normgrowth.tables import with_ci
@@ -104,8 +104,11 @@ def draw_horizon(ax, doc: Optional[dict]) -> None:
     n = arr(doc["horizons"])
     for mode, style in (("live", "-"), ("frozen", "--")):
         lo, hi = ci_band(doc[mode]["excess_ci"])
-        ax.plot(n, 100 * arr(doc[mode]["excess"]), color="C0", linestyle=style, marker="o" if mode == "live" else None,
-                label=f"{mode}: within {_horizon_text(doc, mode)}")
+        overflow = ((doc.get("nonfinite") or {}).get("predictions") or {}).get(mode) or []
+        bad = ",".join(f"{h:g}" for h, c in zip(n, overflow) if c)
+        ax.plot(n, 100 * arr(doc[mode]["excess"]), color="C0", linestyle=style, marker="o" if mode == "live" else "s",
+                markerfacecolor="none" if mode == "frozen" else None,
+                label=f"{mode}: within {_horizon_text(doc, mode)}" + (f"; overflow at n={bad}" if bad else ""))
         if lo.size:
             ax.fill_between(n, 100 * lo, 100 * hi, color="C0", alpha=0.15 if mode == "live" else 0.08, linewidth=0)
     for q in (1, 10):
@@ -115,21 +118,25 @@ def draw_horizon(ax, doc: Optional[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def draw(results_dir: Path, out_dir: Path, model: str = MODEL) -> list[Path]:
-    path = Path(results_dir) / "models" / model
+def build(path: Path) -> Figure:
+    """The four panels of the model folder ``path`` (raises MissingInput when it has no report.json)."""
     report = read_json(path / "report.json")
     if report is None:
         raise MissingInput(f"no report.json under {path}/")
-    m = ModelResults(slug=model, path=path, report=report, deletion=read_json(path / "deletion.json"))
+    m = ModelResults(slug=path.name, path=path, report=report, deletion=read_json(path / "deletion.json"))
     fig = new_figure(PAGE_WIDTH, 7.6)
     axes = fig.subplots(2, 2).ravel()
     draw_norms(axes[0], report)
     draw_local_slope(axes[1], report["fit"]["resid_post"])
     draw_deletion(axes[2], m)
     draw_horizon(axes[3], read_json(path / "horizon.json"))
-    fig.suptitle(f"{model_title(report, model)}\nnorm growth, local slope, deletion, horizon "
+    fig.suptitle(f"{model_title(report, path.name)}\nnorm growth, local slope, deletion, horizon "
                  "(95 % bootstrap CIs over sequences)")
-    return save(fig, out_dir, STEM)
+    return fig
+
+
+def draw(results_dir: Path, out_dir: Path, model: str = MODEL) -> list[Path]:
+    return save(build(Path(results_dir) / "models" / model), out_dir, STEM)
 
 
 def main(results_dir: str | Path = "results", out_dir: str | Path = "figures", model: str = MODEL) -> list[Path]:
