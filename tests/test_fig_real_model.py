@@ -57,7 +57,8 @@ def results(tmp_path_factory) -> Path:
 
 
 def _docs(root: Path) -> dict:
-    return {k: json.loads((root / "models" / SLUG / f"{k}.json").read_text()) for k in ("report", "deletion", "horizon")}
+    folder = root / "models" / SLUG
+    return {k: json.loads((folder / f"{k}.json").read_text()) for k in ("report", "deletion", "horizon")}
 
 
 def test_panels_show_the_saved_numbers(results):
