@@ -345,7 +345,16 @@ def _cached_json(entry: Optional[_Entry], emit: _Emitter, compute: Callable[[], 
 
 def _settings(data: Optional[str], n_seqs: Optional[int], seq_len: Optional[int], batch_size: Any,
               device: Optional[str], dtype: str, out: Any, revision: Optional[str],
-              device_map: Optional[str], checkpoint_every: Optional[int] = None) -> RunSettings:
+              device_map: Optional[str], checkpoint_every: Optional[int] = None,
+              model: Optional[str] = None) -> RunSettings:
+    """The run's settings; for a named model (``smollm2-135m``) on the built-in data, unset ``n_seqs`` and
+    ``seq_len`` take that model's defaults (:func:`normgrowth.sources.named_data_defaults`)."""
+    if model is not None and data == "builtin" and (n_seqs is None or seq_len is None):
+        from .sources import named_data_defaults
+
+        default_seqs, default_len = named_data_defaults(model)
+        n_seqs = default_seqs if n_seqs is None else n_seqs
+        seq_len = default_len if seq_len is None else seq_len
     return RunSettings(data=data, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, device=device,
                        dtype=dtype, revision=revision, device_map=device_map,
                        out=None if out is None else str(out), checkpoint_every=checkpoint_every)
@@ -373,7 +382,7 @@ def run_report(model: str, data: Optional[str] = "builtin", *, n_seqs: Optional[
     Fits: :meth:`Results.fit` per site over ``window`` ("a:b"; None: the default window).
     """
     settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
-                         checkpoint_every)
+                         checkpoint_every, model=model)
     return _report(model, settings, window, _Emitter(progress))
 
 
@@ -417,7 +426,7 @@ def run_weights(model: str, data: Optional[str] = None, *, n_seqs: Optional[int]
     ``random_seqs`` x ``random_len`` random inputs, compared with the real ones when ``data`` is given (its
     collection is reused from, or saved to, ``out`` like ``run_report``'s)."""
     settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
-                         checkpoint_every)
+                         checkpoint_every, model=model)
     for name, value in (("random_seqs", random_seqs), ("random_len", random_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NormgrowthError(f"{name} must be a positive integer, got {value!r}.")
@@ -461,7 +470,7 @@ def run_deletion(model: str, data: Optional[str] = "builtin", *, n_seqs: Optiona
     """Deletion-by-magnitude statistics of ``model`` on ``data``; ``ablate``: writes to mean-ablate
     (``normgrowth.deletion.parse_ablate``), ``"none"`` or None for no ablation check."""
     settings = _settings(data, n_seqs, seq_len, batch_size, device, dtype, out, revision, device_map,
-                         checkpoint_every)
+                         checkpoint_every, model=model)
     return _deletion(model, settings, ablate, _Emitter(progress))
 
 

