@@ -399,10 +399,7 @@ def collect(model: LoadedModel, data: Any, batch_size: int = 8, sites: Sequence[
                     progress(done, hi - lo)
     except Exception as err:  # shared with the other ranks before raising (no rank left waiting)
         error = err
-    if world_size > 1:
-        distributed.check_all(error)
-    elif error is not None:
-        raise error
+    distributed.raise_on_any_rank(error, world_size)
     distributed.merge_token_stats(collector.stats)
     results = collector.results(batch, batch_size, seq_len)
     if path is not None:

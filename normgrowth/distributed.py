@@ -116,6 +116,15 @@ def check_all(error: Optional[BaseException]) -> None:
             raise NormgrowthError(f"rank {r}: {failure}")
 
 
+def raise_on_any_rank(error: Optional[BaseException], world_size: int) -> None:
+    """After a rank's share of work: raise ``error`` here, or under torchrun (``world_size > 1``) on every
+    rank when any rank failed (:func:`check_all`)."""
+    if world_size > 1:
+        check_all(error)
+    elif error is not None:
+        raise error
+
+
 def merge_token_stats(stats: Any) -> None:
     """Replace this rank's :class:`~normgrowth.stats.TokenStats` by the merge of every rank's, in rank
     order (the same numbers on every rank). Histogram counts are summed with one all-reduce; the rest

@@ -283,10 +283,7 @@ def collect_deletion(model: Any, batch: Any, batch_size: int = 8, ablate: Any = 
                     progress(stop, hi - lo)
     except Exception as err:  # shared with the other ranks before raising (no rank left waiting)
         error = err
-    if world_size > 1:
-        distributed.check_all(error)
-    elif error is not None:
-        raise error
+    distributed.raise_on_any_rank(error, world_size)
     seq_gram, seq_infl, seq_fnorm, seq_read, seq_read0 = distributed.gather_rows(
         [seq_gram, seq_infl, seq_fnorm, seq_read, seq_read0])
     max_rel_error = distributed.max_over_ranks(collector.max_rel_error)
