@@ -26,13 +26,13 @@ STEM = "fig_norms"
 
 
 def model_free_text(fit: dict) -> str:
-    """``+4.8 %/layer [4.6, 5.0], band +2.5..+14.8`` from a GrowthFit JSON (the exponential fit's rate for a fit
+    """``+4.8 [4.6, 5.0] %/l, band +2.5..+14.8`` (%/l: % per layer) from a GrowthFit JSON (the exponential fit's rate for a fit
     saved without model-free numbers)."""
     s = as_float(fit.get("mean_log_slope"))
     if not np.isfinite(s):
         return rate_text(fit)
     pct = [100 * np.expm1(as_float(v)) for v in fit.get("mean_log_slope_ci95") or (None, None)]
-    text = f"{with_ci(100 * np.expm1(s), pct, '+.1f')} %/layer"
+    text = f"{with_ci(100 * np.expm1(s), pct, '+.1f')} %/l"
     ws = fit.get("window_sensitivity") or {}
     if ws.get("n_windows"):
         text += f", band {fmt_number(ws.get('min_percent'), '+.1f')}..{fmt_number(ws.get('max_percent'), '+.1f')}"
@@ -66,7 +66,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
                     text += f"; law {law}{'' if decided else '?'} {law_rate_text(fit, law)}"
                 else:
                     fx, fy = anchored_exponential(mean, fit)
-                    text += "; law: none fits" if best == NONE else ""
+                    text += "; none fits" if best == NONE else ""
                 ax.plot(fx, positive(fy), color=m.color, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1,
                         label=f"{m.name}: {text}")
                 if law != "exponential" or best == NONE:
@@ -80,8 +80,10 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         log_axis(ax)
         ax.set_xlabel("layer")
         ax.set_ylabel(NORM_LABEL)
-        ax.legend(loc="best", fontsize=7, title="mean log-slope [95 % CI], band; law (interpretation)",
-                  handlelength=1.8)
+        # drawn over the plot, outside the layout: long labels must not shrink the axes
+        legend = ax.legend(loc="upper left", fontsize=6, title="mean log-slope [95 % CI], band; law",
+                           title_fontsize=6, handlelength=1.2, framealpha=0.85)
+        legend.set_in_layout(False)
     legend_ax = axes[-1]
     legend_ax.axis("off")
     legend_ax.legend(handles=model_legend_handles(models), loc="center", title="model (mean over tokens at "
