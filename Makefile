@@ -188,6 +188,27 @@ endif
 results: $(HORIZONS)
 $(FIGURES)/.done: $(HORIZONS)
 
+# ---- stories260K, the real trained 5-layer Llama fixture beside the project (when present) -------------
+# its samples.npy (32 x 128 token ids sampled from the model) is the data; no tokenizer ships with it
+STORIES ?= ../shared/fixtures/stories260K
+STORIES_DIR := $(if $(wildcard $(STORIES)/config.json),$(RESULTS)/models/stories260K,)
+ifneq ($(STORIES_DIR),)
+STORIES_COMMON := --data $(STORIES)/samples.npy --out $(RESULTS)/cache
+STORIES_RESULTS := $(STORIES_DIR)/report.json $(STORIES_DIR)/deletion.json $(STORIES_DIR)/horizon.json
+
+$(STORIES_DIR)/report.json: $(SOURCE) | $(STAMP)
+	$(NG) report $(STORIES) $(STORIES_COMMON) --json $@
+
+$(STORIES_DIR)/deletion.json: $(SOURCE) | $(STAMP)
+	$(NG) deletion $(STORIES) $(STORIES_COMMON) --json $@
+
+$(STORIES_DIR)/horizon.json: $(SOURCE) | $(STAMP)
+	$(NG) horizon $(STORIES) $(STORIES_COMMON) --json $@
+
+results: $(STORIES_RESULTS)
+$(FIGURES)/.done: $(STORIES_RESULTS)
+endif
+
 # ---- the norm-free twin of a real model (normgrowth zoo twin) ---------------------------------
 # TWIN_SCHEDULE=reduced fits 2 CPU cores (docs/zoo.md); full is the GPU schedule. The weights stay in
 # TWIN_ZOO (not committed); the JSON goes to TWIN_RESULTS. Analyses run on the twin's held-out rows.
