@@ -148,13 +148,10 @@ class WeightsRun(RunProtocol):
 
 class DeletionDocument(ResultProtocol):
     """A deletion JSON (``DeletionResults.to_json()``) with the result protocol: what the deletion cache
-    holds and ``run_deletion`` returns. Frame rows: every ratio-of-sums matrix entry (``site`` the write,
-    ``layer`` the reader's layer, extra columns ``reader`` and ``distance``) and the pooled by-distance
-    statistics with their CIs."""
+    holds and ``run_deletion`` returns. Frame rows: :func:`normgrowth.deletion.deletion_frame_rows`, the same as
+    :class:`~normgrowth.deletion.DeletionResults`."""
 
     kind = "deletion"
-    POOLED = ("retention_far", "dilution_decay_per_layer", "visibility_decay_per_layer",
-              "excess_dilution_decay_per_layer")
 
     def __init__(self, doc: dict[str, Any]):
         self.doc = doc
@@ -170,24 +167,9 @@ class DeletionDocument(ResultProtocol):
         return cls({k: v for k, v in doc.items() if k not in ("result_kind", "arrays")})
 
     def frame_rows(self):
-        from .deletion import MATRICES
+        from .deletion import deletion_frame_rows
 
-        doc = self.doc
-        model = doc.get("model")
-        wl, rl = doc["write_layer"], doc["reader_layer"]
-        for q in MATRICES:
-            for r, reader in enumerate(doc["readers"]):
-                for c, write in enumerate(doc["writes"]):
-                    v = (doc.get(q) or [[None]])[r][c] if q in doc else None
-                    if v is not None:
-                        yield {"model": model, "site": write, "layer": rl[r], "statistic": q, "value": float(v),
-                               "reader": reader, "distance": float(rl[r] - wl[c])}
-        by = doc.get("by_distance") or {}
-        for key in self.POOLED:
-            if key in by:
-                lo, hi = by.get(key + "_ci95") or [None, None]
-                yield {"model": model, "site": "all writes", "layer": None, "statistic": key, "value": by[key],
-                       "ci_lo": lo, "ci_hi": hi}
+        return deletion_frame_rows(self.doc)
 
     def summary(self) -> str:
         return self.text().splitlines()[0]

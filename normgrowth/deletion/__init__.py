@@ -19,15 +19,16 @@ from .reads import (ERASED_BELOW, FAR_DISTANCE, FRONT_LOADED_MIN, LABELS, NO_INN
                     SHARE_SPLIT, deletion_verdict, front_share, innovation_factor, innovation_retention,
                     locality_statistics, pooled_retention, read_distance, read_terms, reader_factor, reader_groups,
                     stream_scales)
-from .results import (MIN_BOOT_SEQS, DeletionResults, deletion_document, format_deletion_json,
-                      format_deletion_report)
+from .results import (MIN_BOOT_SEQS, DeletionResults, deletion_document, deletion_frame_rows,
+                      format_deletion_json, format_deletion_report)
 
 __all__ = [
     "DEFAULT_ABLATION_LAYERS", "ERASED_BELOW", "FAR_DISTANCE", "FRONT_LOADED_MIN", "LABELS", "MATRICES",
     "MIN_BOOT_SEQS", "MIN_PAIRS", "NO_INNOVATION_TOL", "QUANTITIES", "REINFORCED_ABOVE", "SHARE_SPLIT",
     "SHARE_WITHIN", "ZERO_WRITE_TOL", "DeletionResults", "ReaderMaps", "StreamLayout", "ablation_check",
     "collect_deletion", "default_ablation_writes", "deletion_bytes_per_token", "deletion_document",
-    "deletion_quantities", "deletion_verdict", "distance_matrix", "format_deletion_json", "format_deletion_report",
+    "deletion_frame_rows", "deletion_quantities", "deletion_verdict", "distance_matrix", "format_deletion_json",
+    "format_deletion_report",
     "front_share", "gram_from_writes", "innovation_factor", "innovation_retention", "locality",
     "locality_statistics", "normalize_input", "normalized_change", "pair_average_by_distance", "parse_ablate",
     "pooled_retention", "project_writes", "read_distance", "read_terms", "reader_factor", "reader_maps",

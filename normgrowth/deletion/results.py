@@ -299,32 +299,7 @@ class DeletionResults(ResultProtocol):
                    shards=doc.get("shards"), read_token_stride=int(doc.get("read_token_stride", 1)))
 
     def frame_rows(self) -> Iterable[dict[str, Any]]:
-        doc = self.to_json()
-        lay = self.layout
-        dist = distance_matrix(lay.write_layer, lay.reader_layer)
-        for q in MATRICES:
-            for r, reader in enumerate(lay.readers):
-                for c, write in enumerate(lay.writes):
-                    v = doc[q][r][c]
-                    if v is not None:
-                        yield {"model": self.model, "site": write, "layer": lay.reader_layer[r], "statistic": q,
-                               "value": float(v), "reader": reader, "distance": float(dist[r, c])}
-        by = doc["by_distance"]
-        for key in ("retention_far", "dilution_decay_per_layer", "visibility_decay_per_layer",
-                    "excess_dilution_decay_per_layer"):
-            lo, hi = by.get(key + "_ci95") or [None, None]
-            yield {"model": self.model, "site": "all writes", "layer": None, "statistic": key, "value": by[key],
-                   "ci_lo": lo, "ci_hi": hi}
-        for q in ("read", "read_no_growth"):
-            for r, reader in enumerate(doc.get("read_readers") or []):
-                for c, write in enumerate(lay.writes):
-                    v = doc[q][r][c]
-                    if v is not None:
-                        yield {"model": self.model, "site": write, "layer": None, "statistic": q, "value": float(v),
-                               "reader": reader, "distance": float(doc["read_distance"][r][c])}
-        for name, (value, ci) in _pooled(doc).items():
-            yield {"model": self.model, "site": "all writes", "layer": None, "statistic": name, "value": value,
-                   "ci_lo": ci[0], "ci_hi": ci[1]}
+        return deletion_frame_rows(self.to_json())
 
     def text(self) -> str:
         """The plain-text report (:func:`format_deletion_json` of :meth:`to_json`)."""
@@ -487,3 +462,35 @@ def format_deletion_json(doc: dict) -> str:
             lines.append(f"{w:<12}" + "".join(f"{_f(x):>9}" for x in ab["normalized_input_change"][i])
                          + f"{_f(ab['final_kl'][i], '.4g'):>11}")
     return "\n".join(lines)
+
+
+def deletion_frame_rows(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """Long-format rows of a deletion JSON (``DeletionResults.to_json()``): every ratio-of-sums matrix entry and
+    every read (``site`` the write, extra columns ``reader`` and ``distance``), then the pooled statistics
+    (by-distance decays and the verdict's quantities) with their CIs."""
+    model = doc.get("model")
+    dist = distance_matrix(doc["write_layer"], doc["reader_layer"])
+    for q in MATRICES:
+        for r, reader in enumerate(doc["readers"]):
+            for c, write in enumerate(doc["writes"]):
+                v = doc[q][r][c] if q in doc else None
+                if v is not None:
+                    yield {"model": model, "site": write, "layer": doc["reader_layer"][r], "statistic": q,
+                           "value": float(v), "reader": reader, "distance": float(dist[r, c])}
+    by = doc.get("by_distance") or {}
+    for key in ("retention_far", "dilution_decay_per_layer", "visibility_decay_per_layer",
+                "excess_dilution_decay_per_layer"):
+        if key in by:
+            lo, hi = by.get(key + "_ci95") or [None, None]
+            yield {"model": model, "site": "all writes", "layer": None, "statistic": key, "value": by[key],
+                   "ci_lo": lo, "ci_hi": hi}
+    for q in ("read", "read_no_growth"):
+        for r, reader in enumerate(doc.get("read_readers") or []):
+            for c, write in enumerate(doc["writes"]):
+                v = doc[q][r][c]
+                if v is not None:
+                    yield {"model": model, "site": write, "layer": None, "statistic": q, "value": float(v),
+                           "reader": reader, "distance": float(doc["read_distance"][r][c])}
+    for name, (value, ci) in _pooled(doc).items():
+        yield {"model": model, "site": "all writes", "layer": None, "statistic": name, "value": value,
+               "ci_lo": ci[0], "ci_hi": ci[1]}

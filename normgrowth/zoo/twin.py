@@ -37,7 +37,6 @@ from .settings import RemovalSchedule, python_version
 from .train import Progress, evaluate, growth_per_layer
 
 TWIN_FORMAT_VERSION = 1
-SMOLLM2_NAME = "smollm2-135m"
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
 
 
@@ -110,7 +109,7 @@ def load_source(spec: str) -> tuple[nn.Module, Any]:
     read through its dequantised float32 copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..sources import dequantised_folder, resolve_source
+    from ..sources import NAMED_MODELS, dequantised_folder, resolve_source
 
     source = resolve_source(spec)
     if source.format == "gguf":
@@ -118,8 +117,8 @@ def load_source(spec: str) -> tuple[nn.Module, Any]:
     elif source.path is not None:
         path = source.path
     else:
-        raise NormgrowthError(f"model {spec!r} is neither a local folder, a .gguf file nor a named model such as "
-                              f"{SMOLLM2_NAME}: give a Hugging Face checkpoint folder or a .gguf file.")
+        raise NormgrowthError(f"model {spec!r} is neither a local folder, a .gguf file nor a named model "
+                              f"({', '.join(NAMED_MODELS)}): give a Hugging Face checkpoint folder or a .gguf file.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
