@@ -157,32 +157,39 @@ def _floats(doc, path=""):
         yield path, float(doc)
 
 
-def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
-    import json
+def _one_and_two_processes(tmp_path, command: list) -> tuple:
+    """``normgrowth COMMAND`` run once in one process (``--out one --json one.json``) and once under torchrun
+    with 2 CPU processes (``--out two --json two.json``), both in ``tmp_path``; both must succeed."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    single = subprocess.run([sys.executable, "-m", "normgrowth", *command, "--out", "one", "--json", "one.json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "normgrowth", *command, "--out", "two", "--json", "two.json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
+    return single, two
+
+
+def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
+    import json
+
     from conftest import VOCAB, build_tiny
 
-    repo = Path(__file__).resolve().parents[1]
     model = build_tiny("gpt2", tmp_path / "gpt2", seed=4, n_layers=4)
     rng = np.random.RandomState(6)
     ids = rng.randint(1, VOCAB, size=(11, 12))
     data = tmp_path / "ids.npy"
     np.save(data, ids)
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    common = ["report", str(model), "--data", str(data), "--batch-size", "2"]
-    single = subprocess.run([sys.executable, "-m", "normgrowth", *common, "--out", "one", "--json", "one.json"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "normgrowth", *common, "--out", "two", "--json", "two.json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
+    single, two = _one_and_two_processes(tmp_path, ["report", str(model), "--data", str(data), "--batch-size", "2"])
     assert two.stdout.count("growth") == single.stdout.count("growth")  # rank 0 alone prints the tables
     a = json.loads((tmp_path / "one.json").read_text())
     b = json.loads((tmp_path / "two.json").read_text())
@@ -284,28 +291,14 @@ def test_torchrun_deletion_two_cpu_processes_equal_one_and_split_the_work(tmp_pa
     """``torchrun ... deletion``: each rank collects half the batches; the merged sums give the one-process numbers
     within 1e-9 relative (the write means are summed in another order: the only difference is rounding)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from conftest import VOCAB, build_tiny
 
-    repo = Path(__file__).resolve().parents[1]
     model = build_tiny("llama", tmp_path / "llama", seed=5, n_layers=3)
     data = tmp_path / "ids.npy"
     np.save(data, np.random.RandomState(7).randint(1, VOCAB, size=(11, 12)))
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    common = ["deletion", str(model), "--data", str(data), "--batch-size", "2", "--ablate", "1"]
-    single = subprocess.run([sys.executable, "-m", "normgrowth", *common, "--out", "one", "--json", "one.json"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "normgrowth", *common, "--out", "two", "--json", "two.json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
+    _one_and_two_processes(tmp_path, ["deletion", str(model), "--data", str(data), "--batch-size", "2",
+                                      "--ablate", "1"])
     a = json.loads((tmp_path / "one.json").read_text())
     b = json.loads((tmp_path / "two.json").read_text())
     assert a["shards"] == [[0, 11]]
