@@ -197,6 +197,23 @@ def loaded(tiny_dirs):
     return get
 
 
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``normgrowth ARGS`` in this process through ``cli.main``, which turns user errors into one line and exit
+    code 2: returns (exit code, stdout, stderr). An exception that escapes ``main`` fails the test with its
+    traceback."""
+    import sys
+
+    from normgrowth import cli
+
+    monkeypatch.setattr(sys, "argv", ["normgrowth", *map(str, args)])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own printer
+    capsys.readouterr()  # what earlier steps of the test printed is not this command's output
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
 def hf_model(path: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 

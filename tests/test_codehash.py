@@ -158,3 +158,13 @@ def test_make_result_targets_depend_on_the_package_source(tmp_path):
         for mtime, expected in ((newest + 100, 0), (newest - 100, 1)):
             os.utime(target, (mtime, mtime))
             assert subprocess.run(args + [str(target)], capture_output=True).returncode == expected, (name, mtime)
+
+
+def test_every_package_folder_is_declared_for_a_wheel():
+    """A regular (non-editable) install ships exactly the packages pyproject.toml lists: every folder of the
+    package with an ``__init__.py`` must be one of them."""
+    import tomllib
+
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "normgrowth").rglob("__init__.py")}
+    assert found == declared

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_main
 from normgrowth.collector import collect
 from normgrowth.data import TokenBatch, builtin_prompts, iter_batches, load_tokens
 from normgrowth.errors import NormgrowthError
@@ -177,19 +178,6 @@ def run_cli(*args, env_extra=None):
                           timeout=300)
 
 
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """``normgrowth ARGS`` in this process through ``cli.main`` (exit code, stderr)."""
-    import warnings
-
-    from normgrowth import cli
-
-    monkeypatch.setattr(sys, "argv", ["normgrowth", *map(str, args)])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own printer
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    return stop.value.code, capsys.readouterr().err
-
-
 def test_cli_report_writes_schema(tiny_dirs, token_file, tmp_path):
     from typer.testing import CliRunner
 
@@ -228,7 +216,7 @@ def test_cli_entry_point_error_is_one_line_exit_2(tmp_path):
 ])
 def test_cli_errors_are_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.json"
-    code, err = run_main(monkeypatch, capsys, *args, "--json", out)
+    code, _, err = run_main(monkeypatch, capsys, *args, "--json", out)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -237,7 +225,7 @@ def test_cli_errors_are_one_line_exit_2(args, message, tmp_path, monkeypatch, ca
 
 def test_cli_bad_data_exit_2(tiny_dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.json"
-    code, err = run_main(monkeypatch, capsys, "report", tiny_dirs["gpt2"], "--data", "builtin", "--json", out)
+    code, _, err = run_main(monkeypatch, capsys, "report", tiny_dirs["gpt2"], "--data", "builtin", "--json", out)
     assert code == 2 and "token ids" in err and "Traceback" not in err
     assert not out.exists()
 
@@ -274,7 +262,7 @@ def test_cli_bad_batch_size_exit_2_before_loading(value, tmp_path, monkeypatch, 
     """A malformed --batch-size is refused in one line before any model is loaded (the model does
     not even exist here)."""
     out = tmp_path / "x.json"
-    code, err = run_main(monkeypatch, capsys, "report", tmp_path / "no-model", "--batch-size", value, "--json", out)
+    code, _, err = run_main(monkeypatch, capsys, "report", tmp_path / "no-model", "--batch-size", value, "--json", out)
     assert code == 2 and "--batch-size must be a positive integer or 'auto'" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 

@@ -157,42 +157,122 @@ def _floats(doc, path=""):
         yield path, float(doc)
 
 
-def _one_and_two_processes(tmp_path, command: list) -> tuple:
-    """``normgrowth COMMAND`` run once in one process (``--out one --json one.json``) and once under torchrun
-    with 2 CPU processes (``--out two --json two.json``), both in ``tmp_path``; both must succeed."""
+# One torchrun launch (2 CPU processes, gloo) runs the three commands the tests below check, one after the
+# other in the same process group: the process start-up (torch, transformers) is paid once. Each command's
+# stdout and stderr go to files per rank: "<tag>.rank<r>.out|err" in the launch folder.
+TORCHRUN_DRIVER = """
+import contextlib, json, os, sys
+from normgrowth import cli, collector
+from normgrowth.errors import NonFiniteNormError
+
+rank = os.environ["RANK"]
+commands = json.loads(sys.argv[1])
+
+
+@contextlib.contextmanager
+def captured(tag):
+    with open(f"{tag}.rank{rank}.out", "w") as out, open(f"{tag}.rank{rank}.err", "w") as err, \\
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+
+
+for tag in ("report", "deletion"):
+    with captured(tag):
+        cli.app(commands[tag], standalone_mode=False)
+
+# Rank 1's collector meets an overflow in its first batch; rank 0 runs on and would wait for rank 1 in the merge.
+original = collector.NormCollector.end_batch
+def end_batch(self, valid):
+    if rank == "1":
+        raise NonFiniteNormError("resid_post", 1, 3, "float32")
+    original(self, valid)
+collector.NormCollector.end_batch = end_batch
+with captured("failure"):
+    sys.argv = ["normgrowth", *commands["failure"]]
+    cli.main()  # exits with the command's exit code
+"""
+
+
+def _report_args(model, data) -> list[str]:
+    return ["report", str(model), "--data", str(data), "--batch-size", "2"]
+
+
+def _deletion_args(model, data) -> list[str]:
+    return ["deletion", str(model), "--data", str(data), "--batch-size", "2", "--ablate", "1"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_launch(tmp_path_factory):
+    """``(folder, models and data, launch)``: report (tiny GPT-2, 4 layers, 11 x 12 tokens) and deletion (tiny
+    Llama, 3 layers, 11 x 12 tokens) under torchrun writing ``two-<command>.json``, then the report again with
+    rank 1 failing (``--out out``)."""
+    import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from conftest import VOCAB, build_tiny
+
+    root = tmp_path_factory.mktemp("torchrun")
+    inputs = {"gpt2": build_tiny("gpt2", root / "gpt2", seed=4, n_layers=4),
+              "llama": build_tiny("llama", root / "llama", seed=5, n_layers=3),
+              "gpt2_ids": root / "gpt2_ids.npy", "llama_ids": root / "llama_ids.npy"}
+    np.save(inputs["gpt2_ids"], np.random.RandomState(6).randint(1, VOCAB, size=(11, 12)))
+    np.save(inputs["llama_ids"], np.random.RandomState(7).randint(1, VOCAB, size=(11, 12)))
+    commands = {
+        "report": _report_args(inputs["gpt2"], inputs["gpt2_ids"]) + ["--out", "two-report", "--json",
+                                                                      "two-report.json"],
+        "deletion": _deletion_args(inputs["llama"], inputs["llama_ids"]) + ["--out", "two-deletion", "--json",
+                                                                            "two-deletion.json"],
+        "failure": _report_args(inputs["gpt2"], inputs["gpt2_ids"]) + ["--out", "out"],
+    }
+    (root / "driver.py").write_text(TORCHRUN_DRIVER)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    single = subprocess.run([sys.executable, "-m", "normgrowth", *command, "--out", "one", "--json", "one.json"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "normgrowth", *command, "--out", "two", "--json", "two.json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    assert two.stderr.count("wrote two.json") == 1  # rank 0 alone writes
-    return single, two
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "driver.py", json.dumps(commands)], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    return root, inputs, launch
 
 
-def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
+def _launch_output(root, tag: str, stream: str) -> list[str]:
+    """What ranks 0 and 1 printed on ``stream`` ("out" or "err") during the command ``tag``."""
+    return [(root / f"{tag}.rank{r}.{stream}").read_text() for r in (0, 1)]
+
+
+def _one_and_two_processes(torchrun_launch, tag: str, args: list, tmp_path, monkeypatch, capsys) -> tuple:
+    """The command ``args`` run here in one process (``--out one --json one.json`` in ``tmp_path``, one torch
+    thread as in each torchrun worker) and its run in the torchrun launch: ``(one JSON, two JSON, one stdout,
+    two stdouts per rank, launch folder)``."""
     import json
 
-    from conftest import VOCAB, build_tiny
+    from conftest import run_main
 
-    model = build_tiny("gpt2", tmp_path / "gpt2", seed=4, n_layers=4)
-    rng = np.random.RandomState(6)
-    ids = rng.randint(1, VOCAB, size=(11, 12))
-    data = tmp_path / "ids.npy"
-    np.save(data, ids)
-    single, two = _one_and_two_processes(tmp_path, ["report", str(model), "--data", str(data), "--batch-size", "2"])
-    assert two.stdout.count("growth") == single.stdout.count("growth")  # rank 0 alone prints the tables
-    a = json.loads((tmp_path / "one.json").read_text())
-    b = json.loads((tmp_path / "two.json").read_text())
+    root = torchrun_launch[0]
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out, err = run_main(monkeypatch, capsys, *args, "--out", "one", "--json", "one.json")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    errs = _launch_output(root, tag, "err")
+    assert (root / f"two-{tag}.json").is_file(), (errs, torchrun_launch[2].stderr[-3000:])
+    assert errs[0].count(f"wrote two-{tag}.json") == 1 and "wrote" not in errs[1]  # rank 0 alone writes
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((root / f"two-{tag}.json").read_text())
+    return one, two, out, _launch_output(root, tag, "out"), root
+
+
+def test_torchrun_two_cpu_processes_give_the_single_process_numbers(torchrun_launch, tmp_path, monkeypatch, capsys):
+    inputs = torchrun_launch[1]
+    a, b, single_out, two_out, root = _one_and_two_processes(
+        torchrun_launch, "report", _report_args(inputs["gpt2"], inputs["gpt2_ids"]), tmp_path, monkeypatch, capsys)
+    # rank 0 alone prints the tables
+    assert two_out[0].count("growth") == single_out.count("growth") > 0 and "growth" not in two_out[1]
     fa, fb = list(_floats(a)), list(_floats(b))
     assert [p for p, _ in fa] == [p for p, _ in fb]
     n_ci = 0
@@ -205,7 +285,7 @@ def test_torchrun_two_cpu_processes_give_the_single_process_numbers(tmp_path):
             # merged streaming sums, equal to float rounding), within 1e-6 relative
             assert abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12), path
     assert n_ci > 20
-    (one_npz,), (two_npz,) = (tmp_path / "one").glob("*.npz"), (tmp_path / "two").glob("*.npz")
+    (one_npz,), (two_npz,) = (tmp_path / "one").glob("*.npz"), (root / "two-report").glob("*.npz")
     with np.load(one_npz) as x, np.load(two_npz) as y:
         for name in x.files:
             if "seq" in name or "hist" in name or "count" in name:  # per-sequence rows in order, counts
@@ -245,62 +325,25 @@ def test_bench_torchrun_row_reports_every_rank(tmp_path):
     assert row["single"]["wall_s"] > 0 and "torchrun --nproc-per-node 2" in proc.stdout
 
 
-# Rank 1's collector meets an overflow in its first batch; rank 0 runs on and would wait for rank 1 in the merge.
-RANK1_FAILS = """
-import os, sys
-from normgrowth import collector
-from normgrowth.errors import NonFiniteNormError
-original = collector.NormCollector.end_batch
-def end_batch(self, valid):
-    if os.environ.get("RANK") == "1":
-        raise NonFiniteNormError("resid_post", 1, 3, "float32")
-    original(self, valid)
-collector.NormCollector.end_batch = end_batch
-from normgrowth.cli import main
-sys.argv = ["normgrowth"] + sys.argv[1:]
-main()
-"""
-
-
-def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import VOCAB, build_tiny
-
-    repo = Path(__file__).resolve().parents[1]
-    model = build_tiny("gpt2", tmp_path / "gpt2", seed=4, n_layers=2)
-    data = tmp_path / "ids.npy"
-    np.save(data, np.random.RandomState(6).randint(1, VOCAB, size=(8, 10)))
-    script = tmp_path / "rank1_fails.py"
-    script.write_text(RANK1_FAILS)
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), "report", str(model), "--data", str(data), "--batch-size", "2",
-                           "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+def test_a_failure_on_one_rank_stops_every_rank_with_one_line(torchrun_launch):
+    root, _, launch = torchrun_launch
+    assert launch.returncode != 0
+    printed = _launch_output(root, "failure", "err") + [launch.stderr]
+    errors = [line for text in printed for line in text.splitlines() if line.startswith("error: ")]
     assert errors == ["error: rank 1: non-finite norm (inf or NaN) at site resid_post, layer 1, in 3 token(s) with "
                       "dtype float32: the model overflowed; rerun with --dtype float32 or bfloat16."]
-    assert not list((tmp_path / "out").glob("*.json"))  # nothing written
+    assert errors[0] in printed[0]  # printed by rank 0
+    assert not list((root / "out").glob("*.json"))  # nothing written
 
 
-def test_torchrun_deletion_two_cpu_processes_equal_one_and_split_the_work(tmp_path):
+def test_torchrun_deletion_two_cpu_processes_equal_one_and_split_the_work(torchrun_launch, tmp_path, monkeypatch,
+                                                                          capsys):
     """``torchrun ... deletion``: each rank collects half the batches; the merged sums give the one-process numbers
     within 1e-9 relative (the write means are summed in another order: the only difference is rounding)."""
-    import json
-
-    from conftest import VOCAB, build_tiny
-
-    model = build_tiny("llama", tmp_path / "llama", seed=5, n_layers=3)
-    data = tmp_path / "ids.npy"
-    np.save(data, np.random.RandomState(7).randint(1, VOCAB, size=(11, 12)))
-    _one_and_two_processes(tmp_path, ["deletion", str(model), "--data", str(data), "--batch-size", "2",
-                                      "--ablate", "1"])
-    a = json.loads((tmp_path / "one.json").read_text())
-    b = json.loads((tmp_path / "two.json").read_text())
+    inputs = torchrun_launch[1]
+    a, b, _, _, _ = _one_and_two_processes(torchrun_launch, "deletion",
+                                           _deletion_args(inputs["llama"], inputs["llama_ids"]), tmp_path,
+                                           monkeypatch, capsys)
     assert a["shards"] == [[0, 11]]
     assert b["shards"] == [[0, 6], [6, 11]]  # 6 batches of 2: three per rank
     a.pop("shards"), b.pop("shards")

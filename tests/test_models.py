@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, STORIES, hf_model, tiny_config
+from conftest import FAMILIES, STORIES, hf_model, run_main, tiny_config
 from normgrowth.errors import NormgrowthError
 from normgrowth.models import ModelConfig, load_model, placement_of
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Facts read off the plain HF model, independently of the bridge: the blocks, the MLP's input projection
 # (and the axis of its weight holding the hidden width), the learned position embedding if any.
@@ -217,12 +212,6 @@ def test_bad_dtype_and_device(tiny_dirs):
 
 
 # ----- corrupt or partial checkpoints: one line naming the file, exit code 2 --------------------------
-def _cli_report(model_dir, token_file):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "normgrowth.cli", "report", str(model_dir), "--data", str(token_file)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-
-
 def _corrupt(kind, source, target):
     """A copy of the checkpoint ``source`` broken in one way."""
     from transformers import AutoModelForCausalLM
@@ -256,14 +245,16 @@ def _corrupt(kind, source, target):
     ("wrong shape", "with shape .* but config.json implies"),
     ("bin, wrong shape", "stored shapes differ from those config.json implies"),
 ])
-def test_corrupt_checkpoint_is_one_line_naming_the_file(kind, message, tiny_dirs, token_file, tmp_path):
+def test_corrupt_checkpoint_is_one_line_naming_the_file(kind, message, tiny_dirs, token_file, tmp_path, monkeypatch,
+                                                      capsys):
     import re
 
     bad = _corrupt(kind, tiny_dirs["gpt2"], tmp_path / "ckpt")
-    proc = _cli_report(tmp_path / "ckpt", token_file)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    code, _, err = run_main(monkeypatch, capsys, "report", tmp_path / "ckpt", "--data", token_file,
+                         "--out", tmp_path / "cache")
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert bad.name in lines[0] and re.search(message, lines[0]), lines[0]
 
 

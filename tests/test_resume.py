@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import VOCAB, build_tiny
+from conftest import VOCAB, build_tiny, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,25 +45,28 @@ def setup(tmp_path_factory):
     return model, data
 
 
-def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, killer: bool = False):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [sys.executable, "-c", KILLER] if killer else [sys.executable, "-m", "normgrowth"]
-    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def _killed_cli(args: list[str], cwd: Path, kill_after_batch: int):
+    """The CLI in a child process that SIGKILLs itself once batch ``kill_after_batch + 1`` is folded in."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILL_AFTER_BATCH": str(kill_after_batch)}
+    return subprocess.run([sys.executable, "-c", KILLER, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_sigkill_midway_then_rerun_gives_the_uninterrupted_json(setup, tmp_path):
+def test_sigkill_midway_then_rerun_gives_the_uninterrupted_json(setup, tmp_path, monkeypatch, capsys):
+    """The uninterrupted run and the rerun after the kill run in this process; the killed one in a child."""
     model, data = setup
+    monkeypatch.chdir(tmp_path)
     common = ["report", str(model), "--data", str(data), "--batch-size", "2", "--checkpoint-every", "1"]
-    whole = _cli(common + ["--out", "a", "--json", "a.json"], tmp_path)
-    assert whole.returncode == 0, whole.stderr
-    killed = _cli(common + ["--out", "b", "--json", "b.json"], tmp_path, {"KILL_AFTER_BATCH": "2"}, killer=True)
+    code, _, err = run_main(monkeypatch, capsys, *common, "--out", "a", "--json", "a.json")
+    assert code == 0, err
+    killed = _killed_cli(common + ["--out", "b", "--json", "b.json"], tmp_path, kill_after_batch=2)
     assert killed.returncode == -9, killed.stderr
     checkpoints = list((tmp_path / "b").glob("*.ckpt.npz"))
     assert len(checkpoints) == 1 and not list((tmp_path / "b").glob("*.json"))
-    again = _cli(common + ["--out", "b", "--json", "b.json"], tmp_path)
-    assert again.returncode == 0, again.stderr
+    code, _, err = run_main(monkeypatch, capsys, *common, "--out", "b", "--json", "b.json")
+    assert code == 0, err
     # two batches of two sequences were checkpointed before the kill in the third
-    assert [line for line in again.stderr.splitlines() if "resuming" in line] == ["resuming at sequence 4 of 10"]
+    assert [line for line in err.splitlines() if "resuming" in line] == ["resuming at sequence 4 of 10"]
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     (a_npz,), (b_npz,) = (tmp_path / "a").glob("*.npz"), (tmp_path / "b").glob("*.npz")
     with np.load(a_npz) as a, np.load(b_npz) as b:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import VOCAB, build_tiny
+from conftest import VOCAB, build_tiny, run_main
 from normgrowth.errors import NormgrowthError
 from normgrowth.pipeline import run_sweep
 from normgrowth.sweep import SweepResult, expand_checkpoints, fit_series, step_of
@@ -85,13 +84,12 @@ def test_revisions_with_a_local_folder_are_refused(tmp_path):
         expand_checkpoints([str(tmp_path)], ["step0"])
 
 
-def test_cli_no_checkpoints_is_one_line_exit_2(tmp_path):
+def test_cli_no_checkpoints_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "sweep.json"
-    proc = subprocess.run([sys.executable, "-m", "normgrowth.cli", "sweep", str(tmp_path / "empty"), "--json",
-                           str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: no checkpoints in") and len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = run_main(monkeypatch, capsys, "sweep", tmp_path / "empty", "--json", out)
+    assert code == 2, err
+    assert err.startswith("error: no checkpoints in") and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -151,9 +149,10 @@ def test_sweep_is_cached_and_loads_no_model_the_second_time(swept, run_dir, toke
     assert json.dumps(again.document()) == json.dumps(json.loads(json.dumps(run.document())))
 
 
-def test_interrupted_sweep_resumes_where_it_stopped(run_dir, tokens, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes_where_it_stopped(swept, run_dir, tokens, tmp_path, monkeypatch):
     """The third point raises midway (after its collection); rerun: the first two points come from the cache,
-    the third is finished from its cached collection, and no point is lost or duplicated."""
+    the third is finished from its cached collection, and no point is lost or duplicated: the resumed sweep
+    equals the uninterrupted one (``swept``, computed in another cache folder)."""
     import normgrowth.models
     import normgrowth.pipeline as pipeline
 
@@ -186,8 +185,8 @@ def test_interrupted_sweep_resumes_where_it_stopped(run_dir, tokens, tmp_path, m
     assert loads == ["step-10"]  # only the unfinished point loads its model (for the weights and deletion)
     assert any("reusing cached result" in n and "report-step-10" in n for n in notes)
     assert [p["step"] for p in resumed.result.points] == [0, 9, 10]
-    fresh = run_sweep(str(run_dir), str(tokens), batch_size=4)  # no cache at all
-    assert json.loads(json.dumps(fresh.document()["points"])) == resumed.document()["points"]
+    uninterrupted, _ = swept
+    assert json.loads(json.dumps(uninterrupted.document()["points"])) == resumed.document()["points"]
 
 
 def test_sweep_result_protocol(swept, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB, make_tiny
+from conftest import VOCAB, make_tiny, run_main
 from normgrowth.errors import NormgrowthError
 from normgrowth.zoo import batch_stream
 from normgrowth.zoo.twin import TwinSettings, run_twin
@@ -162,20 +162,12 @@ def test_unsupported_architecture_is_refused():
         run_twin(model, _rows(8, 3), _rows(2, 4), SETTINGS, SEP)
 
 
-def test_cli_refuses_a_missing_model_in_one_line(tmp_path):
+def test_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
     """Bad input: one line on stderr, exit code 2, no traceback, nothing written."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "normgrowth", "zoo", "twin", str(tmp_path / "nothing"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env, cwd=root)
-    assert proc.returncode == 2, proc.stderr
-    assert "neither a local folder" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = run_main(monkeypatch, capsys, "zoo", "twin", tmp_path / "nothing", "--out", tmp_path / "o")
+    assert code == 2, err
+    assert "neither a local folder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
