@@ -143,10 +143,11 @@ def test_make_result_targets_depend_on_the_package_source(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     newest = max(p.stat().st_mtime for p in (REPO / "normgrowth").rglob("*.py"))
-    stamp = tmp_path / "venv" / ".installed"  # the environment, set up (newer than pyproject.toml)
+    setup_inputs = max((REPO / name).stat().st_mtime for name in ("pyproject.toml", "constraints.txt"))
+    stamp = tmp_path / "venv" / ".installed"  # the environment, set up (newer than what it was set up from)
     stamp.parent.mkdir()
     stamp.touch()
-    os.utime(stamp, (newest + 1000, newest + 1000))
+    os.utime(stamp, (max(newest, setup_inputs) + 1000,) * 2)
     results = tmp_path / "results"
     args = ["make", "-q", "-C", str(REPO), f"VENV={stamp.parent}", f"RESULTS={results}", "MODELS=some/model",
             "SWEEP=some/model", "COMPARE=some/model other/model"]  # no offline zoo: results depend on sources only
