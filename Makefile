@@ -225,8 +225,13 @@ TWIN_JSON := $(TWIN_RESULTS)/trace.json $(foreach m,$(TWIN_RUNS),$(TWIN_RESULTS)
 
 real-twin: $(TWIN_JSON) $(FIGURES)/fig_real_twin.png
 
+# A build whose norm-free recovery diverges stores no twin: its record (twin-failed.json) becomes the trace,
+# the figure is drawn from it, and make stops there (nothing to analyse).
 $(TWIN_ZOO)/twin.json: | $(STAMP)
-	$(NG) zoo twin $(TWIN_MODEL) --out $(TWIN_ZOO) --schedule $(TWIN_SCHEDULE) --seed $(TWIN_SEED)
+	$(NG) zoo twin $(TWIN_MODEL) --out $(TWIN_ZOO) --schedule $(TWIN_SCHEDULE) --seed $(TWIN_SEED) || { \
+	  test -f $(TWIN_ZOO)/twin-failed.json && mkdir -p $(TWIN_RESULTS) && \
+	  cp $(TWIN_ZOO)/twin-failed.json $(TWIN_RESULTS)/trace.json && \
+	  $(PY) analyses/fig_real_twin.py --results $(RESULTS) --out $(FIGURES); exit 1; }
 
 $(TWIN_RESULTS)/trace.json: $(TWIN_ZOO)/twin.json
 	mkdir -p $(TWIN_RESULTS)

@@ -7,9 +7,15 @@ Reads ``R/real-twin/trace.json`` (``twin.json`` of ``normgrowth zoo twin``, copi
   mean over traced held-out sequences of each sequence's mean ||resid_post|| at positions >= 1, default
   window; band: 95 % percentile bootstrap over sequences) and the held-out loss (nats/token), twin and control;
 * norms: mean ||resid_post|| per block at positions >= 1 and at position 0 (held-out rows) of the base model,
-  the twin and the control;
+  the twin and the control, finished (solid) and after the last norm's steps (dashed: the twin still divides
+  position 0, separators and outlier tokens by their own scale);
+* the recovery (where recorded): the twin's training loss per step while the special scale is phased out,
+  and where it diverged;
 * horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): every per-layer numeric curve they
   hold, twin and control side by side.
+
+A build whose recovery diverged (``twin-failed.json``, copied to ``trace.json`` by ``make real-twin``) has
+no finished twin: its panels show what was recorded up to the divergence.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     n_layer = int(record["n_layer"])
     curves = {name: horizon_curves(doc, n_layer) for name, doc in horizons.items() if doc}
     keys = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(RUNS) else []
-    rows = 3 if keys else 2
+    recovery = np.asarray(record.get("recovery_trace") or [], dtype=float).reshape(-1, 3)
+    rows = 3 if keys or recovery.size else 2
     fig = new_figure(PAGE_WIDTH, 3.2 * rows + 1.0)
     axes = fig.subplots(rows, 2, squeeze=False)
     labels = [p["site"] for p in trace["twin"]]
@@ -92,15 +99,18 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_xticklabels([short_site(labels[i]) for i in x[::step]], rotation=60, ha="right", fontsize=6)
         ax.set_xlabel("after this norm and its fine-tuning steps")
     axes[0, 0].legend(loc="best", fontsize=7)
-    for (name, label, color, marker) in (BASE,) + RUNS:
-        summary = record.get(name) or {}
+    after = record.get("after_freezing") or {}
+    summaries = [(record.get(name) or {}, label, color, marker, "-") for name, label, color, marker in (BASE,) + RUNS]
+    summaries += [(after.get(name) or {}, f"{name} after the last norm", color, marker, "--")
+                  for name, _, color, marker in RUNS]
+    for summary, label, color, marker, style in summaries:
         if not summary.get("resid_post_norm"):
             continue
         loss = summary.get("heldout_loss")
         tag = f"{label} (loss {loss:.3f})" if isinstance(loss, (int, float)) else label
         layers = np.arange(len(summary["resid_post_norm"]))
-        axes[1, 0].plot(layers, summary["resid_post_norm"], color=color, marker=marker, markersize=3, label=tag)
-        axes[1, 1].plot(layers, summary["pos0_norm"], color=color, marker=marker, markersize=3, label=tag)
+        for ax, key in ((axes[1, 0], "resid_post_norm"), (axes[1, 1], "pos0_norm")):
+            ax.plot(layers, summary[key], color=color, marker=marker, markersize=3, linestyle=style, label=tag)
     for ax, what in ((axes[1, 0], "positions >= 1"), (axes[1, 1], "position 0")):
         ax.set_yscale("log")
         ax.set_xlabel("block")
@@ -108,19 +118,35 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_ylabel("mean ||resid_post||")
         ax.set_title(f"Residual norm per block, {what} (held-out rows)")
     axes[1, 0].legend(loc="best", fontsize=7)
+    bottom = list(axes[2]) if rows == 3 else []
+    if recovery.size:
+        ax = bottom.pop(0)
+        ax.plot(recovery[:, 0], recovery[:, 2], color=RUNS[0][2], marker=RUNS[0][3], markersize=2,
+                label="twin, training loss")
+        diverged = record.get("diverged")
+        if diverged:
+            ax.axvline(diverged["step"], color="k", linestyle=":", linewidth=1,
+                       label=f"diverged (step {diverged['step']}, phase {diverged['phase']:.2f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("recovery step (special scale phased out: phase = step / steps)")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_title("Recovery: the special-token scale phased out")
+        ax.legend(loc="best", fontsize=7)
     if keys:
-        for ax, key in zip(axes[2], keys[:2]):
+        for ax, key in zip(bottom, keys):
             for name, label, color, marker in RUNS:
                 y = curves[name][key]
                 ax.plot(np.arange(y.size), y, color=color, marker=marker, markersize=3, label=label)
             ax.set_title(f"horizon: {key}")
             ax.set_xlabel("layer")
-        axes[2, 0].legend(loc="best", fontsize=7)
-        if len(keys) < 2:
-            axes[2, 1].set_visible(False)
+        bottom[0].legend(loc="best", fontsize=7)
+        bottom = bottom[len(keys):]
+    for ax in bottom:
+        ax.set_visible(False)
     steps = record.get("fine_tuning_steps")
+    status = "" if record.get("twin_built", True) else " (recovery diverged: no finished twin)"
     fig.suptitle(f"{record.get('source', 'model')}: norm-free twin vs control, {len(record.get('sites', []))} norms "
-                 f"removed, {steps} fine-tuning steps per run", fontsize=9)
+                 f"removed, {steps} fine-tuning steps per run{status}", fontsize=9)
     return save(fig, out_dir, STEM)
 
 

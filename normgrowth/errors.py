@@ -17,3 +17,13 @@ class NonFiniteNormError(NormgrowthError):
             f"non-finite norm (inf or NaN) at site {site}, layer {layer}, in {n_bad} token(s) "
             f"with dtype {dtype}: the model overflowed; rerun with --dtype float32 or bfloat16."
         )
+
+
+class TrainingDiverged(NormgrowthError):
+    """A fine-tuning loss came out inf or NaN: ``step`` (1-based) of ``n_steps`` in the stage ``label``."""
+
+    def __init__(self, loss: float, step: int, n_steps: int, label: str = ""):
+        self.loss, self.step, self.n_steps, self.label = loss, step, n_steps, label
+        super().__init__(f"the training loss became {loss} at step {step} of {n_steps}"
+                         f"{' (' + label + ')' if label else ''}: the fine-tuning diverged; lower the learning rate "
+                         "or add steps.")

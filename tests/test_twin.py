@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -68,7 +69,7 @@ def test_stored_rmsnorm_twin_equals_frozen_scale_model(twin_run):
     scales = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(3, 1, 1)
     x = torch.randn(3, 5, ctrl_norm.weight.shape[0], dtype=torch.float64) * scales
     with torch.no_grad():
-        y = ctrl_norm.double()(x).numpy() / ctrl_norm.weight.double().numpy()
+        y = copy.deepcopy(ctrl_norm).double()(x).numpy() / ctrl_norm.weight.double().numpy()  # fixture untouched
     np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)
 
 
@@ -228,3 +229,92 @@ def test_live_special_scale_keeps_outliers_normalised_until_phased_out():
     np.testing.assert_allclose(y0, expect0, rtol=1e-6)  # the scale is computed in float32
     np.testing.assert_allclose(y_half[0, 2], x[0, 2] / np.sqrt(own[0, 2] * sigma) * w, rtol=1e-6)
     np.testing.assert_allclose(y1, x / sigma * w, rtol=1e-10)
+
+
+def test_after_freezing_summaries_and_recovery_trace(twin_run):
+    """After the last norm (special scales still live) twin and control are summarised on the held-out rows;
+    the recovery records ``[step, phase (step / n), training loss]`` for each of its steps."""
+    record = twin_run[0]["record"]
+    assert record["twin_built"] is True and record["diverged"] is None
+    assert set(record["after_freezing"]) == {"twin", "control"}
+    for summary in record["after_freezing"].values():
+        assert math.isfinite(summary["heldout_loss"]) and len(summary["pos0_norm"]) == N_LAYERS
+    assert record["after_freezing_twin_minus_control_loss"] == pytest.approx(
+        record["after_freezing"]["twin"]["heldout_loss"] - record["after_freezing"]["control"]["heldout_loss"])
+    # per-row held-out losses: each row's mean next-token loss as Hugging Face computes it from labels
+    result, _, _, held = twin_run
+    with torch.no_grad():
+        hf_rows = [float(result["control"](row[None], labels=row[None]).loss) for row in held]
+    np.testing.assert_allclose(record["control"]["heldout_loss_per_row"], hf_rows, rtol=1e-5)
+    assert record["control"]["heldout_loss"] == pytest.approx(np.mean(hf_rows), rel=1e-5)
+    assert record["control"]["heldout_loss_median_row"] == pytest.approx(np.median(hf_rows), rel=1e-5)
+    n = SETTINGS.recovery_steps
+    assert [(s, ph) for s, ph, _ in record["recovery_trace"]] == [(s, s / n) for s in range(1, n + 1)]
+    assert all(math.isfinite(loss) for _, _, loss in record["recovery_trace"])
+
+
+def test_a_diverging_recovery_stores_no_twin_and_stops_the_control_before_its_recovery(monkeypatch):
+    """A recovery whose loss becomes NaN at its second step (planted in the training loop): no twin, the
+    divergence recorded with its phase, the control trained on exactly the twin's steps before the recovery
+    and not through a recovery of its own."""
+    from normgrowth.errors import TrainingDiverged
+    from normgrowth.zoo import ln_removal
+
+    real = ln_removal.train_steps
+    labels = []
+
+    def diverging(model, opt, batches, n_steps, lr_at, progress=None, label="", *args, **kwargs):
+        labels.append(label)
+        if label == "norm-free recovery":
+            kwargs["losses"].append(3.0)  # the first step's loss, then NaN before the second step's update
+            lr_at(0), lr_at(1), next(batches), next(batches)
+            raise TrainingDiverged(float("nan"), 2, n_steps, label)
+        return real(model, opt, batches, n_steps, lr_at, progress, label, *args, **kwargs)
+
+    monkeypatch.setattr(ln_removal, "train_steps", diverging)
+    model = make_tiny("llama", n_layers=N_LAYERS, tie_word_embeddings=True).eval()
+    result = run_twin(model, _rows(24, 1), _rows(4, 2), SETTINGS, SEP)
+    record = result["record"]
+    assert result["twin"] is None and record["twin_built"] is False and record["twin"] is None
+    assert record["diverged"] == {"step": 2, "of": SETTINGS.recovery_steps, "phase": 2 / SETTINGS.recovery_steps,
+                                  "loss": pytest.approx(float("nan"), nan_ok=True)}
+    assert record["recovery_trace"] == [[1, 1 / SETTINGS.recovery_steps, 3.0]]
+    assert "control recovery" not in labels and labels.count("norm-free recovery") == 1
+    schedule = record["schedule"]
+    n_before = (2 * N_LAYERS + 1) * SETTINGS.steps_per_norm
+    assert schedule["twin"] == schedule["control"] and schedule["twin"]["n_steps"] == n_before
+    assert not any(phase == "recovery" for phase, _ in schedule["control"]["batches"])
+    assert set(record["after_freezing"]) == {"twin", "control"} and record["twin_minus_control_loss"] is None
+
+
+def test_a_divergence_before_the_recovery_is_an_error(monkeypatch):
+    from normgrowth.errors import TrainingDiverged
+    from normgrowth.zoo import ln_removal
+
+    def diverging(model, opt, batches, n_steps, lr_at, progress=None, label="", *args, **kwargs):
+        raise TrainingDiverged(float("inf"), 1, n_steps, label)
+
+    monkeypatch.setattr(ln_removal, "train_steps", diverging)
+    model = make_tiny("llama", n_layers=N_LAYERS, tie_word_embeddings=True).eval()
+    with pytest.raises(TrainingDiverged, match="the training loss became inf at step 1"):
+        run_twin(model, _rows(24, 1), _rows(4, 2), SETTINGS, SEP)
+
+
+def test_fig_real_twin_draws_a_diverged_record(twin_run, tmp_path):
+    """A record without a finished twin (twin-failed.json copied to trace.json) still gives the figure."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from normgrowth.storage import atomic_write_json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
+    fig = importlib.import_module("fig_real_twin")
+    record = copy.deepcopy(twin_run[0]["record"])
+    record.update(twin=None, twin_built=False, diverged={"step": 2, "of": 3, "phase": 2 / 3, "loss": float("nan")})
+    record["recovery_trace"] = record["recovery_trace"][:1]
+    for name in ("twin", "control"):
+        record["ln_removal_trace"][name] = record["ln_removal_trace"][name][:-1]  # no point after a recovery
+    atomic_write_json(tmp_path / "r" / "real-twin" / "trace.json", record)
+    paths = fig.main(tmp_path / "r", tmp_path / "figs")
+    assert [p.name for p in paths] == ["fig_real_twin.png", "fig_real_twin.pdf"]

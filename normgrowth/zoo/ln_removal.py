@@ -252,7 +252,8 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                      settings: Union[RemovalSchedule, ZooSettings], progress: Optional[Progress] = None, *,
                      special_id: Optional[int] = None, keep_ln: bool = False,
                      on_site: Optional[Callable[[int, str, nn.Module], None]] = None,
-                     sigmas_out: Optional[dict] = None, log: Optional[ScheduleLog] = None) -> dict[str, float]:
+                     sigmas_out: Optional[dict] = None, log: Optional[ScheduleLog] = None,
+                     recovery_trace: Optional[list] = None) -> dict[str, float]:
     """Freeze every norm of ``model`` (a layout of :data:`LAYOUTS`) in place, one site at a time
     (:func:`norm_sites`).
 
@@ -267,8 +268,11 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     After each freeze ``steps_per_site`` AdamW steps at the constant ``lr``; after the last site
     ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches, steps,
     learning rates) without freezing anything: the control. ``on_site(k, site, model)`` is called after
-    each site's steps; ``log`` records the batches and learning rates. Returns ``{site: sigma_avg}``;
-    ``sigmas_out`` (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``.
+    each site's steps; ``log`` records the batches and learning rates; ``recovery_trace`` (a list) receives
+    ``[step, phase, training loss]`` for every recovery step. Returns ``{site: sigma_avg}``; ``sigmas_out``
+    (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``. A diverging fine-tuning raises
+    :class:`~normgrowth.errors.TrainingDiverged` (the special-scale hook removed, the model left as it was
+    before the failed step).
     """
     schedule: RemovalSchedule = getattr(settings, "removal", settings)
     log = log if log is not None else ScheduleLog()
@@ -325,8 +329,13 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                 return cosine_lr(s, n, schedule.lr, 0)
 
             log.phase = "recovery"
-            train_steps(model, opt, batches, n, log.lr(lr_at), progress, "control recovery" if keep_ln else
-                        "norm-free recovery", math.ceil(n / 2))
+            losses: list[float] = []
+            try:
+                train_steps(model, opt, batches, n, log.lr(lr_at), progress, "control recovery" if keep_ln else
+                            "norm-free recovery", math.ceil(n / 2), losses=losses)
+            finally:
+                if recovery_trace is not None:
+                    recovery_trace.extend([s + 1, (s + 1) / n, loss] for s, loss in enumerate(losses))
         _set_phase(model, 1.0)
     finally:
         if hook is not None:

@@ -55,10 +55,12 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[torch.Tensor], n_steps: int,
                 lr_at: Callable[[int], float], progress: Optional[Progress] = None, label: str = "",
-                report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None) -> float:
+                report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None,
+                losses: Optional[list] = None) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
-    ``lr_at(step)``); ``on_step(n)`` after the n-th step; return the mean loss of the last 10 steps (NaN
-    when ``n_steps`` is 0). A non-finite loss raises :class:`NormgrowthError` naming the step and ``label``."""
+    ``lr_at(step)``); ``on_step(n)`` after the n-th step; every step's loss is appended to ``losses``; return
+    the mean loss of the last 10 steps (NaN when ``n_steps`` is 0). A non-finite loss raises
+    :class:`~normgrowth.errors.TrainingDiverged` naming the step and ``label`` (before that step's update)."""
     model.train()
     recent: list[float] = []
     t0 = time.perf_counter()
@@ -68,16 +70,16 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
         batch = next(batches)
         loss = model(batch, labels=batch).loss
         if not torch.isfinite(loss):
-            from ..errors import NormgrowthError
+            from ..errors import TrainingDiverged
 
-            raise NormgrowthError(f"the training loss became {float(loss)} at step {step + 1} of {n_steps}"
-                                  f"{' (' + label + ')' if label else ''}: the fine-tuning diverged; lower the "
-                                  "learning rate or add steps.")
+            raise TrainingDiverged(float(loss.detach()), step + 1, n_steps, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         recent = (recent + [loss.item()])[-10:]
+        if losses is not None:
+            losses.append(recent[-1])
         if on_step is not None:
             on_step(step + 1)
             model.train()
@@ -104,6 +106,7 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict
     """One pass over ``data`` [n, n_ctx] with forward hooks on every block (:func:`.layout.blocks_of`):
 
     * ``loss``: mean next-token cross-entropy (nats) over every predicted position (float64 sum);
+    * ``seq_loss``: the same mean per sequence, float64 ``[n_seqs]``;
     * ``seq_norms``: per sequence, the mean L2 norm of each block's output (resid_post) over positions >= 1,
       float64 ``[n_seqs, n_layer]`` (every sequence has the same length, so token weights are equal);
     * ``pos0_norms``: mean over sequences of the position-0 resid_post L2 norm per block, float64 [n_layer].
@@ -113,6 +116,7 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict
     blocks = blocks_of(model)
     rows: list[np.ndarray] = []
     pos0: list[np.ndarray] = []
+    seq_loss: list[np.ndarray] = []
     current = [np.zeros(0), np.zeros(0)]
     handles = []
     for i, block in enumerate(blocks):
@@ -131,15 +135,17 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict
                 current[1] = np.zeros((batch.shape[0], len(blocks)))
                 logits = model(batch).logits[:, :-1].float()
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                        batch[:, 1:].reshape(-1), reduction="sum")
-                total += float(nll.double())
+                                                        batch[:, 1:].reshape(-1), reduction="none")
+                per_row = nll.view(batch.shape[0], -1).double().sum(dim=1)
+                total += float(per_row.sum())
                 count += batch[:, 1:].numel()
+                seq_loss.append((per_row / (batch.shape[1] - 1)).cpu().numpy())
                 rows.append(current[0])
                 pos0.append(current[1])
     finally:
         for h in handles:
             h.remove()
-    return {"loss": total / count, "seq_norms": np.concatenate(rows, axis=0),
+    return {"loss": total / count, "seq_loss": np.concatenate(seq_loss), "seq_norms": np.concatenate(rows, axis=0),
             "pos0_norms": np.concatenate(pos0, axis=0).mean(axis=0)}
 
 

@@ -38,6 +38,7 @@ from .train import Progress, evaluate, growth_per_layer
 
 TWIN_FORMAT_VERSION = 1
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
+FAILED_FILE = "twin-failed.json"  # the record of a build whose norm-free recovery diverged (no twin stored)
 
 
 @dataclass(frozen=True)
@@ -167,11 +168,14 @@ def tokenised_rows(tokenizer: Any, texts: list[str], n_ctx: int, heldout_fractio
 # twin and control
 # ----------------------------------------------------------------------------------------------
 def _summary(model: nn.Module, held: torch.Tensor) -> dict:
-    """Held-out loss, mean resid_post norm per block (positions >= 1), position-0 norm per block and the
-    point estimate ``growth_per_layer`` (all blocks) of ``model`` on ``held``."""
+    """Held-out loss (mean over every predicted token; per row, and the median row), mean resid_post norm
+    per block (positions >= 1), position-0 norm per block and the point estimate ``growth_per_layer`` (all
+    blocks) of ``model`` on ``held``."""
     ev = evaluate(model, held)
     norms = ev["seq_norms"].mean(axis=0)
-    return {"heldout_loss": ev["loss"], "resid_post_norm": [round(float(v), 5) for v in norms],
+    return {"heldout_loss": ev["loss"], "heldout_loss_per_row": [round(float(v), 5) for v in ev["seq_loss"]],
+            "heldout_loss_median_row": float(np.median(ev["seq_loss"])),
+            "resid_post_norm": [round(float(v), 5) for v in norms],
             "pos0_norm": [round(float(v), 5) for v in ev["pos0_norms"]],
             "growth_per_layer": growth_per_layer(norms)}
 
@@ -180,11 +184,19 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
              special_id: Optional[int], progress: Optional[Progress] = None) -> dict:
     """Remove every norm of ``model`` (in place) and fine-tune a copy with its norms kept on the same schedule.
 
-    Returns ``{"frozen": model with frozen norms, "twin": its LN-free storage (:func:`to_ln_free_storage`),
-    "control": the copy, "record": dict}``; ``record`` holds the sites, scales, both runs' logged schedules
-    (:class:`ScheduleLog`), the removal trace on the first ``trace_seqs`` held-out rows and the held-out
-    summaries of the base model, the twin and the control. Raises when the two schedules differ or when
-    the stored twin's loss differs from the frozen model's by more than 1e-4 (relative)."""
+    Returns ``{"frozen": model with frozen norms, "twin": its LN-free storage (:func:`to_ln_free_storage`) or
+    None, "control": the copy, "record": dict}``; ``record`` holds the sites, scales, both runs' logged
+    schedules (:class:`ScheduleLog`), the removal trace on the first ``trace_seqs`` held-out rows, the
+    recovery's training loss per step, and the held-out summaries of the base model, of twin and control
+    after the last norm's steps (``after_freezing``: the twin still divides position 0, separators and
+    outlier tokens by their own scale) and of the finished twin and control.
+
+    When the twin's fine-tuning diverges during the recovery (the special scale cannot be phased out on this
+    schedule), ``twin`` is None, ``record["diverged"]`` says where, and the control runs the same schedule up
+    to the recovery only. Raises when the schedules differ or when the stored twin's loss differs from the
+    frozen model's by more than 1e-4 (relative)."""
+    from ..errors import TrainingDiverged
+
     say = progress if progress is not None else (lambda msg: None)
     device = next(model.parameters()).device
     train, held = train.to(device), held.to(device)
@@ -195,50 +207,84 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     base = _summary(model, held)
     start = trace_point(model, traced, "base model", -1)
     trace: dict[str, list[dict]] = {"twin": [start], "control": [start]}
+    after_freezing: dict[str, dict] = {}
     say(f"zoo twin: base model held-out loss {base['heldout_loss']:.4f}; {len(sites)} norms, "
         f"{schedule.fine_tuning_steps(len(sites))} fine-tuning steps per run")
 
     def tracer(name: str):
-        return lambda k, site, m: trace[name].append(trace_point(m, traced, site, k))
+        def on_site(k: int, site: str, m: nn.Module) -> None:
+            trace[name].append(trace_point(m, traced, site, k))
+            if k == len(sites) - 1:
+                after_freezing[name] = _summary(m, held)
+        return on_site
 
     t0 = time.perf_counter()
     twin_log, control_log = ScheduleLog(), ScheduleLog()
     sigmas: dict = {}
-    remove_layernorm(model, batch_stream(train, settings.batch_size, settings.seed), schedule, say,
-                     special_id=special_id, on_site=tracer("twin"), sigmas_out=sigmas, log=twin_log)
-    frozen_loss = evaluate(model, held)["loss"]
-    stored = to_ln_free_storage(model).to(device)
-    twin = _summary(stored, held)
-    if not abs(twin["heldout_loss"] - frozen_loss) <= 1e-4 * max(1.0, abs(frozen_loss)):
-        raise RuntimeError(f"stored LN-free model loss {twin['heldout_loss']} differs from the frozen model's "
-                           f"{frozen_loss}")
-    trace["twin"].append(trace_point(stored, traced, "recovery", len(sites)))
+    recovery: list = []
+    diverged = None
+    try:
+        remove_layernorm(model, batch_stream(train, settings.batch_size, settings.seed), schedule, say,
+                         special_id=special_id, on_site=tracer("twin"), sigmas_out=sigmas, log=twin_log,
+                         recovery_trace=recovery)
+    except TrainingDiverged as err:
+        if err.label != "norm-free recovery":
+            raise
+        diverged = {"step": err.step, "of": err.n_steps, "phase": err.step / err.n_steps, "loss": err.loss}
+        say(f"zoo twin: the norm-free recovery diverged at step {err.step} of {err.n_steps} (special-token scale "
+            f"phase {err.step / err.n_steps:.2f}); no norm-free twin on this schedule")
+    twin = stored = frozen_loss = None
+    if diverged is None:
+        frozen_loss = evaluate(model, held)["loss"]
+        stored = to_ln_free_storage(model).to(device)
+        twin = _summary(stored, held)
+        if not abs(twin["heldout_loss"] - frozen_loss) <= 1e-4 * max(1.0, abs(frozen_loss)):
+            raise RuntimeError(f"stored LN-free model loss {twin['heldout_loss']} differs from the frozen model's "
+                               f"{frozen_loss}")
+        trace["twin"].append(trace_point(stored, traced, "recovery", len(sites)))
     t_twin = time.perf_counter() - t0
-    say(f"zoo twin: norm-free twin held-out loss {twin['heldout_loss']:.4f} ({t_twin:.0f} s)")
+    if twin is not None:
+        say(f"zoo twin: norm-free twin held-out loss {twin['heldout_loss']:.4f} ({t_twin:.0f} s)")
 
     t0 = time.perf_counter()
-    remove_layernorm(control, batch_stream(train, settings.batch_size, settings.seed), schedule, say,
+    control_schedule_run = schedule if diverged is None else dataclasses.replace(schedule, recovery_steps=0)
+    remove_layernorm(control, batch_stream(train, settings.batch_size, settings.seed), control_schedule_run, say,
                      special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log)
     ctrl = _summary(control, held)
-    trace["control"].append(trace_point(control, traced, "recovery", len(sites)))
+    if diverged is None:
+        trace["control"].append(trace_point(control, traced, "recovery", len(sites)))
     t_control = time.perf_counter() - t0
     say(f"zoo twin: control (norms kept, same schedule) held-out loss {ctrl['heldout_loss']:.4f} "
         f"({t_control:.0f} s)")
     twin_schedule, control_schedule = twin_log.to_json(), control_log.to_json()
+    if diverged is not None:  # compare the steps both ran: everything before the twin's recovery
+        twin_schedule = _before_recovery(twin_schedule)
     if twin_schedule != control_schedule:
         raise RuntimeError("the control's batches or learning rates differ from the twin's")
     record = {
-        "sites": sites, "n_layer": len(blocks_of(stored)),
+        "sites": sites, "n_layer": len(blocks_of(model)), "twin_built": diverged is None, "diverged": diverged,
         "sigma_avg": {k: v[0] for k, v in sigmas.items()}, "sigma_special": {k: v[1] for k, v in sigmas.items()},
-        "schedule": {"twin": twin_schedule, "control": control_schedule, "equal": True},
+        "schedule": {"twin": twin_schedule, "control": control_schedule, "equal": True,
+                     "compared": "every step" if diverged is None else "the steps before the recovery"},
         "fine_tuning_steps": schedule.fine_tuning_steps(len(sites)),
         "frozen_heldout_loss": frozen_loss,
-        "base": base, "twin": twin, "control": ctrl,
-        "twin_minus_control_loss": twin["heldout_loss"] - ctrl["heldout_loss"],
+        "base": base, "after_freezing": after_freezing, "twin": twin, "control": ctrl,
+        "twin_minus_control_loss": None if twin is None else twin["heldout_loss"] - ctrl["heldout_loss"],
+        "after_freezing_twin_minus_control_loss":
+            after_freezing["twin"]["heldout_loss"] - after_freezing["control"]["heldout_loss"],
+        "recovery_trace": recovery,
         "ln_removal_trace": trace,
         "seconds": {"twin": round(t_twin, 2), "control": round(t_control, 2)},
     }
     return {"frozen": model, "twin": stored, "control": control, "record": record}
+
+
+def _before_recovery(schedule_log: dict) -> dict:
+    """A :meth:`ScheduleLog.to_json` document cut before its first recovery batch and learning rate."""
+    log = ScheduleLog()
+    log.batches = [b for b in schedule_log["batches"] if b[0] != "recovery"]
+    log.lrs = [lr for lr in schedule_log["lrs"] if lr[0] != "recovery"]
+    return log.to_json()
 
 
 def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
@@ -294,19 +340,30 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
             tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=out_dir))
             try:
                 result = run_twin(model, train, held, settings, rows["separator_id"], say)
-                shas = {name: _save_checkpoint(result[name].cpu(), tokenizer, tmp / name)
-                        for name in ("twin", "control")}
-                np.save(tmp / HELDOUT_FILE, held.cpu().numpy().astype(np.int64))
-                (out_dir / "twin.json").unlink(missing_ok=True)
-                for name in ("twin", "control", HELDOUT_FILE):
-                    if (out_dir / name).exists():
-                        os.replace(out_dir / name, tmp / f"old-{name}")
-                    os.replace(tmp / name, out_dir / name)
                 record = {"source": source, "model_type": model.config.model_type,
                           "settings": dataclasses.asdict(settings), "format_version": TWIN_FORMAT_VERSION,
                           "python": python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "corpus": {**corpus, **rows}, "recipe": recipe_text(settings, len(result["record"]["sites"])),
-                          **result["record"], "weights_sha256": shas}
+                          **result["record"]}
+                if result["twin"] is None:
+                    record["seconds"] = {**record["seconds"], "load": round(t_load, 2),
+                                         "total": round(time.perf_counter() - t_start, 2)}
+                    atomic_write_json(out_dir / FAILED_FILE, record)
+                    d = record["diverged"]
+                    raise NormgrowthError(
+                        f"the norm-free recovery diverged at step {d['step']} of {d['of']} (special-token scale "
+                        f"phase {d['phase']:.2f}), so no twin was stored; {out_dir / FAILED_FILE} records the removal "
+                        "up to there and the control after the same norm-freezing steps.")
+                shas = {name: _save_checkpoint(result[name].cpu(), tokenizer, tmp / name)
+                        for name in ("twin", "control")}
+                np.save(tmp / HELDOUT_FILE, held.cpu().numpy().astype(np.int64))
+                (out_dir / "twin.json").unlink(missing_ok=True)
+                (out_dir / FAILED_FILE).unlink(missing_ok=True)
+                for name in ("twin", "control", HELDOUT_FILE):
+                    if (out_dir / name).exists():
+                        os.replace(out_dir / name, tmp / f"old-{name}")
+                    os.replace(tmp / name, out_dir / name)
+                record["weights_sha256"] = shas
                 record["seconds"] = {**record["seconds"], "load": round(t_load, 2),
                                      "total": round(time.perf_counter() - t_start, 2)}
                 atomic_write_json(out_dir / "twin.json", record)
