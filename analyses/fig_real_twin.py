@@ -102,7 +102,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     after = record.get("after_freezing") or {}
     summaries = [(record.get(name) or {}, label, color, marker, "-") for name, label, color, marker in (BASE,) + RUNS]
     summaries += [(after.get(name) or {}, f"{name} after the last norm", color, marker, "--")
-                  for name, _, color, marker in RUNS]
+                  for name, _, color, marker in RUNS if after.get(name) != record.get(name)]  # not drawn twice
     for summary, label, color, marker, style in summaries:
         if not summary.get("resid_post_norm"):
             continue
