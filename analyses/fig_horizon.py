@@ -18,7 +18,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from common import (PAGE_WIDTH, MissingInput, ModelResults, arr, ci_band, cli, discover, display_name, fnum,
                     legend_below, log_axis, new_figure, note, positive, read_json, run_figure, save)

@@ -31,6 +31,22 @@ def trace_arrays(points: list[dict]) -> dict[str, np.ndarray]:
             "loss": np.array([fnum(p.get("heldout_loss")) for p in points])}
 
 
+def draw_trace(growth_ax, loss_ax, trace: dict, lines, x: np.ndarray, **style) -> None:
+    """Each run of ``lines`` (``(key, label, color, marker)``) with two or more trace points: its growth factor
+    with the CI band on ``growth_ax`` and its held-out loss on ``loss_ax``, at ``x[:len(points)]``."""
+    for key, label, color, marker in lines:
+        points = trace.get(key) or []
+        if len(points) < 2:
+            continue
+        a = trace_arrays(points)
+        xs = x[:len(points)]
+        growth_ax.plot(xs, a["g"], color=color, marker=marker, label=label, **style)
+        ok = np.isfinite(a["lo"]) & np.isfinite(a["hi"])
+        if ok.any():
+            growth_ax.fill_between(xs[ok], a["lo"][ok], a["hi"][ok], color=color, alpha=0.2, linewidth=0)
+        loss_ax.plot(xs, a["loss"], color=color, marker=marker, label=label, **style)
+
+
 def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     meta = read_json(Path(results_dir) / "zoo.json")
     trace = (meta or {}).get("ln_removal_trace")
@@ -40,17 +56,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     x = np.arange(len(labels))
     fig = new_figure(PAGE_WIDTH, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    for key, label, color, marker in LINES:
-        points = trace.get(key) or []
-        if len(points) < 2:
-            continue
-        a = trace_arrays(points)
-        xs = x[:len(points)]
-        top.plot(xs, a["g"], color=color, marker=marker, label=label)
-        ok = np.isfinite(a["lo"]) & np.isfinite(a["hi"])
-        if ok.any():
-            top.fill_between(xs[ok], a["lo"][ok], a["hi"][ok], color=color, alpha=0.2, linewidth=0)
-        bottom.plot(xs, a["loss"], color=color, marker=marker, label=label)
+    draw_trace(top, bottom, trace, LINES, x)
     window = (trace["twin"][0].get("fit") or {}).get("window")
     top.set_ylabel("resid_post growth factor per layer")
     top.set_title("Growth as each LayerNorm is removed" + (f" (fit over layers {window[0]}..{window[1]}; "

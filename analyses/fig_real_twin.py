@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common import PAGE_WIDTH, MissingInput, cli, new_figure, read_json, run_figure, save
-from fig_ln_removal import trace_arrays
+from fig_ln_removal import draw_trace
 
 STEM = "fig_real_twin"
 RUNS = (("twin", "norm-free twin (norms frozen one by one)", "#d62728", "s"),
@@ -77,17 +77,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     axes = fig.subplots(rows, 2, squeeze=False)
     labels = [p["site"] for p in trace["twin"]]
     x = np.arange(len(labels))
-    for name, label, color, marker in RUNS:
-        points = trace.get(name) or []
-        if len(points) < 2:
-            continue
-        a = trace_arrays(points)
-        xs = x[:len(points)]
-        axes[0, 0].plot(xs, a["g"], color=color, marker=marker, markersize=3, label=label)
-        ok = np.isfinite(a["lo"]) & np.isfinite(a["hi"])
-        if ok.any():
-            axes[0, 0].fill_between(xs[ok], a["lo"][ok], a["hi"][ok], color=color, alpha=0.2, linewidth=0)
-        axes[0, 1].plot(xs, a["loss"], color=color, marker=marker, markersize=3, label=label)
+    draw_trace(axes[0, 0], axes[0, 1], trace, RUNS, x, markersize=3)
     window = (trace["twin"][0].get("fit") or {}).get("window")
     axes[0, 0].set_ylabel("resid_post growth factor per layer")
     axes[0, 0].set_title("Growth as each norm is removed" + (f" (layers {window[0]}..{window[1]})" if window else ""))

@@ -323,9 +323,10 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                 on_site(k, site, model)
         if schedule.recovery_steps:
             n = schedule.recovery_steps
+            phase_at = lambda s: (s + 1) / n  # noqa: E731  (special scales reach sigma_avg at the last step)
 
             def lr_at(s: int) -> float:
-                _set_phase(model, (s + 1) / n)  # special scales reach sigma_avg at the last step
+                _set_phase(model, phase_at(s))
                 return cosine_lr(s, n, schedule.lr, 0)
 
             log.phase = "recovery"
@@ -335,7 +336,7 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                             "norm-free recovery", math.ceil(n / 2), losses=losses)
             finally:
                 if recovery_trace is not None:
-                    recovery_trace.extend([s + 1, (s + 1) / n, loss] for s, loss in enumerate(losses))
+                    recovery_trace.extend([s + 1, phase_at(s), loss] for s, loss in enumerate(losses))
         _set_phase(model, 1.0)
     finally:
         if hook is not None:

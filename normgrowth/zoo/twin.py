@@ -232,7 +232,7 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
             raise
         diverged = {"step": err.step, "of": err.n_steps, "phase": err.step / err.n_steps, "loss": err.loss}
         say(f"zoo twin: the norm-free recovery diverged at step {err.step} of {err.n_steps} (special-token scale "
-            f"phase {err.step / err.n_steps:.2f}); no norm-free twin on this schedule")
+            f"phase {diverged['phase']:.2f}); no norm-free twin on this schedule")
     twin = stored = frozen_loss = None
     if diverged is None:
         frozen_loss = evaluate(model, held)["loss"]
@@ -250,7 +250,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     control_schedule_run = schedule if diverged is None else dataclasses.replace(schedule, recovery_steps=0)
     remove_layernorm(control, batch_stream(train, settings.batch_size, settings.seed), control_schedule_run, say,
                      special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log)
-    ctrl = _summary(control, held)
+    # without recovery steps the control is where its last norm's steps left it: that summary is this one
+    ctrl = after_freezing["control"] if control_schedule_run.recovery_steps == 0 else _summary(control, held)
     if diverged is None:
         trace["control"].append(trace_point(control, traced, "recovery", len(sites)))
     t_control = time.perf_counter() - t0
@@ -345,10 +346,14 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
                           "python": python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "corpus": {**corpus, **rows}, "recipe": recipe_text(settings, len(result["record"]["sites"])),
                           **result["record"]}
-                if result["twin"] is None:
+
+                def write_record(name: str) -> None:
                     record["seconds"] = {**record["seconds"], "load": round(t_load, 2),
                                          "total": round(time.perf_counter() - t_start, 2)}
-                    atomic_write_json(out_dir / FAILED_FILE, record)
+                    atomic_write_json(out_dir / name, record)
+
+                if result["twin"] is None:
+                    write_record(FAILED_FILE)
                     d = record["diverged"]
                     raise NormgrowthError(
                         f"the norm-free recovery diverged at step {d['step']} of {d['of']} (special-token scale "
@@ -364,9 +369,7 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
                         os.replace(out_dir / name, tmp / f"old-{name}")
                     os.replace(tmp / name, out_dir / name)
                 record["weights_sha256"] = shas
-                record["seconds"] = {**record["seconds"], "load": round(t_load, 2),
-                                     "total": round(time.perf_counter() - t_start, 2)}
-                atomic_write_json(out_dir / "twin.json", record)
+                write_record("twin.json")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
