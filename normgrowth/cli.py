@@ -299,6 +299,8 @@ def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, 
                                                           "frozen norm (default: the schedule's)."),
              recovery_steps: Optional[int] = typer.Option(None, "--recovery-steps", help="Steps after the last norm."),
              lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
+             scale_penalty: Optional[float] = typer.Option(None, "--scale-penalty", help="Weight of the scale "
+                                                           "penalty on norm inputs (0: none; default 1)."),
              seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
              device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the schedule's).")):
     """Remove every norm of a pre-norm model one at a time (its norm-free twin) and fine-tune a control on the
@@ -310,7 +312,7 @@ def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, 
     if schedule not in presets:
         raise NormgrowthError(f"--schedule must be 'reduced' or 'full', got {schedule!r}.")
     overrides = {k: v for k, v in dict(steps_per_norm=steps_per_norm, recovery_steps=recovery_steps, lr=lr,
-                                       device=device).items() if v is not None}
+                                       scale_penalty=scale_penalty, device=device).items() if v is not None}
     settings = presets[schedule](seed=seed, **overrides)
     record = build_twin(model, out, settings, progress=lambda msg: typer.echo(msg, err=True))
     _echo(f"{record['fine_tuning_steps']} fine-tuning steps per run ({schedule} schedule), "

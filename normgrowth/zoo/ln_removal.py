@@ -198,6 +198,67 @@ def measure_sigmas(model: nn.Module, sites: list[str], batches: list[torch.Tenso
     return {site: (a / max(n, 1), b / max(m, 1)) for site, (a, n, b, m) in sums.items()}
 
 
+class ScalePenalty:
+    """Auxiliary loss that holds every norm's input near the frozen scale that replaces (or would replace) it:
+
+        P = weight / |S| * sum_sites 1/B * sum_{rows, tokens} relu(ln(s(x_t) / sigma_site) - ln margin)^2
+
+    with ``s`` the :func:`token_std` of the site's input ``x_t`` (gradients flow through it), ``sigma_site``
+    the site's ordinary-token ``sigma_avg``, ``S`` the sites and ``B`` the rows of the batch. Tokens below
+    ``margin * sigma_site`` cost nothing; a massive activation costs ``(ln(ratio / margin))^2`` per site it
+    passes (position 0 of SmolLM2-135M, about 180 x sigma_avg: about 20 each). It is the same for a live norm
+    and a frozen one (the input is what it measures), so twin and control train on the same objective.
+
+    Forward pre-hooks on the module at every site; :meth:`attach` re-hooks a site whose module was replaced.
+    Terms accumulate only in passes with gradients enabled; calling the object returns the accumulated
+    penalty (a 0-d tensor), appends its value to ``history`` and starts a new accumulation. Use it as a
+    context manager: the hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, sigmas: dict[str, float], weight: float, margin: float):
+        self.model, self.weight = model, float(weight)
+        self.log_limit = {site: math.log(margin * sigma) for site, sigma in sigmas.items()}
+        self.terms: list[torch.Tensor] = []
+        self.history: list[float] = []
+        self.handles: dict[str, Any] = {}
+        for site in sigmas:
+            self.attach(site)
+
+    def attach(self, site: str) -> None:
+        """Hook the module now at ``site`` (a norm or a :class:`FrozenLayerNorm`)."""
+        if site in self.handles:
+            self.handles.pop(site).remove()
+        module = _get_site(self.model, site)
+        if isinstance(module, FrozenLayerNorm):
+            eps, centre = module.eps, module.centre
+        else:
+            eps, centre = norm_eps(module), not is_rms_norm(module)
+        limit = self.log_limit[site]
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled():
+                excess = torch.relu(torch.log(token_std(args[0], eps, centre)) - limit)
+                self.terms.append(excess.pow(2).sum(dim=-1).mean())
+        self.handles[site] = module.register_forward_pre_hook(hook)
+
+    def __call__(self) -> torch.Tensor:
+        value = self.weight * torch.stack(self.terms).sum() / len(self.log_limit) if self.terms else torch.zeros(())
+        self.terms = []
+        self.history.append(float(value.detach()))
+        return value
+
+    def remove(self) -> None:
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles.clear()
+        self.terms = []
+
+    def __enter__(self) -> "ScalePenalty":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
 def _set_special(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
     for m in model.modules():
         if isinstance(m, FrozenLayerNorm):
@@ -253,7 +314,8 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                      special_id: Optional[int] = None, keep_ln: bool = False,
                      on_site: Optional[Callable[[int, str, nn.Module], None]] = None,
                      sigmas_out: Optional[dict] = None, log: Optional[ScheduleLog] = None,
-                     recovery_trace: Optional[list] = None) -> dict[str, float]:
+                     recovery_trace: Optional[list] = None, penalty_trace: Optional[list] = None
+                     ) -> dict[str, float]:
     """Freeze every norm of ``model`` (a layout of :data:`LAYOUTS`) in place, one site at a time
     (:func:`norm_sites`).
 
@@ -267,7 +329,9 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     (:class:`FrozenLayerNorm`).
     After each freeze ``steps_per_site`` AdamW steps at the constant ``lr``; after the last site
     ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches, steps,
-    learning rates) without freezing anything: the control. ``on_site(k, site, model)`` is called after
+    learning rates) without freezing anything: the control. ``scale_penalty`` > 0 adds the
+    :class:`ScalePenalty` (reference: the measured ``sigma_avg``) to every step's loss, for the twin and the
+    control alike; ``penalty_trace`` (a list) receives its value at every step. ``on_site(k, site, model)`` is called after
     each site's steps; ``log`` records the batches and learning rates; ``recovery_trace`` (a list) receives
     ``[step, phase, training loss]`` for every recovery step. Returns ``{site: sigma_avg}``; ``sigmas_out``
     (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``. A diverging fine-tuning raises
@@ -291,6 +355,11 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     if schedule.sigma_before_removal:
         measured = measure_sigmas(model, sites, [next(batches) for _ in range(max(1, schedule.sigma_batches))],
                                   special_id if special else None)
+    if schedule.scale_penalty > 0 and not schedule.sigma_before_removal:
+        raise NormgrowthError("the scale penalty needs every norm's scale measured before the removal "
+                              "(sigma_before_removal).")
+    penalty = (ScalePenalty(model, {site: measured[site][0] for site in sites}, schedule.scale_penalty,
+                            schedule.scale_margin) if schedule.scale_penalty > 0 else None)
     hook = None
     if special and not keep_ln:
         hook = model.register_forward_pre_hook(
@@ -313,9 +382,11 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                 frozen = FrozenLayerNorm(ln, sigma, sigma_special if special else None, live=live,
                                          outlier_ratio=schedule.outlier_ratio)
                 _set_site(model, site, frozen.to(ln.weight.device))
+                if penalty is not None:
+                    penalty.attach(site)
             log.phase = f"site {k}"
             loss = train_steps(model, opt, batches, schedule.steps_per_site, log.lr(lambda s: schedule.lr),
-                               label=f"{'kept' if keep_ln else 'froze'} {site}")
+                               label=f"{'kept' if keep_ln else 'froze'} {site}", penalty=penalty)
             if progress is not None and (k % max(1, len(sites) // 6) == 0 or k == len(sites) - 1):
                 what = "kept" if keep_ln else "froze"
                 progress(f"zoo: {what} {site} ({k + 1}/{len(sites)}) sigma_avg={sigma:.3g} loss {loss:.3f}")
@@ -333,7 +404,7 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             losses: list[float] = []
             try:
                 train_steps(model, opt, batches, n, log.lr(lr_at), progress, "control recovery" if keep_ln else
-                            "norm-free recovery", math.ceil(n / 2), losses=losses)
+                            "norm-free recovery", math.ceil(n / 2), losses=losses, penalty=penalty)
             finally:
                 if recovery_trace is not None:
                     recovery_trace.extend([s + 1, phase_at(s), loss] for s, loss in enumerate(losses))
@@ -342,6 +413,10 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
         if hook is not None:
             hook.remove()
         _set_special(model, None)
+        if penalty is not None:
+            penalty.remove()
+            if penalty_trace is not None:
+                penalty_trace.extend(penalty.history)
     return sigmas
 
 

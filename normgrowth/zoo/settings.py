@@ -21,7 +21,9 @@ class RemovalSchedule:
     ``steps_per_site`` AdamW steps at the constant ``lr`` after each frozen norm, then ``recovery_steps``
     (cosine from ``lr`` to ``lr/10``) while the special scale is phased out; the scales come from
     ``sigma_batches`` training batches (of the unmodified model when ``sigma_before_removal``); the special
-    tokens' scale is ``special_scale`` (see :class:`.ln_removal.FrozenLayerNorm`)."""
+    tokens' scale is ``special_scale`` (see :class:`.ln_removal.FrozenLayerNorm`). With ``scale_penalty``
+    > 0 every step's loss adds ``scale_penalty`` times the scale penalty of :class:`.ln_removal.ScalePenalty`
+    (norm inputs above ``scale_margin`` times their site's ``sigma_avg``; needs ``sigma_before_removal``)."""
 
     steps_per_site: int
     lr: float
@@ -32,6 +34,8 @@ class RemovalSchedule:
     special_sigma: bool = True
     special_scale: str = "measured"  # "measured" sigma_special, or "live": the token's own scale until phased out
     outlier_ratio: Optional[float] = None  # live only: tokens above ratio * sigma_avg are special too
+    scale_penalty: float = 0.0  # weight of the auxiliary scale penalty in every fine-tuning step (0: none)
+    scale_margin: float = 2.0  # the penalty counts norm inputs whose scale exceeds this multiple of sigma_avg
 
     def fine_tuning_steps(self, n_sites: int) -> int:
         """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""

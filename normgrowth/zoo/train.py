@@ -56,10 +56,11 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[torch.Tensor], n_steps: int,
                 lr_at: Callable[[int], float], progress: Optional[Progress] = None, label: str = "",
                 report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None,
-                losses: Optional[list] = None) -> float:
+                losses: Optional[list] = None, penalty: Optional[Callable[[], torch.Tensor]] = None) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
-    ``lr_at(step)``); ``on_step(n)`` after the n-th step; every step's loss is appended to ``losses``; return
-    the mean loss of the last 10 steps (NaN when ``n_steps`` is 0). A non-finite loss raises
+    ``lr_at(step)``), plus ``penalty()`` (called after each forward pass, e.g. a :class:`.ln_removal.ScalePenalty`)
+    when given; ``on_step(n)`` after the n-th step; every step's next-token loss is appended to ``losses``;
+    return the mean next-token loss of the last 10 steps (NaN when ``n_steps`` is 0). A non-finite loss raises
     :class:`~normgrowth.errors.TrainingDiverged` naming the step and ``label`` (before that step's update)."""
     model.train()
     recent: list[float] = []
@@ -69,12 +70,13 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
             group["lr"] = lr_at(step)
         batch = next(batches)
         loss = model(batch, labels=batch).loss
-        if not torch.isfinite(loss):
+        total = loss if penalty is None else loss + penalty()
+        if not torch.isfinite(total):
             from ..errors import TrainingDiverged
 
-            raise TrainingDiverged(float(loss.detach()), step + 1, n_steps, label)
+            raise TrainingDiverged(float(total.detach()), step + 1, n_steps, label)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         recent = (recent + [loss.item()])[-10:]

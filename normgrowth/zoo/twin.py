@@ -36,7 +36,7 @@ from .ln_removal import ScheduleLog, norm_sites, remove_layernorm, to_ln_free_st
 from .settings import RemovalSchedule, python_version
 from .train import Progress, evaluate, growth_per_layer
 
-TWIN_FORMAT_VERSION = 1
+TWIN_FORMAT_VERSION = 2
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
 FAILED_FILE = "twin-failed.json"  # the record of a build whose norm-free recovery diverged (no twin stored)
 
@@ -56,6 +56,8 @@ class TwinSettings:
     sigma_batches: int = 4  # training batches on which every norm's scales are measured (before any removal)
     special_sigma: bool = True  # position 0 and separator tokens keep their own scale until the recovery
     outlier_ratio: Optional[float] = 4.0  # so do tokens whose scale exceeds this multiple of sigma_avg
+    scale_penalty: float = 1.0  # weight of the scale penalty (ln_removal.ScalePenalty) in twin and control
+    scale_margin: float = 2.0  # the penalty counts norm inputs above this multiple of their sigma_avg
     heldout_fraction: float = 0.05  # share of texts held out (by a hash of the text)
     max_heldout_seqs: int = 32  # held-out rows for the final losses and norms
     trace_seqs: int = 8  # held-out rows evaluated after every norm (the removal trace)
@@ -87,7 +89,8 @@ class TwinSettings:
     def removal(self) -> RemovalSchedule:
         """The removal schedule shared by twin and control."""
         return RemovalSchedule(self.steps_per_norm, self.lr, self.weight_decay, self.recovery_steps,
-                               self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio)
+                               self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio,
+                               self.scale_penalty, self.scale_margin)
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a twin."""
@@ -99,6 +102,10 @@ class TwinSettings:
             raise NormgrowthError(f"twin settings: the learning rate must be a positive number, got {self.lr}.")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise NormgrowthError("twin settings: heldout_fraction must lie strictly between 0 and 1.")
+        if not (self.scale_penalty >= 0 and math.isfinite(self.scale_penalty)):
+            raise NormgrowthError(f"twin settings: --scale-penalty must be a number >= 0, got {self.scale_penalty}.")
+        if not (self.scale_margin >= 1 and math.isfinite(self.scale_margin)):
+            raise NormgrowthError(f"twin settings: --scale-margin must be a number >= 1, got {self.scale_margin}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,8 +194,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     Returns ``{"frozen": model with frozen norms, "twin": its LN-free storage (:func:`to_ln_free_storage`) or
     None, "control": the copy, "record": dict}``; ``record`` holds the sites, scales, both runs' logged
     schedules (:class:`ScheduleLog`), the removal trace on the first ``trace_seqs`` held-out rows, the
-    recovery's training loss per step, and the held-out summaries of the base model, of twin and control
-    after the last norm's steps (``after_freezing``: the twin still divides position 0, separators and
+    recovery's training loss per step, the scale penalty of every step of both runs, and the held-out
+    summaries of the base model, of twin and control after the last norm's steps (``after_freezing``: the twin still divides position 0, separators and
     outlier tokens by their own scale) and of the finished twin and control.
 
     When the twin's fine-tuning diverges during the recovery (the special scale cannot be phased out on this
@@ -222,11 +229,12 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     twin_log, control_log = ScheduleLog(), ScheduleLog()
     sigmas: dict = {}
     recovery: list = []
+    penalties: dict[str, list] = {"twin": [], "control": []}
     diverged = None
     try:
         remove_layernorm(model, batch_stream(train, settings.batch_size, settings.seed), schedule, say,
                          special_id=special_id, on_site=tracer("twin"), sigmas_out=sigmas, log=twin_log,
-                         recovery_trace=recovery)
+                         recovery_trace=recovery, penalty_trace=penalties["twin"])
     except TrainingDiverged as err:
         if err.label != "norm-free recovery":
             raise
@@ -249,7 +257,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     t0 = time.perf_counter()
     control_schedule_run = schedule if diverged is None else dataclasses.replace(schedule, recovery_steps=0)
     remove_layernorm(control, batch_stream(train, settings.batch_size, settings.seed), control_schedule_run, say,
-                     special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log)
+                     special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log,
+                     penalty_trace=penalties["control"])
     # without recovery steps the control is where its last norm's steps left it: that summary is this one
     ctrl = after_freezing["control"] if control_schedule_run.recovery_steps == 0 else _summary(control, held)
     if diverged is None:
@@ -274,6 +283,7 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
         "after_freezing_twin_minus_control_loss":
             after_freezing["twin"]["heldout_loss"] - after_freezing["control"]["heldout_loss"],
         "recovery_trace": recovery,
+        "scale_penalty_trace": penalties,
         "ln_removal_trace": trace,
         "seconds": {"twin": round(t_twin, 2), "control": round(t_control, 2)},
     }
@@ -300,6 +310,10 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
         if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
+        "scale_penalty": (f"every step of twin and control adds {settings.scale_penalty} x the scale penalty: the "
+                          "mean over norms of the per-row sum over tokens of relu(ln(s / sigma_avg) - "
+                          f"ln {settings.scale_margin})^2, s the token's scale at the norm's input")
+        if settings.scale_penalty > 0 else None,
         "tokens_per_step": settings.batch_size * settings.n_ctx,
         "fine_tuning_steps": n_sites * settings.steps_per_norm + settings.recovery_steps,
         "control": "the same model fine-tuned on the same batches, steps and learning rates with its norms kept",
