@@ -11,6 +11,7 @@ Reads ``R/real-twin/trace.json`` (``twin.json`` of ``normgrowth zoo twin``, copi
   position 0, separators and outlier tokens by their own scale);
 * the recovery (where recorded): the twin's training loss per step while the special scale is phased out,
   and where it diverged;
+* the scale penalty (where recorded): its value at every fine-tuning step of twin and control;
 * horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): every per-layer numeric curve they
   hold, twin and control side by side.
 
@@ -72,7 +73,9 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     curves = {name: horizon_curves(doc, n_layer) for name, doc in horizons.items() if doc}
     keys = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(RUNS) else []
     recovery = np.asarray(record.get("recovery_trace") or [], dtype=float).reshape(-1, 3)
-    rows = 3 if keys or recovery.size else 2
+    penalty = {name: np.asarray(v, dtype=float) for name, v in (record.get("scale_penalty_trace") or {}).items() if v}
+    n_bottom = bool(recovery.size) + bool(penalty) + (len(keys) if keys else 0)
+    rows = 2 + (n_bottom + 1) // 2
     fig = new_figure(PAGE_WIDTH, 3.2 * rows + 1.0)
     axes = fig.subplots(rows, 2, squeeze=False)
     labels = [p["site"] for p in trace["twin"]]
@@ -108,7 +111,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_ylabel("mean ||resid_post||")
         ax.set_title(f"Residual norm per block, {what} (held-out rows)")
     axes[1, 0].legend(loc="best", fontsize=7)
-    bottom = list(axes[2]) if rows == 3 else []
+    bottom = [ax for row in axes[2:] for ax in row]
     if recovery.size:
         ax = bottom.pop(0)
         ax.plot(recovery[:, 0], recovery[:, 2], color=RUNS[0][2], marker=RUNS[0][3], markersize=2,
@@ -121,6 +124,20 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_xlabel("recovery step (special scale phased out: phase = step / steps)")
         ax.set_ylabel("training loss (nats/token)")
         ax.set_title("Recovery: the special-token scale phased out")
+        ax.legend(loc="best", fontsize=7)
+    if penalty:
+        ax = bottom.pop(0)
+        for name, label, color, marker in RUNS:
+            if name in penalty:
+                values = penalty[name]
+                ax.plot(np.arange(1, values.size + 1), np.maximum(values, 1e-6), color=color, linewidth=1, label=label)
+        ax.axvline(len(record.get("sites", [])) * (record.get("settings") or {}).get("steps_per_norm", 0) + 0.5,
+                   color="k", linestyle=":", linewidth=1, label="last norm frozen")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("scale penalty (floored at 1e-6)")
+        margin = (record.get("settings") or {}).get("scale_margin", "m")
+        ax.set_title(f"Scale penalty on norm inputs above {margin} x sigma_avg")
         ax.legend(loc="best", fontsize=7)
     if keys:
         for ax, key in zip(bottom, keys):

@@ -251,6 +251,15 @@ def test_after_freezing_summaries_and_recovery_trace(twin_run):
     n = SETTINGS.recovery_steps
     assert [(s, ph) for s, ph, _ in record["recovery_trace"]] == [(s, s / n) for s in range(1, n + 1)]
     assert all(math.isfinite(loss) for _, _, loss in record["recovery_trace"])
+    # the scale penalty (on by default) is recorded at every step of both runs
+    penalties = record["scale_penalty_trace"]
+    assert set(penalties) == {"twin", "control"}
+    for values in penalties.values():
+        assert len(values) == record["fine_tuning_steps"] and all(v >= 0 and math.isfinite(v) for v in values)
+    from normgrowth.zoo.twin import recipe_text
+
+    assert "relu(ln(s / sigma_avg) - ln 2.0)^2" in recipe_text(SETTINGS, 2 * N_LAYERS + 1)["scale_penalty"]
+    assert recipe_text(TwinSettings.tiny(scale_penalty=0.0), 5)["scale_penalty"] is None
 
 
 def test_a_diverging_recovery_stores_no_twin_and_stops_the_control_before_its_recovery(monkeypatch):
