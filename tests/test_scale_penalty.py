@@ -60,22 +60,26 @@ def _pos0_ratio(model: torch.nn.Module, batch: torch.Tensor, sigmas: dict[str, f
 
 
 def test_penalty_equals_numpy_on_the_captured_norm_inputs():
-    """P = w / |S| * sum_sites mean_rows sum_tokens relu(ln(rms(x) / sigma) - ln m)^2, recomputed in float64
-    numpy from the norm inputs; tokens under the margin add nothing; no terms outside gradient passes."""
+    """P = w / |S| * sum_sites mean_rows sum_tokens relu(ln(rms(x) / sigma) - ln m_t)^2 (m_t: the special
+    margin at position 0 and separators), recomputed in float64 numpy from the norm inputs; tokens under
+    their margin add nothing; no terms outside gradient passes."""
     model = _planted_model()
     batch = _rows(3, 1)
+    batch[1, 7] = SEP  # a separator inside a row gets the special margin too
     sites = norm_sites(model)
     sigmas = {site: 0.05 * (k + 1) for k, site in enumerate(sites)}  # different references per site
-    weight, margin = 0.7, 2.0
+    weight, margin, special_margin = 0.7, 2.0, 1.2
     inputs = _norm_inputs(model, batch)
     eps = model.config.rms_norm_eps
+    margins = np.where(batch.numpy() == SEP, special_margin, margin)
+    margins[:, 0] = special_margin
     expected = 0.0
     for site, x in inputs.items():
         ratio = np.sqrt((x ** 2).mean(-1) + eps) / sigmas[site]
-        expected += (np.maximum(np.log(ratio) - np.log(margin), 0.0) ** 2).sum(-1).mean()
+        expected += (np.maximum(np.log(ratio) - np.log(margins), 0.0) ** 2).sum(-1).mean()
     expected *= weight / len(sites)
     assert expected > 0
-    with ScalePenalty(model, sigmas, weight, margin) as penalty:
+    with ScalePenalty(model, sigmas, weight, margin, special_margin, SEP) as penalty:
         with torch.no_grad():
             model(batch)
         assert float(penalty()) == 0.0  # no gradients, no terms

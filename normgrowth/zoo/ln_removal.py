@@ -201,27 +201,40 @@ def measure_sigmas(model: nn.Module, sites: list[str], batches: list[torch.Tenso
 class ScalePenalty:
     """Auxiliary loss that holds every norm's input near the frozen scale that replaces (or would replace) it:
 
-        P = weight / |S| * sum_sites 1/B * sum_{rows, tokens} relu(ln(s(x_t) / sigma_site) - ln margin)^2
+        P = weight / |S| * sum_sites 1/B * sum_{rows, tokens} relu(ln(s(x_t) / sigma_site) - ln m_t)^2
 
     with ``s`` the :func:`token_std` of the site's input ``x_t`` (gradients flow through it), ``sigma_site``
-    the site's ordinary-token ``sigma_avg``, ``S`` the sites and ``B`` the rows of the batch. Tokens below
-    ``margin * sigma_site`` cost nothing; a massive activation costs ``(ln(ratio / margin))^2`` per site it
-    passes (position 0 of SmolLM2-135M, about 180 x sigma_avg: about 20 each). It is the same for a live norm
-    and a frozen one (the input is what it measures), so twin and control train on the same objective.
+    the site's ordinary-token ``sigma_avg``, ``S`` the sites, ``B`` the rows of the batch, and the margin
+    ``m_t`` = ``margin`` at ordinary tokens and ``special_margin`` (None: ``margin``) at the tokens of
+    :func:`special_mask` (position 0 and ``special_id`` tokens). Tokens below ``m_t * sigma_site`` cost nothing; a massive activation costs ``(ln(ratio / m_t))^2``
+    per site it passes (position 0 of SmolLM2-135M, about 180 x sigma_avg: about 20 each). It is the same for
+    a live norm and a frozen one (the input is what it measures), so twin and control train on the same
+    objective.
 
-    Forward pre-hooks on the module at every site; :meth:`attach` re-hooks a site whose module was replaced.
-    Terms accumulate only in passes with gradients enabled; calling the object returns the accumulated
-    penalty (a 0-d tensor), appends its value to ``history`` and starts a new accumulation. Use it as a
-    context manager: the hooks are removed on exit."""
+    Forward pre-hooks on the module at every site (:meth:`attach` re-hooks a site whose module was
+    replaced) and on the model (the special mask of each batch). Terms accumulate only in passes with
+    gradients enabled; calling the object returns the accumulated penalty (a 0-d tensor), appends its value
+    to ``history`` and starts a new accumulation. Use it as a context manager: the hooks are removed on exit."""
 
-    def __init__(self, model: nn.Module, sigmas: dict[str, float], weight: float, margin: float):
+    def __init__(self, model: nn.Module, sigmas: dict[str, float], weight: float, margin: float,
+                 special_margin: Optional[float] = None, special_id: Optional[int] = None):
         self.model, self.weight = model, float(weight)
-        self.log_limit = {site: math.log(margin * sigma) for site, sigma in sigmas.items()}
+        self.log_sigma = {site: math.log(sigma) for site, sigma in sigmas.items()}
+        self.log_margin = math.log(margin)
+        self.log_special_margin = math.log(special_margin if special_margin is not None else margin)
+        self.special_id = special_id
+        self.log_margins: Optional[torch.Tensor] = None  # [batch, pos], set per forward pass
         self.terms: list[torch.Tensor] = []
         self.history: list[float] = []
         self.handles: dict[str, Any] = {}
+        self.model_handle = model.register_forward_pre_hook(self._set_margins, with_kwargs=True)
         for site in sigmas:
             self.attach(site)
+
+    def _set_margins(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        special = special_mask(ids, self.special_id)
+        self.log_margins = torch.where(special, self.log_special_margin, self.log_margin).to(torch.float32)
 
     def attach(self, site: str) -> None:
         """Hook the module now at ``site`` (a norm or a :class:`FrozenLayerNorm`)."""
@@ -232,22 +245,22 @@ class ScalePenalty:
             eps, centre = module.eps, module.centre
         else:
             eps, centre = norm_eps(module), not is_rms_norm(module)
-        limit = self.log_limit[site]
+        log_sigma = self.log_sigma[site]
 
         def hook(mod: nn.Module, args: tuple) -> None:
             if torch.is_grad_enabled():
-                excess = torch.relu(torch.log(token_std(args[0], eps, centre)) - limit)
+                excess = torch.relu(torch.log(token_std(args[0], eps, centre)) - log_sigma - self.log_margins)
                 self.terms.append(excess.pow(2).sum(dim=-1).mean())
         self.handles[site] = module.register_forward_pre_hook(hook)
 
     def __call__(self) -> torch.Tensor:
-        value = self.weight * torch.stack(self.terms).sum() / len(self.log_limit) if self.terms else torch.zeros(())
+        value = self.weight * torch.stack(self.terms).sum() / len(self.log_sigma) if self.terms else torch.zeros(())
         self.terms = []
         self.history.append(float(value.detach()))
         return value
 
     def remove(self) -> None:
-        for handle in self.handles.values():
+        for handle in [*self.handles.values(), self.model_handle]:
             handle.remove()
         self.handles.clear()
         self.terms = []
@@ -359,7 +372,8 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
         raise NormgrowthError("the scale penalty needs every norm's scale measured before the removal "
                               "(sigma_before_removal).")
     penalty = (ScalePenalty(model, {site: measured[site][0] for site in sites}, schedule.scale_penalty,
-                            schedule.scale_margin) if schedule.scale_penalty > 0 else None)
+                            schedule.scale_margin, schedule.special_scale_margin, special_id)
+               if schedule.scale_penalty > 0 else None)
     hook = None
     if special and not keep_ln:
         hook = model.register_forward_pre_hook(

@@ -36,6 +36,7 @@ class RemovalSchedule:
     outlier_ratio: Optional[float] = None  # live only: tokens above ratio * sigma_avg are special too
     scale_penalty: float = 0.0  # weight of the auxiliary scale penalty in every fine-tuning step (0: none)
     scale_margin: float = 2.0  # the penalty counts norm inputs whose scale exceeds this multiple of sigma_avg
+    special_scale_margin: Optional[float] = None  # the same at position 0 and special_id tokens (None: scale_margin)
 
     def fine_tuning_steps(self, n_sites: int) -> int:
         """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""

@@ -58,6 +58,7 @@ class TwinSettings:
     outlier_ratio: Optional[float] = 4.0  # so do tokens whose scale exceeds this multiple of sigma_avg
     scale_penalty: float = 1.0  # weight of the scale penalty (ln_removal.ScalePenalty) in twin and control
     scale_margin: float = 2.0  # the penalty counts norm inputs above this multiple of their sigma_avg
+    special_scale_margin: float = 1.0  # at position 0 and separators: every token must come down to sigma_avg
     heldout_fraction: float = 0.05  # share of texts held out (by a hash of the text)
     max_heldout_seqs: int = 32  # held-out rows for the final losses and norms
     trace_seqs: int = 8  # held-out rows evaluated after every norm (the removal trace)
@@ -90,7 +91,7 @@ class TwinSettings:
         """The removal schedule shared by twin and control."""
         return RemovalSchedule(self.steps_per_norm, self.lr, self.weight_decay, self.recovery_steps,
                                self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio,
-                               self.scale_penalty, self.scale_margin)
+                               self.scale_penalty, self.scale_margin, self.special_scale_margin)
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a twin."""
