@@ -136,8 +136,11 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("scale penalty (floored at 1e-6)")
-        margin = (record.get("settings") or {}).get("scale_margin", "m")
-        ax.set_title(f"Scale penalty on norm inputs above {margin} x sigma_avg")
+        settings = record.get("settings") or {}
+        margin, special = settings.get("scale_margin", "m"), settings.get("special_scale_margin")
+        ax.set_title(f"Scale penalty: norm inputs above {margin} x sigma_avg"
+                     + (f" ({special} x at position 0, separators)" if special not in (None, margin) else ""),
+                     fontsize=9)
         ax.legend(loc="best", fontsize=7)
     if keys:
         for ax, key in zip(bottom, keys):
