@@ -206,10 +206,10 @@ class ScalePenalty:
     with ``s`` the :func:`token_std` of the site's input ``x_t`` (gradients flow through it), ``sigma_site``
     the site's ordinary-token ``sigma_avg``, ``S`` the sites, ``B`` the rows of the batch, and the margin
     ``m_t`` = ``margin`` at ordinary tokens and ``special_margin`` (None: ``margin``) at the tokens of
-    :func:`special_mask` (position 0 and ``special_id`` tokens). Tokens below ``m_t * sigma_site`` cost nothing; a massive activation costs ``(ln(ratio / m_t))^2``
-    per site it passes (position 0 of SmolLM2-135M, about 180 x sigma_avg: about 20 each). It is the same for
-    a live norm and a frozen one (the input is what it measures), so twin and control train on the same
-    objective.
+    :func:`special_mask` (position 0 and ``special_id`` tokens). Tokens below ``m_t * sigma_site`` cost
+    nothing; a massive activation costs ``(ln(ratio / m_t))^2`` per site it passes (position 0 of
+    SmolLM2-135M, about 180 x sigma_avg: about 27 each at margin 1). It is the same for a live norm and a
+    frozen one (the input is what it measures), so twin and control train on the same objective.
 
     Forward pre-hooks on the module at every site (:meth:`attach` re-hooks a site whose module was
     replaced) and on the model (the special mask of each batch). Terms accumulate only in passes with
