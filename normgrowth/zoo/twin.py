@@ -196,8 +196,9 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     None, "control": the copy, "record": dict}``; ``record`` holds the sites, scales, both runs' logged
     schedules (:class:`ScheduleLog`), the removal trace on the first ``trace_seqs`` held-out rows, the
     recovery's training loss per step, the scale penalty of every step of both runs, and the held-out
-    summaries of the base model, of twin and control after the last norm's steps (``after_freezing``: the twin still divides position 0, separators and
-    outlier tokens by their own scale) and of the finished twin and control.
+    summaries of the base model, of twin and control after the last norm's steps (``after_freezing``: the
+    twin still divides position 0, separators and outlier tokens by their own scale) and of the finished
+    twin and control.
 
     When the twin's fine-tuning diverges during the recovery (the special scale cannot be phased out on this
     schedule), ``twin`` is None, ``record["diverged"]`` says where, and the control runs the same schedule up
