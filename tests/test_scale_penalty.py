@@ -131,6 +131,12 @@ def test_only_the_penalty_removes_a_planted_massive_activation_under_live_norms(
     assert trace[0] > 4 * max(trace[-5:])
 
 
+@pytest.mark.parametrize("field", ["scale_margin", "special_scale_margin"])
+def test_twin_settings_refuse_a_margin_below_one(field):
+    with pytest.raises(NormgrowthError, match=f"{field} must be a number >= 1"):
+        TwinSettings.tiny(**{field: 0.5}).validate()
+
+
 def test_penalty_needs_scales_measured_before_removal():
     model = _planted_model()
     schedule = dataclasses.replace(_schedule(1.0), sigma_before_removal=False)

@@ -345,11 +345,11 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     learning rates) without freezing anything: the control. ``scale_penalty`` > 0 adds the
     :class:`ScalePenalty` (reference: the measured ``sigma_avg``) to every step's loss, for the twin and the
     control alike; ``penalty_trace`` (a list) receives its value at every step. ``on_site(k, site, model)``
-    is called after each site's steps; ``log`` records the batches and learning rates; ``recovery_trace`` (a list) receives
-    ``[step, phase, training loss]`` for every recovery step. Returns ``{site: sigma_avg}``; ``sigmas_out``
-    (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``. A diverging fine-tuning raises
-    :class:`~normgrowth.errors.TrainingDiverged` (the special-scale hook removed, the model left as it was
-    before the failed step).
+    is called after each site's steps; ``log`` records the batches and learning rates; ``recovery_trace``
+    (a list) receives ``[step, phase, training loss]`` for every recovery step. Returns
+    ``{site: sigma_avg}``; ``sigmas_out`` (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``.
+    A diverging fine-tuning raises :class:`~normgrowth.errors.TrainingDiverged` (the special-scale hook
+    removed, the model left as it was before the failed step).
     """
     schedule: RemovalSchedule = getattr(settings, "removal", settings)
     log = log if log is not None else ScheduleLog()

@@ -105,8 +105,10 @@ class TwinSettings:
             raise NormgrowthError("twin settings: heldout_fraction must lie strictly between 0 and 1.")
         if not (self.scale_penalty >= 0 and math.isfinite(self.scale_penalty)):
             raise NormgrowthError(f"twin settings: --scale-penalty must be a number >= 0, got {self.scale_penalty}.")
-        if not (self.scale_margin >= 1 and math.isfinite(self.scale_margin)):
-            raise NormgrowthError(f"twin settings: --scale-margin must be a number >= 1, got {self.scale_margin}.")
+        for name in ("scale_margin", "special_scale_margin"):
+            value = getattr(self, name)
+            if not (value >= 1 and math.isfinite(value)):
+                raise NormgrowthError(f"twin settings: {name} must be a number >= 1, got {value}.")
 
 
 # ----------------------------------------------------------------------------------------------
