@@ -126,17 +126,17 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_title("Recovery: the special-token scale phased out")
         ax.legend(loc="best", fontsize=7)
     if penalty:
+        settings = record.get("settings") or {}
         ax = bottom.pop(0)
         for name, label, color, marker in RUNS:
             if name in penalty:
                 values = penalty[name]
                 ax.plot(np.arange(1, values.size + 1), np.maximum(values, 1e-6), color=color, linewidth=1, label=label)
-        ax.axvline(len(record.get("sites", [])) * (record.get("settings") or {}).get("steps_per_norm", 0) + 0.5,
+        ax.axvline(len(record.get("sites", [])) * settings.get("steps_per_norm", 0) + 0.5,
                    color="k", linestyle=":", linewidth=1, label="last norm frozen")
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("scale penalty (floored at 1e-6)")
-        settings = record.get("settings") or {}
         margin, special = settings.get("scale_margin", "m"), settings.get("special_scale_margin")
         ax.set_title(f"Scale penalty: norm inputs above {margin} x sigma_avg"
                      + (f" ({special} x at position 0, separators)" if special not in (None, margin) else ""),

@@ -360,6 +360,9 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             kind = type(_get_site(model, site)).__name__
             raise NormgrowthError(f"site {site} is not a LayerNorm or RMSNorm ({kind}):"
                                   " norm removal needs a model whose norms are all unfrozen.")
+    if schedule.scale_penalty > 0 and not schedule.sigma_before_removal:
+        raise NormgrowthError("the scale penalty needs every norm's scale measured before the removal "
+                              "(sigma_before_removal).")
     opt = make_optimizer(model, schedule.lr, schedule.weight_decay)
     sigmas: dict[str, float] = {}
     special = schedule.special_sigma and special_id is not None
@@ -368,9 +371,6 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     if schedule.sigma_before_removal:
         measured = measure_sigmas(model, sites, [next(batches) for _ in range(max(1, schedule.sigma_batches))],
                                   special_id if special else None)
-    if schedule.scale_penalty > 0 and not schedule.sigma_before_removal:
-        raise NormgrowthError("the scale penalty needs every norm's scale measured before the removal "
-                              "(sigma_before_removal).")
     penalty = (ScalePenalty(model, {site: measured[site][0] for site in sites}, schedule.scale_penalty,
                             schedule.scale_margin, schedule.special_scale_margin, special_id)
                if schedule.scale_penalty > 0 else None)
