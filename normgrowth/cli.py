@@ -301,6 +301,9 @@ def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, 
              lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
              scale_penalty: Optional[float] = typer.Option(None, "--scale-penalty", help="Weight of the scale "
                                                            "penalty on norm inputs (0: none; default 1)."),
+             phase_window: Optional[float] = typer.Option(None, "--phase-window", help="Blocks in transition at a "
+                                                          "time while the special scale is phased out, from the "
+                                                          "embedding up (0: every norm at once; default 4)."),
              seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
              device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the schedule's).")):
     """Remove every norm of a pre-norm model one at a time (its norm-free twin) and fine-tune a control on the
@@ -312,7 +315,8 @@ def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, 
     if schedule not in presets:
         raise NormgrowthError(f"--schedule must be 'reduced' or 'full', got {schedule!r}.")
     overrides = {k: v for k, v in dict(steps_per_norm=steps_per_norm, recovery_steps=recovery_steps, lr=lr,
-                                       scale_penalty=scale_penalty, device=device).items() if v is not None}
+                                       scale_penalty=scale_penalty, phase_window=phase_window,
+                                       device=device).items() if v is not None}
     settings = presets[schedule](seed=seed, **overrides)
     record = build_twin(model, out, settings, progress=lambda msg: typer.echo(msg, err=True))
     _echo(f"{record['fine_tuning_steps']} fine-tuning steps per run ({schedule} schedule), "

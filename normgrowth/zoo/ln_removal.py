@@ -284,6 +284,39 @@ def _set_phase(model: nn.Module, phase: float) -> None:
             m.phase.fill_(phase)
 
 
+def block_phase(fraction: float, block: int, n_blocks: int, window: Optional[float]) -> float:
+    """Phase of the special scale of the norms at ``block`` when ``fraction`` of the recovery is done.
+
+    ``window`` None: every norm has phase ``fraction`` (all phased out together). Otherwise block by
+    block from the embedding up: ``clip((fraction (n_blocks - 1 + window) - block) / window, 0, 1)``, so
+    block ``b``'s phase rises from 0 to 1 while the fraction goes from ``b / (n_blocks - 1 + window)`` to
+    ``(b + window) / (n_blocks - 1 + window)``: about ``window`` blocks are in transition at a time, every
+    block below them is at phase 1 and every block above at 0; at fraction 1 every phase is 1. ``n_blocks``
+    counts the final norm as a block of its own (the last)."""
+    if window is None:
+        return fraction
+    return min(1.0, max(0.0, (fraction * (n_blocks - 1 + window) - block) / window))
+
+
+def site_blocks(model: nn.Module) -> dict[str, int]:
+    """``{site: block}`` for every norm site of ``model`` (:func:`norm_sites`): a block's attention and MLP
+    input norms have its index, the final norm ``n_layer``."""
+    layout = layout_of(model)
+    n_layer = len(blocks_of(model))
+    blocks = {f"{layout.blocks}.{i}.{name}": i for i in range(n_layer) for name in (layout.mlp_norm, layout.attn_norm)}
+    return {site: blocks.get(site, n_layer) for site in norm_sites(model)}
+
+
+def _set_phases(model: nn.Module, fraction: float, window: Optional[float]) -> None:
+    """Set every frozen norm's phase to :func:`block_phase` of its block."""
+    blocks = site_blocks(model)
+    n_blocks = max(blocks.values()) + 1
+    for site, block in blocks.items():
+        module = _get_site(model, site)
+        if isinstance(module, FrozenLayerNorm):
+            module.phase.fill_(block_phase(fraction, block, n_blocks, window))
+
+
 class ScheduleLog:
     """What one removal run consumed, in order: every batch drawn (first 16 hex digits of the sha256 of its
     int64 token ids, with the phase that drew it: ``sigma``, ``site <k>`` or ``recovery``) and the
@@ -341,12 +374,13 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     ``outlier_ratio * sigma_avg``) keep their own per-token scale, phased out geometrically
     (:class:`FrozenLayerNorm`).
     After each freeze ``steps_per_site`` AdamW steps at the constant ``lr``; after the last site
-    ``recovery_steps`` more (cosine to lr/10). ``keep_ln`` runs the same schedule (same batches, steps,
+    ``recovery_steps`` more (cosine to lr/10), at step ``s`` with the special scale's phase
+    :func:`block_phase` of ``(s + 1) / recovery_steps`` and ``phase_window``. ``keep_ln`` runs the same schedule (same batches, steps,
     learning rates) without freezing anything: the control. ``scale_penalty`` > 0 adds the
     :class:`ScalePenalty` (reference: the measured ``sigma_avg``) to every step's loss, for the twin and the
     control alike; ``penalty_trace`` (a list) receives its value at every step. ``on_site(k, site, model)``
     is called after each site's steps; ``log`` records the batches and learning rates; ``recovery_trace``
-    (a list) receives ``[step, phase, training loss]`` for every recovery step. Returns
+    (a list) receives ``[step, fraction of the recovery done, training loss]`` for every recovery step. Returns
     ``{site: sigma_avg}``; ``sigmas_out`` (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``.
     A diverging fine-tuning raises :class:`~normgrowth.errors.TrainingDiverged` (the special-scale hook
     removed, the model left as it was before the failed step).
@@ -411,7 +445,7 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             phase_at = lambda s: (s + 1) / n  # noqa: E731  (special scales reach sigma_avg at the last step)
 
             def lr_at(s: int) -> float:
-                _set_phase(model, phase_at(s))
+                _set_phases(model, phase_at(s), schedule.phase_window)
                 return cosine_lr(s, n, schedule.lr, 0)
 
             log.phase = "recovery"

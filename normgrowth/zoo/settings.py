@@ -23,7 +23,9 @@ class RemovalSchedule:
     ``sigma_batches`` training batches (of the unmodified model when ``sigma_before_removal``); the special
     tokens' scale is ``special_scale`` (see :class:`.ln_removal.FrozenLayerNorm`). With ``scale_penalty``
     > 0 every step's loss adds ``scale_penalty`` times the scale penalty of :class:`.ln_removal.ScalePenalty`
-    (norm inputs above ``scale_margin`` times their site's ``sigma_avg``; needs ``sigma_before_removal``)."""
+    (norm inputs above ``scale_margin`` times their site's ``sigma_avg``; needs ``sigma_before_removal``).
+    ``phase_window`` W phases the special scale out block by block from the embedding up
+    (:func:`.ln_removal.block_phase`); None phases every norm out together."""
 
     steps_per_site: int
     lr: float
@@ -37,6 +39,7 @@ class RemovalSchedule:
     scale_penalty: float = 0.0  # weight of the auxiliary scale penalty in every fine-tuning step (0: none)
     scale_margin: float = 2.0  # the penalty counts norm inputs whose scale exceeds this multiple of sigma_avg
     special_scale_margin: Optional[float] = None  # the same at position 0 and special_id tokens (None: scale_margin)
+    phase_window: Optional[float] = None  # blocks over which each block's phase rises (None: all norms together)
 
     def fine_tuning_steps(self, n_sites: int) -> int:
         """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""

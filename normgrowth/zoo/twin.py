@@ -36,7 +36,7 @@ from .ln_removal import ScheduleLog, norm_sites, remove_layernorm, to_ln_free_st
 from .settings import RemovalSchedule, python_version
 from .train import Progress, evaluate, growth_per_layer
 
-TWIN_FORMAT_VERSION = 2
+TWIN_FORMAT_VERSION = 3
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
 FAILED_FILE = "twin-failed.json"  # the record of a build whose norm-free recovery diverged (no twin stored)
 
@@ -59,6 +59,7 @@ class TwinSettings:
     scale_penalty: float = 1.0  # weight of the scale penalty (ln_removal.ScalePenalty) in twin and control
     scale_margin: float = 2.0  # the penalty counts norm inputs above this multiple of their sigma_avg
     special_scale_margin: float = 1.0  # at position 0 and separators: every token must come down to sigma_avg
+    phase_window: float = 4.0  # recovery phases the special scale out over this many blocks at a time, bottom-up (0: all at once)
     heldout_fraction: float = 0.05  # share of texts held out (by a hash of the text)
     max_heldout_seqs: int = 32  # held-out rows for the final losses and norms
     trace_seqs: int = 8  # held-out rows evaluated after every norm (the removal trace)
@@ -91,7 +92,8 @@ class TwinSettings:
         """The removal schedule shared by twin and control."""
         return RemovalSchedule(self.steps_per_norm, self.lr, self.weight_decay, self.recovery_steps,
                                self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio,
-                               self.scale_penalty, self.scale_margin, self.special_scale_margin)
+                               self.scale_penalty, self.scale_margin, self.special_scale_margin,
+                               self.phase_window or None)
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a twin."""
@@ -105,6 +107,9 @@ class TwinSettings:
             raise NormgrowthError("twin settings: heldout_fraction must lie strictly between 0 and 1.")
         if not (self.scale_penalty >= 0 and math.isfinite(self.scale_penalty)):
             raise NormgrowthError(f"twin settings: --scale-penalty must be a number >= 0, got {self.scale_penalty}.")
+        if not (self.phase_window >= 0 and math.isfinite(self.phase_window)):
+            raise NormgrowthError(f"twin settings: --phase-window must be a number of blocks >= 0 (0: every norm at "
+                                  f"once), got {self.phase_window}.")
         for name in ("scale_margin", "special_scale_margin"):
             value = getattr(self, name)
             if not (value >= 1 and math.isfinite(value)):
@@ -243,8 +248,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
         if err.label != "norm-free recovery":
             raise
         diverged = {"step": err.step, "of": err.n_steps, "phase": err.step / err.n_steps, "loss": err.loss}
-        say(f"zoo twin: the norm-free recovery diverged at step {err.step} of {err.n_steps} (special-token scale "
-            f"phase {diverged['phase']:.2f}); no norm-free twin on this schedule")
+        say(f"zoo twin: the norm-free recovery diverged at step {err.step} of {err.n_steps} (recovery fraction "
+            f"{diverged['phase']:.2f}); no norm-free twin on this schedule")
     twin = stored = frozen_loss = None
     if diverged is None:
         frozen_loss = evaluate(model, held)["loss"]
@@ -310,7 +315,12 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
                  "before any removal; position 0 and separator tokens apart",
         "special_scale": ("position 0, separator tokens and every token whose scale exceeds "
                           f"{settings.outlier_ratio} x sigma_avg keep their own scale s until the recovery, which "
-                          "phases it out geometrically: s^(1 - phase) sigma_avg^phase")
+                          "phases it out geometrically: s^(1 - phase) sigma_avg^phase, "
+                          + (f"block by block from the embedding up, about {settings.phase_window:g} blocks in "
+                             "transition at a time (phase = clip((f (L + W) - b) / W, 0, 1) for block b of the "
+                             f"L = n_layer + 1 blocks counting the final norm, W = {settings.phase_window:g}, f = "
+                             "step / recovery steps)" if settings.phase_window else
+                             "every norm together (phase = step / recovery steps)"))
         if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
@@ -374,8 +384,8 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
                     write_record(FAILED_FILE)
                     d = record["diverged"]
                     raise NormgrowthError(
-                        f"the norm-free recovery diverged at step {d['step']} of {d['of']} (special-token scale "
-                        f"phase {d['phase']:.2f}), so no twin was stored; {out_dir / FAILED_FILE} records the removal "
+                        f"the norm-free recovery diverged at step {d['step']} of {d['of']} (recovery fraction "
+                        f"{d['phase']:.2f}), so no twin was stored; {out_dir / FAILED_FILE} records the removal "
                         "up to there and the control after the same norm-freezing steps.")
                 shas = {name: _save_checkpoint(result[name].cpu(), tokenizer, tmp / name)
                         for name in ("twin", "control")}
