@@ -300,7 +300,7 @@ def zoo_twin(model: str = typer.Argument(..., help="Local HF checkpoint folder, 
              recovery_steps: Optional[int] = typer.Option(None, "--recovery-steps", help="Steps after the last norm."),
              lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
              scale_penalty: Optional[float] = typer.Option(None, "--scale-penalty", help="Weight of the scale "
-                                                           "penalty on norm inputs (0: none; default 1)."),
+                                                           "penalty on norm inputs (0: none; default 10)."),
              phase_window: Optional[float] = typer.Option(None, "--phase-window", help="Blocks in transition at a "
                                                           "time while the special scale is phased out, from the "
                                                           "embedding up (0: every norm at once; default 4)."),

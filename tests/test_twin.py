@@ -258,7 +258,7 @@ def test_after_freezing_summaries_and_recovery_trace(twin_run):
         assert len(values) == record["fine_tuning_steps"] and all(v >= 0 and math.isfinite(v) for v in values)
     from normgrowth.zoo.twin import recipe_text
 
-    assert "relu(ln(s / sigma_avg) - ln 2.0)^2" in recipe_text(SETTINGS, 2 * N_LAYERS + 1)["scale_penalty"]
+    assert "relu(ln(s / sigma_avg) - ln 1.5)^2" in recipe_text(SETTINGS, 2 * N_LAYERS + 1)["scale_penalty"]
     assert recipe_text(TwinSettings.tiny(scale_penalty=0.0), 5)["scale_penalty"] is None
 
 
@@ -286,7 +286,8 @@ def test_a_diverging_recovery_stores_no_twin_and_stops_the_control_before_its_re
     record = result["record"]
     assert result["twin"] is None and record["twin_built"] is False and record["twin"] is None
     assert record["diverged"] == {"step": 2, "of": SETTINGS.recovery_steps, "phase": 2 / SETTINGS.recovery_steps,
-                                  "loss": pytest.approx(float("nan"), nan_ok=True)}
+                                  "loss": pytest.approx(float("nan"), nan_ok=True),
+                                  "reason": "non-finite training loss after 0 skipped steps"}
     assert record["recovery_trace"] == [[1, 1 / SETTINGS.recovery_steps, 3.0]]
     assert "control recovery" not in labels and labels.count("norm-free recovery") == 1
     schedule = record["schedule"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -360,8 +360,8 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
                      special_id: Optional[int] = None, keep_ln: bool = False,
                      on_site: Optional[Callable[[int, str, nn.Module], None]] = None,
                      sigmas_out: Optional[dict] = None, log: Optional[ScheduleLog] = None,
-                     recovery_trace: Optional[list] = None, penalty_trace: Optional[list] = None
-                     ) -> dict[str, float]:
+                     recovery_trace: Optional[list] = None, penalty_trace: Optional[list] = None,
+                     skipped_out: Optional[list] = None, skip_steps: Collection[int] = ()) -> dict[str, float]:
     """Freeze every norm of ``model`` (a layout of :data:`LAYOUTS`) in place, one site at a time
     (:func:`norm_sites`).
 
@@ -380,7 +380,10 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
     :class:`ScalePenalty` (reference: the measured ``sigma_avg``) to every step's loss, for the twin and the
     control alike; ``penalty_trace`` (a list) receives its value at every step. ``on_site(k, site, model)``
     is called after each site's steps; ``log`` records the batches and learning rates; ``recovery_trace``
-    (a list) receives ``[step, fraction of the recovery done, training loss]`` for every recovery step. Returns
+    (a list) receives ``[step, fraction of the recovery done, training loss]`` for every recovery step. The twin's
+    recovery skips up to ``recovery_max_skipped`` steps whose loss is not finite (no update; their numbers go
+    to ``skipped_out``); ``skip_steps`` (recovery steps, 1-based) make no update either, so that the control
+    (``keep_ln``) can mirror the twin's skipped steps. Returns
     ``{site: sigma_avg}``; ``sigmas_out`` (a dict) receives ``{site: (sigma_avg, sigma_special or None)}``.
     A diverging fine-tuning raises :class:`~normgrowth.errors.TrainingDiverged` (the special-scale hook
     removed, the model left as it was before the failed step).
@@ -452,7 +455,9 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             losses: list[float] = []
             try:
                 train_steps(model, opt, batches, n, log.lr(lr_at), progress, "control recovery" if keep_ln else
-                            "norm-free recovery", math.ceil(n / 2), losses=losses, penalty=penalty)
+                            "norm-free recovery", math.ceil(n / 2), losses=losses, penalty=penalty,
+                            max_skipped=0 if keep_ln else schedule.recovery_max_skipped, skipped=skipped_out,
+                            skip_steps=skip_steps)
             finally:
                 if recovery_trace is not None:
                     recovery_trace.extend([s + 1, phase_at(s), loss] for s, loss in enumerate(losses))
@@ -466,6 +471,37 @@ def remove_layernorm(model: nn.Module, batches: Iterator[torch.Tensor],
             if penalty_trace is not None:
                 penalty_trace.extend(penalty.history)
     return sigmas
+
+
+def first_runaway(model: nn.Module, row: torch.Tensor, ratio: float = 1e3) -> Optional[dict]:
+    """Where a row's residual runs away in ``model`` (norms frozen at phase 1): the first norm site, in
+    forward order, at which some token's scale ``s(x_t)`` (:func:`token_std`) exceeds ``ratio * sigma_avg``
+    or is not finite, as ``{"site", "block", "position", "token_id", "ratio"}`` (the first such position;
+    ``ratio`` None when not finite); None when no site has one. ``row``: token ids ``[n_ctx]``."""
+    blocks = site_blocks(model)
+    found: list[dict] = []
+    handles = []
+    for site in blocks:
+        module = _get_site(model, site)
+
+        def hook(mod: nn.Module, args: tuple, site: str = site) -> None:
+            if found:
+                return
+            r = (token_std(args[0], mod.eps, mod.centre) / mod.sigma_avg)[0]
+            bad = ~torch.isfinite(r) | (r > ratio)
+            if bool(bad.any()):
+                pos = int(bad.nonzero()[0])
+                value = float(r[pos])
+                found.append({"site": site, "block": blocks[site], "position": pos, "token_id": int(row[pos]),
+                              "ratio": value if math.isfinite(value) else None})
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(row[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def to_ln_free_storage(model: nn.Module) -> nn.Module:

@@ -25,7 +25,9 @@ class RemovalSchedule:
     > 0 every step's loss adds ``scale_penalty`` times the scale penalty of :class:`.ln_removal.ScalePenalty`
     (norm inputs above ``scale_margin`` times their site's ``sigma_avg``; needs ``sigma_before_removal``).
     ``phase_window`` W phases the special scale out block by block from the embedding up
-    (:func:`.ln_removal.block_phase`); None phases every norm out together."""
+    (:func:`.ln_removal.block_phase`); None phases every norm out together. Up to ``recovery_max_skipped``
+    recovery steps whose loss is inf or NaN make no update (:func:`.train.train_steps`) before the run counts
+    as diverged."""
 
     steps_per_site: int
     lr: float
@@ -40,6 +42,7 @@ class RemovalSchedule:
     scale_margin: float = 2.0  # the penalty counts norm inputs whose scale exceeds this multiple of sigma_avg
     special_scale_margin: Optional[float] = None  # the same at position 0 and special_id tokens (None: scale_margin)
     phase_window: Optional[float] = None  # blocks over which each block's phase rises (None: all norms together)
+    recovery_max_skipped: int = 0  # recovery steps with a non-finite loss that make no update instead of failing
 
     def fine_tuning_steps(self, n_sites: int) -> int:
         """Optimiser steps of one run: ``n_sites * steps_per_site + recovery_steps``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import numpy as np
 import torch
@@ -56,14 +56,23 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[torch.Tensor], n_steps: int,
                 lr_at: Callable[[int], float], progress: Optional[Progress] = None, label: str = "",
                 report_every: int = 0, on_step: Optional[Callable[[int], Any]] = None,
-                losses: Optional[list] = None, penalty: Optional[Callable[[], torch.Tensor]] = None) -> float:
+                losses: Optional[list] = None, penalty: Optional[Callable[[], torch.Tensor]] = None,
+                max_skipped: int = 0, skipped: Optional[list] = None, skip_steps: Collection[int] = ()) -> float:
     """Run ``n_steps`` AdamW steps on the next-token loss (gradient-norm clip 1.0, learning rate
     ``lr_at(step)``), plus ``penalty()`` (called after each forward pass, e.g. a :class:`.ln_removal.ScalePenalty`)
     when given; ``on_step(n)`` after the n-th step; every step's next-token loss is appended to ``losses``;
-    return the mean next-token loss of the last 10 steps (NaN when ``n_steps`` is 0). A non-finite loss raises
-    :class:`~normgrowth.errors.TrainingDiverged` naming the step and ``label`` (before that step's update)."""
+    return the mean next-token loss of the last 10 finite steps (NaN when there are none).
+
+    A non-finite loss (next-token loss plus penalty) raises :class:`~normgrowth.errors.TrainingDiverged` naming
+    the step and ``label`` (before that step's update), unless fewer than ``max_skipped`` steps were skipped
+    so far: then the step makes no update and its number (1-based) is appended to ``skipped``. The steps in
+    ``skip_steps`` (1-based) draw their batch, learning rate and loss but make no update either (a run that
+    mirrors another run's skipped steps)."""
+    from ..errors import TrainingDiverged
+
     model.train()
     recent: list[float] = []
+    n_skipped = 0
     t0 = time.perf_counter()
     for step in range(n_steps):
         for group in opt.param_groups:
@@ -71,24 +80,29 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[
         batch = next(batches)
         loss = model(batch, labels=batch).loss
         total = loss if penalty is None else loss + penalty()
-        if not torch.isfinite(total):
-            from ..errors import TrainingDiverged
-
+        finite = bool(torch.isfinite(total))
+        if not finite and n_skipped >= max_skipped:
             raise TrainingDiverged(float(total.detach()), step + 1, n_steps, label)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        recent = (recent + [loss.item()])[-10:]
+        if finite and step + 1 not in skip_steps:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            recent = (recent + [loss.item()])[-10:]
+        else:
+            n_skipped += not finite
+            if skipped is not None:
+                skipped.append(step + 1)
         if losses is not None:
-            losses.append(recent[-1])
+            losses.append(loss.item())
         if on_step is not None:
             on_step(step + 1)
             model.train()
         if progress is not None and report_every and ((step + 1) % report_every == 0 or step + 1 == n_steps):
             per_step = (time.perf_counter() - t0) / (step + 1)
-            progress(f"zoo: {label} step {step + 1}/{n_steps} loss {sum(recent) / len(recent):.3f} "
-                     f"({per_step:.2f} s/step)")
+            mean = sum(recent) / len(recent) if recent else float("nan")
+            progress(f"zoo: {label} step {step + 1}/{n_steps} loss {mean:.3f} ({per_step:.2f} s/step"
+                     + (f", {n_skipped} non-finite steps skipped)" if n_skipped else ")"))
     model.eval()
     return sum(recent) / len(recent) if recent else float("nan")
 

@@ -32,7 +32,7 @@ from ..storage import atomic_write_json
 from .build import _quiet_transformers, _remove_stale_builds, _save_checkpoint, trace_point
 from .corpus import batch_stream, corpus_sha256, pack_sequences, pydoc_topics, split_docs, stdlib_docstrings
 from .layout import blocks_of
-from .ln_removal import ScheduleLog, norm_sites, remove_layernorm, to_ln_free_storage
+from .ln_removal import ScheduleLog, first_runaway, norm_sites, remove_layernorm, to_ln_free_storage
 from .settings import RemovalSchedule, python_version
 from .train import Progress, evaluate, growth_per_layer
 
@@ -56,10 +56,12 @@ class TwinSettings:
     sigma_batches: int = 4  # training batches on which every norm's scales are measured (before any removal)
     special_sigma: bool = True  # position 0 and separator tokens keep their own scale until the recovery
     outlier_ratio: Optional[float] = 4.0  # so do tokens whose scale exceeds this multiple of sigma_avg
-    scale_penalty: float = 1.0  # weight of the scale penalty (ln_removal.ScalePenalty) in twin and control
-    scale_margin: float = 2.0  # the penalty counts norm inputs above this multiple of their sigma_avg
+    scale_penalty: float = 10.0  # weight of the scale penalty (ln_removal.ScalePenalty) in twin and control
+    scale_margin: float = 1.5  # the penalty counts norm inputs above this multiple of their sigma_avg
     special_scale_margin: float = 1.0  # at position 0 and separators: every token must come down to sigma_avg
     phase_window: float = 4.0  # recovery phases the special scale out over this many blocks at a time, bottom-up (0: all at once)
+    max_skipped_fraction: float = 0.5  # share of recovery steps whose non-finite loss is skipped (no update) before failing
+    min_finite_rows: float = 0.75  # share of held-out rows on which the finished twin must be finite to be kept
     heldout_fraction: float = 0.05  # share of texts held out (by a hash of the text)
     max_heldout_seqs: int = 32  # held-out rows for the final losses and norms
     trace_seqs: int = 8  # held-out rows evaluated after every norm (the removal trace)
@@ -93,7 +95,7 @@ class TwinSettings:
         return RemovalSchedule(self.steps_per_norm, self.lr, self.weight_decay, self.recovery_steps,
                                self.sigma_batches, True, self.special_sigma, "live", self.outlier_ratio,
                                self.scale_penalty, self.scale_margin, self.special_scale_margin,
-                               self.phase_window or None)
+                               self.phase_window or None, int(self.max_skipped_fraction * self.recovery_steps))
 
     def validate(self) -> None:
         """Raise :class:`NormgrowthError` for settings that cannot build a twin."""
@@ -107,6 +109,10 @@ class TwinSettings:
             raise NormgrowthError("twin settings: heldout_fraction must lie strictly between 0 and 1.")
         if not (self.scale_penalty >= 0 and math.isfinite(self.scale_penalty)):
             raise NormgrowthError(f"twin settings: --scale-penalty must be a number >= 0, got {self.scale_penalty}.")
+        for name in ("max_skipped_fraction", "min_finite_rows"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise NormgrowthError(f"twin settings: {name} must lie between 0 and 1, got {value}.")
         if not (self.phase_window >= 0 and math.isfinite(self.phase_window)):
             raise NormgrowthError(f"twin settings: --phase-window must be a number of blocks >= 0 (0: every norm at "
                                   f"once), got {self.phase_window}.")
@@ -207,10 +213,18 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     twin still divides position 0, separators and outlier tokens by their own scale) and of the finished
     twin and control.
 
-    When the twin's fine-tuning diverges during the recovery (the special scale cannot be phased out on this
-    schedule), ``twin`` is None, ``record["diverged"]`` says where, and the control runs the same schedule up
-    to the recovery only. Raises when the schedules differ or when the stored twin's loss differs from the
-    frozen model's by more than 1e-4 (relative)."""
+    The twin's recovery skips up to ``max_skipped_fraction`` of its steps whose loss is not finite (no update),
+    and the control makes no update at the same steps (``recovery_skipped_steps``). The finished twin is then
+    evaluated on every held-out row; rows on which it is not finite are left out of every later summary of
+    twin and control alike (``heldout_rows``: the kept rows, and for each left-out row where its residual ran
+    away, :func:`.ln_removal.first_runaway`; ``control_all_rows``: the control on every row), and
+    ``heldout_kept`` (returned) holds the kept rows.
+
+    When the twin's fine-tuning diverges during the recovery (more non-finite steps than may be skipped) or
+    the finished twin is finite on fewer than ``min_finite_rows`` of the held-out rows, ``twin`` is None,
+    ``record["diverged"]`` says where and why, and the control runs the same schedule up to the recovery
+    only. Raises when the schedules differ or when the stored twin's loss differs from the frozen model's by
+    more than 1e-4 (relative)."""
     from ..errors import TrainingDiverged
 
     say = progress if progress is not None else (lambda msg: None)
@@ -239,55 +253,79 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     sigmas: dict = {}
     recovery: list = []
     penalties: dict[str, list] = {"twin": [], "control": []}
+    skipped: dict[str, list] = {"twin": [], "control": []}
     diverged = None
     try:
         remove_layernorm(model, batch_stream(train, settings.batch_size, settings.seed), schedule, say,
                          special_id=special_id, on_site=tracer("twin"), sigmas_out=sigmas, log=twin_log,
-                         recovery_trace=recovery, penalty_trace=penalties["twin"])
+                         recovery_trace=recovery, penalty_trace=penalties["twin"], skipped_out=skipped["twin"])
     except TrainingDiverged as err:
         if err.label != "norm-free recovery":
             raise
-        diverged = {"step": err.step, "of": err.n_steps, "phase": err.step / err.n_steps, "loss": err.loss}
+        diverged = {"step": err.step, "of": err.n_steps, "phase": err.step / err.n_steps, "loss": err.loss,
+                    "reason": f"non-finite training loss after {len(skipped['twin'])} skipped steps"}
         say(f"zoo twin: the norm-free recovery diverged at step {err.step} of {err.n_steps} (recovery fraction "
-            f"{diverged['phase']:.2f}); no norm-free twin on this schedule")
+            f"{diverged['phase']:.2f}, {len(skipped['twin'])} non-finite steps skipped before); no norm-free twin "
+            "on this schedule")
     twin = stored = frozen_loss = None
+    kept = np.arange(held.shape[0])
+    excluded: list[dict] = []
     if diverged is None:
-        frozen_loss = evaluate(model, held)["loss"]
+        finite = np.isfinite(evaluate(model, held)["seq_loss"])
+        kept = np.flatnonzero(finite)
+        for row in np.flatnonzero(~finite):
+            excluded.append({"row": int(row), **(first_runaway(model, held[row]) or {})})
+        say(f"zoo twin: the norm-free model is finite on {kept.size} of {held.shape[0]} held-out rows")
+        if kept.size < max(1, math.ceil(settings.min_finite_rows * held.shape[0])):
+            n = schedule.recovery_steps
+            diverged = {"step": n, "of": n, "phase": 1.0, "loss": float("nan"),
+                        "reason": f"the finished model is finite on {kept.size} of {held.shape[0]} held-out rows "
+                                  f"(needs {settings.min_finite_rows:g} of them)"}
+    held_kept = held[torch.as_tensor(kept, device=held.device)]
+    if diverged is None:
+        frozen_loss = evaluate(model, held_kept)["loss"]
         stored = to_ln_free_storage(model).to(device)
-        twin = _summary(stored, held)
+        twin = _summary(stored, held_kept)
         if not abs(twin["heldout_loss"] - frozen_loss) <= 1e-4 * max(1.0, abs(frozen_loss)):
             raise RuntimeError(f"stored LN-free model loss {twin['heldout_loss']} differs from the frozen model's "
                                f"{frozen_loss}")
-        trace["twin"].append(trace_point(stored, traced, "recovery", len(sites)))
+        trace["twin"].append(trace_point(stored, held_kept[: settings.trace_seqs], "recovery", len(sites)))
     t_twin = time.perf_counter() - t0
     if twin is not None:
-        say(f"zoo twin: norm-free twin held-out loss {twin['heldout_loss']:.4f} ({t_twin:.0f} s)")
+        say(f"zoo twin: norm-free twin held-out loss {twin['heldout_loss']:.4f} on its {kept.size} finite rows "
+            f"({t_twin:.0f} s)")
 
     t0 = time.perf_counter()
     control_schedule_run = schedule if diverged is None else dataclasses.replace(schedule, recovery_steps=0)
     remove_layernorm(control, batch_stream(train, settings.batch_size, settings.seed), control_schedule_run, say,
                      special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log,
-                     penalty_trace=penalties["control"])
+                     penalty_trace=penalties["control"], skipped_out=skipped["control"],
+                     skip_steps=set(skipped["twin"]))
     # without recovery steps the control is where its last norm's steps left it: that summary is this one
-    ctrl = after_freezing["control"] if control_schedule_run.recovery_steps == 0 else _summary(control, held)
+    ctrl_all = after_freezing["control"] if control_schedule_run.recovery_steps == 0 else _summary(control, held)
+    ctrl = ctrl_all if kept.size == held.shape[0] else _summary(control, held_kept)
     if diverged is None:
-        trace["control"].append(trace_point(control, traced, "recovery", len(sites)))
+        trace["control"].append(trace_point(control, held_kept[: settings.trace_seqs], "recovery", len(sites)))
     t_control = time.perf_counter() - t0
     say(f"zoo twin: control (norms kept, same schedule) held-out loss {ctrl['heldout_loss']:.4f} "
         f"({t_control:.0f} s)")
     twin_schedule, control_schedule = twin_log.to_json(), control_log.to_json()
     if diverged is not None:  # compare the steps both ran: everything before the twin's recovery
         twin_schedule = _before_recovery(twin_schedule)
-    if twin_schedule != control_schedule:
-        raise RuntimeError("the control's batches or learning rates differ from the twin's")
+        skipped["twin"] = []
+    if twin_schedule != control_schedule or skipped["twin"] != skipped["control"]:
+        raise RuntimeError("the control's batches, learning rates or skipped steps differ from the twin's")
     record = {
         "sites": sites, "n_layer": len(blocks_of(model)), "twin_built": diverged is None, "diverged": diverged,
         "sigma_avg": {k: v[0] for k, v in sigmas.items()}, "sigma_special": {k: v[1] for k, v in sigmas.items()},
         "schedule": {"twin": twin_schedule, "control": control_schedule, "equal": True,
                      "compared": "every step" if diverged is None else "the steps before the recovery"},
         "fine_tuning_steps": schedule.fine_tuning_steps(len(sites)),
+        "recovery_skipped_steps": skipped["twin"],
+        "heldout_rows": {"n": int(held.shape[0]), "kept": [int(i) for i in kept], "excluded": excluded},
         "frozen_heldout_loss": frozen_loss,
         "base": base, "after_freezing": after_freezing, "twin": twin, "control": ctrl,
+        "control_all_rows": ctrl_all,
         "twin_minus_control_loss": None if twin is None else twin["heldout_loss"] - ctrl["heldout_loss"],
         "after_freezing_twin_minus_control_loss":
             after_freezing["twin"]["heldout_loss"] - after_freezing["control"]["heldout_loss"],
@@ -296,7 +334,7 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
         "ln_removal_trace": trace,
         "seconds": {"twin": round(t_twin, 2), "control": round(t_control, 2)},
     }
-    return {"frozen": model, "twin": stored, "control": control, "record": record}
+    return {"frozen": model, "twin": stored, "control": control, "record": record, "heldout_kept": held_kept}
 
 
 def _before_recovery(schedule_log: dict) -> dict:
@@ -324,6 +362,12 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
         if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
+        "non_finite_steps": (f"up to {int(settings.max_skipped_fraction * settings.recovery_steps)} recovery steps "
+                             "whose loss is inf or NaN make no update (the control makes none at the same steps); "
+                             "one more fails the build"),
+        "heldout_rows": ("held-out rows on which the finished twin is not finite are left out of the summaries of "
+                         f"twin and control alike; fewer than {settings.min_finite_rows:g} of the rows left fails "
+                         "the build"),
         "scale_penalty": (f"every step of twin and control adds {settings.scale_penalty} x the scale penalty: the "
                           "mean over norms of the per-row sum over tokens of relu(ln(s / sigma_avg) - "
                           f"ln {settings.scale_margin})^2, s the token's scale at the norm's input")
@@ -384,12 +428,12 @@ def build_twin(source: str, out_dir: str | os.PathLike, settings: TwinSettings =
                     write_record(FAILED_FILE)
                     d = record["diverged"]
                     raise NormgrowthError(
-                        f"the norm-free recovery diverged at step {d['step']} of {d['of']} (recovery fraction "
-                        f"{d['phase']:.2f}), so no twin was stored; {out_dir / FAILED_FILE} records the removal "
-                        "up to there and the control after the same norm-freezing steps.")
+                        f"the norm-free recovery failed at step {d['step']} of {d['of']} ({d['reason']}), so no "
+                        f"twin was stored; {out_dir / FAILED_FILE} records the removal up to there and the control "
+                        "after the same norm-freezing steps.")
                 shas = {name: _save_checkpoint(result[name].cpu(), tokenizer, tmp / name)
                         for name in ("twin", "control")}
-                np.save(tmp / HELDOUT_FILE, held.cpu().numpy().astype(np.int64))
+                np.save(tmp / HELDOUT_FILE, result["heldout_kept"].cpu().numpy().astype(np.int64))
                 (out_dir / "twin.json").unlink(missing_ok=True)
                 (out_dir / FAILED_FILE).unlink(missing_ok=True)
                 for name in ("twin", "control", HELDOUT_FILE):
