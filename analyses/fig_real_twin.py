@@ -10,7 +10,7 @@ Reads ``R/real-twin/trace.json`` (``twin.json`` of ``normgrowth zoo twin``, copi
   the twin and the control, finished (solid) and after the last norm's steps (dashed: the twin still divides
   position 0, separators and outlier tokens by their own scale);
 * the recovery (where recorded): the twin's training loss per step while the special scale is phased out,
-  and where it diverged;
+  the steps skipped for a non-finite loss, and where it failed;
 * the scale penalty (where recorded): its value at every fine-tuning step of twin and control;
 * horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): every per-layer numeric curve they
   hold, twin and control side by side.
@@ -116,12 +116,18 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax = bottom.pop(0)
         ax.plot(recovery[:, 0], recovery[:, 2], color=RUNS[0][2], marker=RUNS[0][3], markersize=2,
                 label="twin, training loss")
+        skipped = record.get("recovery_skipped_steps") or []
+        if skipped:
+            ax.plot(skipped, np.full(len(skipped), np.nanmin(recovery[:, 2])), linestyle="none", marker="|",
+                    markersize=8, color="k", label=f"non-finite loss, step skipped ({len(skipped)})")
         diverged = record.get("diverged")
         if diverged:
             ax.axvline(diverged["step"], color="k", linestyle=":", linewidth=1,
-                       label=f"diverged (step {diverged['step']}, phase {diverged['phase']:.2f})")
+                       label=f"failed (step {diverged['step']} of {diverged['of']})")
         ax.set_yscale("log")
-        ax.set_xlabel("recovery step (special scale phased out: phase = step / steps)")
+        window = (record.get("settings") or {}).get("phase_window")
+        ax.set_xlabel("recovery step (special scale phased out " + (f"block by block, {window:g} at a time)"
+                                                                    if window else "in every norm together)"))
         ax.set_ylabel("training loss (nats/token)")
         ax.set_title("Recovery: the special-token scale phased out")
         ax.legend(loc="best", fontsize=7)
