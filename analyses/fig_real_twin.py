@@ -12,8 +12,8 @@ Reads ``R/real-twin/trace.json`` (``twin.json`` of ``normgrowth zoo twin``, copi
 * the recovery (where recorded): the twin's training loss per step while the special scale is phased out,
   the steps skipped for a non-finite loss, and where it failed;
 * the scale penalty (where recorded): its value at every fine-tuning step of twin and control;
-* horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): every per-layer numeric curve they
-  hold, twin and control side by side.
+* horizon (where ``R/real-twin/<twin|control>/horizon.json`` exist): the held-out loss above clean when only
+  the last n layers' writes are kept, with the norms' scales live and frozen, twin and control.
 
 A build whose recovery diverged (``twin-failed.json``, copied to ``trace.json`` by ``make real-twin``) has
 no finished twin: its panels show what was recorded up to the divergence.
@@ -45,20 +45,15 @@ def short_site(site: str) -> str:
     return site
 
 
-def horizon_curves(doc: dict, n_layer: int) -> dict[str, np.ndarray]:
-    """Every top-level (or one level down) list of ``n_layer`` or ``n_layer + 1`` numbers in a horizon JSON,
-    by its key path."""
-    out: dict[str, np.ndarray] = {}
-
-    def visit(prefix: str, value) -> None:
-        if isinstance(value, list) and len(value) in (n_layer, n_layer + 1) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            out[prefix] = np.asarray(value, dtype=float)
-        elif isinstance(value, dict) and prefix.count(".") < 1:
-            for key, sub in value.items():
-                visit(f"{prefix}.{key}" if prefix else str(key), sub)
-
-    visit("", doc)
+def horizon_excess(doc: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"live" | "frozen": (n, excess loss in %)}`` of a horizon JSON: the loss excess over clean when only
+    the last ``n`` layers' writes are kept (``horizons``, ``<scales>.excess``), where both are present."""
+    n = doc.get("horizons")
+    out = {}
+    for scales in ("live", "frozen"):
+        excess = (doc.get(scales) or {}).get("excess")
+        if n and excess and len(excess) == len(n):
+            out[scales] = (np.asarray(n, dtype=float), 100 * np.asarray(excess, dtype=float))
     return out
 
 
@@ -69,12 +64,11 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
     if not trace or not trace.get("twin"):
         raise MissingInput(f"no real-twin/trace.json with a removal trace in {results_dir}")
     horizons = {name: read_json(folder / name / "horizon.json") for name, *_ in RUNS}
-    n_layer = int(record["n_layer"])
-    curves = {name: horizon_curves(doc, n_layer) for name, doc in horizons.items() if doc}
-    keys = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(RUNS) else []
+    curves = {name: horizon_excess(doc) for name, doc in horizons.items() if doc}
+    has_horizon = any(curves.values())
     recovery = np.asarray(record.get("recovery_trace") or [], dtype=float).reshape(-1, 3)
     penalty = {name: np.asarray(v, dtype=float) for name, v in (record.get("scale_penalty_trace") or {}).items() if v}
-    n_bottom = bool(recovery.size) + bool(penalty) + (len(keys) if keys else 0)
+    n_bottom = bool(recovery.size) + bool(penalty) + has_horizon
     rows = 2 + (n_bottom + 1) // 2
     fig = new_figure(PAGE_WIDTH, 3.2 * rows + 1.0)
     axes = fig.subplots(rows, 2, squeeze=False)
@@ -144,19 +138,22 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("scale penalty (floored at 1e-6)")
         margin, special = settings.get("scale_margin", "m"), settings.get("special_scale_margin")
-        ax.set_title(f"Scale penalty: norm inputs above {margin} x sigma_avg"
-                     + (f" ({special} x at position 0, separators)" if special not in (None, margin) else ""),
-                     fontsize=9)
+        ax.set_title(f"Scale penalty (margin {margin}"
+                     + (f", {special} at position 0)" if special not in (None, margin) else ")"), fontsize=9)
         ax.legend(loc="best", fontsize=7)
-    if keys:
-        for ax, key in zip(bottom, keys):
-            for name, label, color, marker in RUNS:
-                y = curves[name][key]
-                ax.plot(np.arange(y.size), y, color=color, marker=marker, markersize=3, label=label)
-            ax.set_title(f"horizon: {key}")
-            ax.set_xlabel("layer")
-        bottom[0].legend(loc="best", fontsize=7)
-        bottom = bottom[len(keys):]
+    if has_horizon:
+        ax = bottom.pop(0)
+        for name, label, color, marker in RUNS:
+            for scales, style in (("live", "-"), ("frozen", "--")):
+                if scales in curves.get(name, {}):
+                    n, excess = curves[name][scales]
+                    ax.plot(n, excess, color=color, marker=marker, markersize=3, linestyle=style,
+                            label=f"{name}, {scales} scales")
+        ax.axhline(0, color="0.5", linewidth=0.8)
+        ax.set_xlabel("n: only the last n layers' writes kept")
+        ax.set_ylabel("held-out loss above clean (%)")
+        ax.set_title("Effective layer horizon (live and frozen norm scales)")
+        ax.legend(loc="best", fontsize=7)
     for ax in bottom:
         ax.set_visible(False)
     steps = record.get("fine_tuning_steps")

@@ -189,18 +189,19 @@ def test_fig_real_twin_draws_the_record_and_skips_without_it(twin_run, tmp_path,
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-def test_horizon_curves_finds_the_per_layer_lists():
+def test_horizon_excess_reads_the_loss_excess_by_n():
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analyses"))
-    from fig_real_twin import horizon_curves
+    from fig_real_twin import horizon_excess
 
-    doc = {"model": "x", "live": [1.0, 2.0, 3.0], "frozen": {"curve": [3, 2, 1, 0], "n": 7},
-           "other": [1.0, 2.0], "flags": [True, False, True]}
-    got = horizon_curves(doc, 3)
-    assert sorted(got) == ["frozen.curve", "live"]
-    np.testing.assert_array_equal(got["frozen.curve"], [3.0, 2.0, 1.0, 0.0])
+    doc = {"horizons": [1, 2, 4], "live": {"excess": [0.5, 0.25, 0.0]}, "frozen": {"excess": [0.5, 0.1]}}
+    got = horizon_excess(doc)
+    assert sorted(got) == ["live"]  # the frozen curve has the wrong length
+    np.testing.assert_array_equal(got["live"][0], [1, 2, 4])
+    np.testing.assert_allclose(got["live"][1], [50.0, 25.0, 0.0])
+    assert horizon_excess({"model": "x"}) == {}
 
 
 def test_live_special_scale_keeps_outliers_normalised_until_phased_out():
