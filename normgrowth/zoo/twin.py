@@ -271,7 +271,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     kept = np.arange(held.shape[0])
     excluded: list[dict] = []
     if diverged is None:
-        finite = np.isfinite(evaluate(model, held)["seq_loss"])
+        row_losses = evaluate(model, held)["seq_loss"]
+        finite = np.isfinite(row_losses)
         kept = np.flatnonzero(finite)
         for row in np.flatnonzero(~finite):
             excluded.append({"row": int(row), **(first_runaway(model, held[row]) or {})})
@@ -283,7 +284,7 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
                                   f"(needs {settings.min_finite_rows:g} of them)"}
     held_kept = held[torch.as_tensor(kept, device=held.device)]
     if diverged is None:
-        frozen_loss = evaluate(model, held_kept)["loss"]
+        frozen_loss = float(row_losses[kept].mean())  # every row has the same number of predicted tokens
         stored = to_ln_free_storage(model).to(device)
         twin = _summary(stored, held_kept)
         if not abs(twin["heldout_loss"] - frozen_loss) <= 1e-4 * max(1.0, abs(frozen_loss)):
@@ -362,7 +363,7 @@ def recipe_text(settings: TwinSettings, n_sites: int) -> dict:
         if settings.special_sigma else None,
         "steps_per_norm": settings.steps_per_norm, "lr": settings.lr, "recovery_steps": settings.recovery_steps,
         "recovery_lr": "cosine from lr to lr/10",
-        "non_finite_steps": (f"up to {int(settings.max_skipped_fraction * settings.recovery_steps)} recovery steps "
+        "non_finite_steps": (f"up to {settings.removal.recovery_max_skipped} recovery steps "
                              "whose loss is inf or NaN make no update (the control makes none at the same steps); "
                              "one more fails the build"),
         "heldout_rows": ("held-out rows on which the finished twin is not finite are left out of the summaries of "
