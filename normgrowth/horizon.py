@@ -42,6 +42,7 @@ replicate recomputes the whole curve and the horizons from it. Formulas: ``docs/
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -538,23 +539,44 @@ def _ce_sums(logits: torch.Tensor, tok: torch.Tensor, pred: torch.Tensor) -> tup
     return nll.double().sum(1).cpu(), int((~torch.isfinite(nll)).sum())
 
 
+def horizon_clean_blocks(n: int) -> int:
+    """Blocks a pass with horizon ``n`` computes exactly as the clean pass: ``0 .. n`` (block ``L``'s readers
+    replace the stream entering block ``L - n``, nothing while ``L <= n``)."""
+    return int(n) + 1
+
+
+def write_clean_blocks(write_layer: int) -> int:
+    """Blocks a pass that ablates a write at depth ``write_layer`` (:func:`normgrowth.deletion.stream_layout`:
+    0 for the embedding, ``L + 1`` for block ``L``'s attn_out / mlp_out) computes exactly as the clean pass:
+    the blocks before the write's own."""
+    return max(0, int(write_layer) - 1)
+
+
 def horizon_logits(model: Any, tokens: torch.Tensor, mask: torch.Tensor, n: int, means: torch.Tensor,
-                   frozen: bool = False, clean_scales: Optional[dict] = None) -> torch.Tensor:
-    """Logits of one pass with horizon ``n`` (live, or frozen at ``clean_scales`` from :func:`clean_pass`)."""
+                   frozen: bool = False, clean_scales: Optional[dict] = None,
+                   clean_blocks: Optional[dict] = None) -> torch.Tensor:
+    """Logits of one pass with horizon ``n`` (live, or frozen at ``clean_scales`` from :func:`clean_pass`).
+    ``clean_blocks`` (recorded by :func:`clean_pass` on the same tokens): blocks ``0 .. n``, which this pass
+    computes exactly as the clean one, are replayed instead of computed (:meth:`LoadedModel.replay_blocks`)."""
     readers = _Readers(model)
     hooks = readers.horizon(n, means)
     if frozen:
         if clean_scales is None:
             raise ValueError("frozen scales need the clean scales of the same tokens (clean_pass)")
         hooks += readers.freeze_scales(clean_scales)
-    with torch.inference_mode():
+    replay = (model.replay_blocks(clean_blocks, horizon_clean_blocks(n)) if clean_blocks
+              else contextlib.nullcontext())
+    with torch.inference_mode(), replay:
         return _quiet_forward(model, tokens, mask, hooks)
 
 
-def clean_pass(model: Any, tokens: torch.Tensor, mask: torch.Tensor, extra: Sequence = ()) -> tuple[torch.Tensor, dict]:
-    """Clean logits and every reader's clean scale ``{(site, layer): [batch, pos, 1]}``."""
+def clean_pass(model: Any, tokens: torch.Tensor, mask: torch.Tensor, extra: Sequence = (),
+               blocks: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
+    """Clean logits and every reader's clean scale ``{(site, layer): [batch, pos, 1]}``; with ``blocks`` (a
+    dict), each block's output is recorded there for later passes to replay (:meth:`LoadedModel.record_blocks`)."""
     scales: dict = {}
-    with torch.inference_mode():
+    record = model.record_blocks(blocks) if blocks is not None else contextlib.nullcontext()
+    with torch.inference_mode(), record:
         logits = _quiet_forward(model, tokens, mask, _Readers(model).record_scales(scales) + list(extra))
     return logits, scales
 
@@ -591,14 +613,18 @@ def _causal_readers(model: Any, state: dict) -> list:
 def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes: Any = "default",
                     n_calib: Optional[int] = None, batch_size: int = 4,
                     progress: Optional[Callable[[int, int], None]] = None, n_boot: int = DEFAULT_N_BOOT,
-                    seed: int = 0) -> HorizonResult:
+                    seed: int = 0, reuse_clean_blocks: bool = True) -> HorizonResult:
     """Loss(n) live and frozen for every horizon of the grid, and the causal check, on ``batch``.
 
     The first ``n_calib`` sequences give the means, the rest are evaluated. ``causal_writes``: None or
     ``"none"`` for no causal check, ``"default"`` for :data:`DEFAULT_CAUSAL_WRITES` writes spread over
     depth, or labels for :func:`normgrowth.deletion.parse_ablate`. Passes per evaluation batch: one
     clean, two per horizon below ``n_layers`` (``n = n_layers`` ablates nothing: its loss is the clean
-    pass's), two per causal write.
+    pass's), two per causal write. With ``reuse_clean_blocks`` each of these passes replays, instead of
+    computing, the leading blocks it shares with the clean pass of the same batch (:func:`horizon_clean_blocks`,
+    :func:`write_clean_blocks`): the live results are bitwise the same, the frozen ones agree to float32
+    rounding (the replayed prefix is the clean pass's, not recomputed through the frozen-scale hooks); the
+    recorded outputs hold one ``[batch, pos, d_model]`` tensor per block.
     """
     from .deletion import _ablation_hooks, _write_means, parse_ablate, stream_layout
 
@@ -613,6 +639,7 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                               "least 3 tokens.")
     layout = stream_layout(n_layers)
     labels = _causal_labels(model, causal_writes, parse_ablate)
+    wl = [layout.write_layer[layout.writes.index(lab)] for lab in labels]
     means = stream_means(model, cal_tok, cal_mask, batch_size)
     write_means = _write_means(model, cal_tok, cal_mask, labels, batch_size) if labels else {}
     n_eval, H, W, R = ev_tok.shape[0], len(grid), len(labels), n_layers + 1
@@ -632,7 +659,8 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
         pred = _prediction_mask(m)
         valid = _after_bos(m)
         state.update(mode="clean", clean={}, valid=valid)
-        logits, scales = clean_pass(model, tok, m, causal_hooks)
+        blocks: Optional[dict] = {} if reuse_clean_blocks else None
+        logits, scales = clean_pass(model, tok, m, causal_hooks, blocks=blocks)
         clean_sum, bad = _ce_sums(logits, tok, pred)
         if bad:
             raise NormgrowthError(f"the clean model's logits are not finite at {bad} predictions: check the "
@@ -644,7 +672,8 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                 seq_loss[start:stop, :, h] = clean_sum.numpy()[:, None]
                 continue
             for i, frozen in enumerate((False, True)):
-                lg = horizon_logits(model, tok, m, n, means, frozen=frozen, clean_scales=scales)
+                lg = horizon_logits(model, tok, m, n, means, frozen=frozen, clean_scales=scales,
+                                    clean_blocks=blocks)
                 sums, bad = _ce_sums(lg, tok, pred)
                 seq_loss[start:stop, i, h] = sums.numpy()
                 nonfinite_loss[i, h] += bad
@@ -658,7 +687,9 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                     hooks = causal_hooks + _ablation_hooks(model, lab, write_means[lab])
                     if mode == "frozen":
                         hooks += readers.freeze_scales(scales)
-                    with torch.inference_mode():
+                    replay = (model.replay_blocks(blocks, write_clean_blocks(wl[w])) if blocks
+                              else contextlib.nullcontext())
+                    with torch.inference_mode(), replay:
                         logp = torch.log_softmax(_quiet_forward(model, tok, m, hooks), -1)
                     kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
                     kl = torch.where(valid.to(kl.device), kl, 0.0)
@@ -667,7 +698,6 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                     seq_change[start:stop, i, w] = state["change"].numpy()
         if progress is not None:
             progress(stop, n_eval)
-    wl = [layout.write_layer[layout.writes.index(lab)] for lab in labels]
     return HorizonResult(
         model=str(model.spec), n_layers=n_layers, normalization=str(model.normalization), ln_free=bool(model.ln_free),
         norm_placement=str(model.norm_placement), horizons=grid, n_calib=k, seq_tokens=seq_tokens,

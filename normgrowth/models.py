@@ -304,6 +304,58 @@ class LoadedModel:
                                                    names_filter=list(names))
         return logits, {key: cache[name] for name, key in names.items()}
 
+    def _block_layers(self) -> list:
+        """The HF layer each bridge block wraps, or [] when some block wraps none (nothing can be replayed)."""
+        layers = [getattr(blk, "original_component", None) for blk in getattr(self.bridge, "blocks", [])]
+        return layers if layers and all(layer is not None for layer in layers) else []
+
+    @contextlib.contextmanager
+    def record_blocks(self, store: dict) -> Iterator[None]:
+        """Record what each block's HF layer returns in this pass as ``store[layer]`` (for :meth:`replay_blocks`)."""
+        def keep(layer: int) -> Callable:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                store[layer] = output
+            return hook
+
+        handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(self._block_layers())]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def replay_blocks(self, store: dict, n_blocks: int) -> Iterator[None]:
+        """Blocks ``0 .. n_blocks - 1`` return copies of their recorded outputs (:meth:`record_blocks`) instead of
+        computing them; always restored on exit.
+
+        Exact when this pass would compute those blocks from the same tokens with nothing inside them changed
+        (the prefix of a pass whose edits all lie in later blocks). The block-level stream hooks (``resid_pre``,
+        ``resid_post``) still fire; the hooks inside a replayed block do not. A model whose blocks wrap no HF
+        layer, or a block missing from ``store``, is computed as usual.
+        """
+        def replay(output: Any) -> Callable:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if isinstance(output, tuple):
+                    return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+                return output.clone()
+            return forward
+
+        patched = []
+        for i, layer in enumerate(self._block_layers()[:max(0, int(n_blocks))]):
+            if i not in store:
+                break
+            patched.append((layer, layer.__dict__.get("forward")))
+            layer.__dict__["forward"] = replay(store[i])
+        try:
+            yield
+        finally:
+            for layer, own in patched:
+                if own is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.__dict__["forward"] = own
+
     @contextlib.contextmanager
     def reconstructed_attention(self) -> Iterator[None]:
         """Run the bridge's own eager attention inside this block (``hook_pattern`` etc. fire again).

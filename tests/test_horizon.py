@@ -229,6 +229,44 @@ def test_horizon_loss_matches_plain_hf(tiny, family):
     assert doc["causal"]["kl"][0][0] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "olmo2"])
+def test_replayed_clean_blocks_change_nothing_and_skip_the_shared_prefix(tiny, family):
+    """Passes that replay the blocks they share with the clean pass give the results of passes that compute
+    every block (live bitwise; frozen to float32 rounding), and the replayed blocks' insides do not run."""
+    model = load_model(str(tiny[family]))
+    tok = _tokens(2)
+    writes = "embed,attn_out.1,mlp_out.2"
+    calls = {"n": 0}
+
+    def count(x):
+        calls["n"] += 1
+
+    docs, counts = {}, {}
+    for reuse in (False, True):
+        calls["n"] = 0
+        with model.hooks([("mlp_in", 0, count)]):
+            res = collect_horizon(model, tok, horizons="1,2", causal_writes=writes, n_boot=20,
+                                  reuse_clean_blocks=reuse)
+        docs[reuse], counts[reuse] = res, calls["n"]
+    full, replayed = docs[False], docs[True]
+    np.testing.assert_array_equal(replayed.seq_loss[:, 0], full.seq_loss[:, 0])
+    np.testing.assert_array_equal(replayed.seq_kl[:, 0], full.seq_kl[:, 0])
+    np.testing.assert_allclose(replayed.seq_loss[:, 1], full.seq_loss[:, 1], rtol=1e-6)
+    # the full frozen pass's own rounding (its prefix goes through the frozen-scale hooks) shows in a KL (a
+    # difference of log-probabilities) and in the readers' change before the write (0 when replayed) as an
+    # absolute error of about 1e-7 per token, summed over 10 tokens
+    np.testing.assert_allclose(replayed.seq_kl[:, 1], full.seq_kl[:, 1], rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(replayed.seq_change, full.seq_change, rtol=1e-5, atol=2e-6)
+    # block 0 is replayed in both horizons' passes (2 x 2) and in the attn_out.1 and mlp_out.2 ablations (2 x 2)
+    # of each of the 2 evaluation batches of 4 (8 sequences, 2 for calibration); the embedding ablation computes it
+    assert counts[False] - counts[True] == 2 * (2 * 2 + 2 * 2)
+    # the model is left as it was
+    clean, _ = clean_pass(model, tok, torch.ones_like(tok, dtype=torch.bool))
+    with torch.no_grad():
+        plain = hf_model(tiny[family])(tok).logits.float()
+    torch.testing.assert_close(clean, plain, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # planted models: division the only mechanism / LN-free
 # ----------------------------------------------------------------------------------------------

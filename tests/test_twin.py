@@ -16,7 +16,7 @@ from normgrowth.errors import NormgrowthError
 from normgrowth.zoo import batch_stream
 from normgrowth.zoo.twin import TwinSettings, run_twin
 
-SETTINGS = TwinSettings.tiny(steps_per_norm=2, recovery_steps=3)
+SETTINGS = TwinSettings.tiny(steps_per_norm=2, recovery_steps=3, trace_seqs=2)  # trace: 2 of the 4 held-out rows
 N_LAYERS = 2
 SEP = 0
 
@@ -230,6 +230,34 @@ def test_live_special_scale_keeps_outliers_normalised_until_phased_out():
     np.testing.assert_allclose(y0, expect0, rtol=1e-6)  # the scale is computed in float32
     np.testing.assert_allclose(y_half[0, 2], x[0, 2] / np.sqrt(own[0, 2] * sigma) * w, rtol=1e-6)
     np.testing.assert_allclose(y1, x / sigma * w, rtol=1e-10)
+
+
+def test_trace_points_taken_from_the_summaries_are_their_first_rows(twin_run):
+    """The trace points read off a summary's evaluation (the base model, the last norm, the finished runs) are
+    the first ``trace_seqs`` rows: their mean loss as Hugging Face computes it from labels, and their mean
+    resid_post and position-0 norms from HF's hidden states."""
+    result, base, _, held = twin_run
+    record = result["record"]
+    trace = record["ln_removal_trace"]
+    rows = held[record["heldout_rows"]["kept"]][: SETTINGS.trace_seqs]
+    base_model = make_tiny("llama", n_layers=N_LAYERS, tie_word_embeddings=True).eval()
+    base_model.load_state_dict(base)
+
+    def check(point: dict, model: nn.Module, data: torch.Tensor) -> None:
+        with torch.no_grad():
+            losses = [float(model(row[None], labels=row[None]).loss) for row in data]
+            hidden = model(data, output_hidden_states=True).hidden_states[1:]  # block outputs (last: normed)
+        assert point["heldout_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+        # every block but the last, whose HF hidden state is the final norm's output
+        norms = [float(h[:, 1:].double().norm(dim=-1).mean()) for h in hidden[:-1]]
+        pos0 = [float(h[:, 0].double().norm(dim=-1).mean()) for h in hidden[:-1]]
+        np.testing.assert_allclose(point["resid_post_norm"][:-1], norms, rtol=1e-5, atol=1e-5)  # stored to 5 decimals
+        np.testing.assert_allclose(point["pos0_norm"][:-1], pos0, rtol=1e-5, atol=1e-5)
+
+    assert SETTINGS.trace_seqs < len(record["heldout_rows"]["kept"])
+    check(trace["twin"][0], base_model, held[: SETTINGS.trace_seqs])
+    check(trace["twin"][-1], result["twin"], rows)
+    check(trace["control"][-1], result["control"], rows)
 
 
 def test_after_freezing_summaries_and_recovery_trace(twin_run):

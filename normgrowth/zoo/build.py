@@ -194,10 +194,15 @@ def recipe(settings: ZooSettings) -> dict:
 def trace_point(model: nn.Module, held: torch.Tensor, site: str, k: int) -> dict:
     """Held-out loss, the resid_post growth fit (``normgrowth.fit.fit_growth`` of the per-sequence curves,
     default window, 200 bootstrap resamples over sequences) and the mean position-0 resid_post norm per block
-    of ``model`` after site ``k`` (one :func:`.train.evaluate` pass). A non-finite loss raises, naming the site."""
+    of ``model`` after site ``k`` (one :func:`.train.evaluate` pass, :func:`trace_entry`)."""
+    return trace_entry(evaluate(model, held), site, k)
+
+
+def trace_entry(ev: dict, site: str, k: int) -> dict:
+    """The removal-trace entry of site ``k`` from an :func:`.train.evaluate` result (or
+    :func:`.train.evaluation_rows` of one). A non-finite loss or norm raises, naming the site."""
     from ..fit import fit_growth
 
-    ev = evaluate(model, held)
     if not math.isfinite(ev["loss"]):
         raise NormgrowthError(f"the held-out loss became {ev['loss']} after site {k} ({site}): the fine-tuning "
                               "diverged; lower the learning rate or add steps per site.")

@@ -125,7 +125,8 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict
     * ``seq_loss``: the same mean per sequence, float64 ``[n_seqs]``;
     * ``seq_norms``: per sequence, the mean L2 norm of each block's output (resid_post) over positions >= 1,
       float64 ``[n_seqs, n_layer]`` (every sequence has the same length, so token weights are equal);
-    * ``pos0_norms``: mean over sequences of the position-0 resid_post L2 norm per block, float64 [n_layer].
+    * ``seq_pos0_norms``: per sequence, the position-0 resid_post L2 norm of each block, float64 ``[n_seqs, n_layer]``;
+    * ``pos0_norms``: its mean over sequences, float64 [n_layer].
     """
     from .layout import blocks_of
 
@@ -161,8 +162,19 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> dict
     finally:
         for h in handles:
             h.remove()
+    seq_pos0 = np.concatenate(pos0, axis=0)
     return {"loss": total / count, "seq_loss": np.concatenate(seq_loss), "seq_norms": np.concatenate(rows, axis=0),
-            "pos0_norms": np.concatenate(pos0, axis=0).mean(axis=0)}
+            "seq_pos0_norms": seq_pos0, "pos0_norms": seq_pos0.mean(axis=0)}
+
+
+def evaluation_rows(ev: dict[str, Any], rows: Any) -> dict[str, Any]:
+    """An :func:`evaluate` result restricted to ``rows`` (indices or a slice): the per-sequence arrays
+    selected, ``loss`` the mean of the selected ``seq_loss`` (every sequence predicts the same number of
+    tokens, so this is the mean over their predicted tokens) and ``pos0_norms`` their mean."""
+    seq_loss = ev["seq_loss"][rows]
+    seq_pos0 = ev["seq_pos0_norms"][rows]
+    return {"loss": float(seq_loss.mean()), "seq_loss": seq_loss, "seq_norms": ev["seq_norms"][rows],
+            "seq_pos0_norms": seq_pos0, "pos0_norms": seq_pos0.mean(axis=0)}
 
 
 def heldout_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 16) -> float:

@@ -29,12 +29,12 @@ from torch import nn
 
 from ..errors import NormgrowthError
 from ..storage import atomic_write_json
-from .build import _quiet_transformers, _remove_stale_builds, _save_checkpoint, trace_point
+from .build import _quiet_transformers, _remove_stale_builds, _save_checkpoint, trace_entry, trace_point
 from .corpus import batch_stream, corpus_sha256, pack_sequences, pydoc_topics, split_docs, stdlib_docstrings
 from .layout import blocks_of
 from .ln_removal import ScheduleLog, first_runaway, norm_sites, remove_layernorm, to_ln_free_storage
 from .settings import RemovalSchedule, python_version
-from .train import Progress, evaluate, growth_per_layer
+from .train import Progress, evaluate, evaluation_rows, growth_per_layer
 
 TWIN_FORMAT_VERSION = 3
 HELDOUT_FILE = "heldout.npy"  # the held-out rows [n, n_ctx] (int64), the analyses' --data
@@ -188,11 +188,10 @@ def tokenised_rows(tokenizer: Any, texts: list[str], n_ctx: int, heldout_fractio
 # ----------------------------------------------------------------------------------------------
 # twin and control
 # ----------------------------------------------------------------------------------------------
-def _summary(model: nn.Module, held: torch.Tensor) -> dict:
+def _summary(ev: dict) -> dict:
     """Held-out loss (mean over every predicted token; per row, and the median row), mean resid_post norm
     per block (positions >= 1), position-0 norm per block and the point estimate ``growth_per_layer`` (all
-    blocks) of ``model`` on ``held``."""
-    ev = evaluate(model, held)
+    blocks) from an :func:`.train.evaluate` result on the held-out rows (or :func:`.train.evaluation_rows`)."""
     norms = ev["seq_norms"].mean(axis=0)
     return {"heldout_loss": ev["loss"], "heldout_loss_per_row": [round(float(v), 5) for v in ev["seq_loss"]],
             "heldout_loss_median_row": float(np.median(ev["seq_loss"])),
@@ -234,18 +233,24 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     schedule = settings.removal
     sites = norm_sites(model)
     control = copy.deepcopy(model)
-    base = _summary(model, held)
-    start = trace_point(model, traced, "base model", -1)
+    first_rows = slice(0, settings.trace_seqs)  # the traced rows: the first held-out rows
+    base_eval = evaluate(model, held)
+    base = _summary(base_eval)
+    start = trace_entry(evaluation_rows(base_eval, first_rows), "base model", -1)
     trace: dict[str, list[dict]] = {"twin": [start], "control": [start]}
     after_freezing: dict[str, dict] = {}
+    last_site_eval: dict[str, dict] = {}  # each run on every held-out row after its last norm's steps
     say(f"zoo twin: base model held-out loss {base['heldout_loss']:.4f}; {len(sites)} norms, "
         f"{schedule.fine_tuning_steps(len(sites))} fine-tuning steps per run")
 
     def tracer(name: str):
         def on_site(k: int, site: str, m: nn.Module) -> None:
-            trace[name].append(trace_point(m, traced, site, k))
-            if k == len(sites) - 1:
-                after_freezing[name] = _summary(m, held)
+            if k < len(sites) - 1:
+                trace[name].append(trace_point(m, traced, site, k))
+                return
+            ev = last_site_eval[name] = evaluate(m, held)
+            trace[name].append(trace_entry(evaluation_rows(ev, first_rows), site, k))
+            after_freezing[name] = _summary(ev)
         return on_site
 
     t0 = time.perf_counter()
@@ -286,11 +291,12 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     if diverged is None:
         frozen_loss = float(row_losses[kept].mean())  # every row has the same number of predicted tokens
         stored = to_ln_free_storage(model).to(device)
-        twin = _summary(stored, held_kept)
+        stored_eval = evaluate(stored, held_kept)
+        twin = _summary(stored_eval)
         if not abs(twin["heldout_loss"] - frozen_loss) <= 1e-4 * max(1.0, abs(frozen_loss)):
             raise RuntimeError(f"stored LN-free model loss {twin['heldout_loss']} differs from the frozen model's "
                                f"{frozen_loss}")
-        trace["twin"].append(trace_point(stored, held_kept[: settings.trace_seqs], "recovery", len(sites)))
+        trace["twin"].append(trace_entry(evaluation_rows(stored_eval, first_rows), "recovery", len(sites)))
     t_twin = time.perf_counter() - t0
     if twin is not None:
         say(f"zoo twin: norm-free twin held-out loss {twin['heldout_loss']:.4f} on its {kept.size} finite rows "
@@ -302,11 +308,13 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
                      special_id=special_id, keep_ln=True, on_site=tracer("control"), log=control_log,
                      penalty_trace=penalties["control"], skipped_out=skipped["control"],
                      skip_steps=set(skipped["twin"]))
-    # without recovery steps the control is where its last norm's steps left it: that summary is this one
-    ctrl_all = after_freezing["control"] if control_schedule_run.recovery_steps == 0 else _summary(control, held)
-    ctrl = ctrl_all if kept.size == held.shape[0] else _summary(control, held_kept)
+    # without recovery steps the control is where its last norm's steps left it: that evaluation is this one
+    ctrl_eval = last_site_eval["control"] if control_schedule_run.recovery_steps == 0 else evaluate(control, held)
+    ctrl_all = _summary(ctrl_eval)
+    ctrl_kept_eval = evaluation_rows(ctrl_eval, kept)
+    ctrl = ctrl_all if kept.size == held.shape[0] else _summary(ctrl_kept_eval)
     if diverged is None:
-        trace["control"].append(trace_point(control, held_kept[: settings.trace_seqs], "recovery", len(sites)))
+        trace["control"].append(trace_entry(evaluation_rows(ctrl_kept_eval, first_rows), "recovery", len(sites)))
     t_control = time.perf_counter() - t0
     say(f"zoo twin: control (norms kept, same schedule) held-out loss {ctrl['heldout_loss']:.4f} "
         f"({t_control:.0f} s)")
