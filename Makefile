@@ -95,7 +95,7 @@ help:
 	@echo "               sweep over training (needs the hub); ZOO_SEEDS=n trains n offline triples"
 	@echo "               PRESET=landscape 37 checkpoints of 23 decoder families, 70M-8B (needs the hub)"
 	@echo "make real-twin SmolLM2-135M's RMSNorm-free twin and its same-schedule control (reduced schedule,"
-	@echo "               about 40 min on 2 CPU cores; TWIN_SCHEDULE=full on a GPU), then their analyses"
+	@echo "               about 38 min on 2 CPU cores; TWIN_SCHEDULE=full on a GPU), then their analyses"
 	@echo "make bench     benchmark collection against plain forward passes (QUICK=1 for a short run)"
 	@echo "make clean     remove generated output (results/, figures/*.png|pdf; keeps the zoo)"
 

