@@ -564,9 +564,7 @@ def horizon_logits(model: Any, tokens: torch.Tensor, mask: torch.Tensor, n: int,
         if clean_scales is None:
             raise ValueError("frozen scales need the clean scales of the same tokens (clean_pass)")
         hooks += readers.freeze_scales(clean_scales)
-    replay = (model.replay_blocks(clean_blocks, horizon_clean_blocks(n)) if clean_blocks
-              else contextlib.nullcontext())
-    with torch.inference_mode(), replay:
+    with torch.inference_mode(), model.replay_blocks(clean_blocks, horizon_clean_blocks(n)):
         return _quiet_forward(model, tokens, mask, hooks)
 
 
@@ -687,9 +685,7 @@ def collect_horizon(model: Any, batch: Any, horizons: Any = None, causal_writes:
                     hooks = causal_hooks + _ablation_hooks(model, lab, write_means[lab])
                     if mode == "frozen":
                         hooks += readers.freeze_scales(scales)
-                    replay = (model.replay_blocks(blocks, write_clean_blocks(wl[w])) if blocks
-                              else contextlib.nullcontext())
-                    with torch.inference_mode(), replay:
+                    with torch.inference_mode(), model.replay_blocks(blocks, write_clean_blocks(wl[w])):
                         logp = torch.log_softmax(_quiet_forward(model, tok, m, hooks), -1)
                     kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
                     kl = torch.where(valid.to(kl.device), kl, 0.0)

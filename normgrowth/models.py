@@ -325,14 +325,14 @@ class LoadedModel:
                 h.remove()
 
     @contextlib.contextmanager
-    def replay_blocks(self, store: dict, n_blocks: int) -> Iterator[None]:
+    def replay_blocks(self, store: Optional[dict], n_blocks: int) -> Iterator[None]:
         """Blocks ``0 .. n_blocks - 1`` return copies of their recorded outputs (:meth:`record_blocks`) instead of
         computing them; always restored on exit.
 
         Exact when this pass would compute those blocks from the same tokens with nothing inside them changed
         (the prefix of a pass whose edits all lie in later blocks). The block-level stream hooks (``resid_pre``,
-        ``resid_post``) still fire; the hooks inside a replayed block do not. A model whose blocks wrap no HF
-        layer, or a block missing from ``store``, is computed as usual.
+        ``resid_post``) still fire; the hooks inside a replayed block do not. With ``store`` None, on a model
+        whose blocks wrap no HF layer, and from a block missing from ``store`` on, blocks are computed as usual.
         """
         def replay(output: Any) -> Callable:
             def forward(*args: Any, **kwargs: Any) -> Any:
@@ -342,7 +342,7 @@ class LoadedModel:
             return forward
 
         patched = []
-        for i, layer in enumerate(self._block_layers()[:max(0, int(n_blocks))]):
+        for i, layer in enumerate(self._block_layers()[:max(0, int(n_blocks))] if store else []):
             if i not in store:
                 break
             patched.append((layer, layer.__dict__.get("forward")))

@@ -229,11 +229,11 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     say = progress if progress is not None else (lambda msg: None)
     device = next(model.parameters()).device
     train, held = train.to(device), held.to(device)
-    traced = held[: settings.trace_seqs]
     schedule = settings.removal
     sites = norm_sites(model)
     control = copy.deepcopy(model)
     first_rows = slice(0, settings.trace_seqs)  # the traced rows: the first held-out rows
+    traced = held[first_rows]
     base_eval = evaluate(model, held)
     base = _summary(base_eval)
     start = trace_entry(evaluation_rows(base_eval, first_rows), "base model", -1)
@@ -276,8 +276,8 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
     kept = np.arange(held.shape[0])
     excluded: list[dict] = []
     if diverged is None:
-        row_losses = evaluate(model, held)["seq_loss"]
-        finite = np.isfinite(row_losses)
+        frozen_eval = evaluate(model, held)
+        finite = np.isfinite(frozen_eval["seq_loss"])
         kept = np.flatnonzero(finite)
         for row in np.flatnonzero(~finite):
             excluded.append({"row": int(row), **(first_runaway(model, held[row]) or {})})
@@ -289,7 +289,7 @@ def run_twin(model: nn.Module, train: torch.Tensor, held: torch.Tensor, settings
                                   f"(needs {settings.min_finite_rows:g} of them)"}
     held_kept = held[torch.as_tensor(kept, device=held.device)]
     if diverged is None:
-        frozen_loss = float(row_losses[kept].mean())  # every row has the same number of predicted tokens
+        frozen_loss = evaluation_rows(frozen_eval, kept)["loss"]
         stored = to_ln_free_storage(model).to(device)
         stored_eval = evaluate(stored, held_kept)
         twin = _summary(stored_eval)
